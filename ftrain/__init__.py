@@ -1,0 +1,41 @@
+"""ftrain: functional training for PyTorch.
+
+A loss function becomes a step, `step(state, batch) -> (state, metrics)`; combinators
+wrap steps; loops run them over data. State is a frozen record; nothing is inherited.
+
+Example:
+    >>> import torch, ftrain as ft
+    >>> state = ft.TrainState.create(torch.nn.Linear(4, 1), ft.optim.adamw(1e-3))
+    >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+"""
+
+from ftrain import optim
+from ftrain.errors import (
+    ConfigError,
+    DataError,
+    DonatedStateError,
+    FTrainError,
+    LossError,
+    NonFiniteLossError,
+    StepError,
+)
+from ftrain.health import check_finite
+from ftrain.loop import evaluate, fit, iterate, predict, run_info
+from ftrain.state import TrainState, is_donated
+from ftrain.step import (
+    EvalStep,
+    TrainStep,
+    eval_step,
+    request_stop,
+    stop_reason,
+    train_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataError", "DonatedStateError", "EvalStep", "FTrainError", "LossError",
+    "NonFiniteLossError", "StepError", "TrainState", "TrainStep", "check_finite",
+    "eval_step", "evaluate", "fit", "is_donated", "iterate", "optim", "predict",
+    "request_stop", "run_info", "stop_reason", "train_step",
+]

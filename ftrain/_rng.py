@@ -1,0 +1,38 @@
+"""Randomness from (seed, step, rank): no hidden RNG state, exact resume.
+
+Re-seeding the device's default generator directly costs ~2 us; `torch.manual_seed`
+(which seeds every backend) cost ~90 us per call on the development CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """A well-spread 63-bit seed from several ints (splitmix64 finalizer per value)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def generator_for(device: torch.device) -> torch.Generator:
+    """The default generator that random ops on `device` draw from."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
+
+
+def rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# Salts keep the streams of different uses apart.
+STEP, SHUFFLE, WORKERS = 1, 2, 3

@@ -1,0 +1,131 @@
+"""Batches for the loops: shuffling ordered by (seed, epoch), skipping, moving to a device.
+
+`data` is a `DataLoader` or any re-iterable collection of batches (a list, a tuple, an
+object whose `__iter__` starts over). A `DataLoader`'s random sampler (also the one
+`shuffle=True` makes) is given a generator seeded from `(seed, epoch)` at the start of each
+epoch, and the loader one for its worker seeds, so the order is a function of the state
+and a resumed run sees the same batches. A `DistributedSampler` gets `set_epoch(epoch)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ftrain import _rng
+from ftrain.errors import DataError
+
+
+def _generator(*key: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_rng.mix(*key))
+    return g
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make `loader`'s order for `epoch` a function of (seed, epoch)."""
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else \
+        loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # DistributedSampler: ordered by (its seed, epoch)
+    if hasattr(sampler, "generator"):
+        sampler.generator = _generator(seed, epoch, _rng.SHUFFLE)
+    # worker base seeds (and nothing else) draw from the loader's generator
+    loader.generator = _generator(seed, epoch, _rng.WORKERS)
+
+
+class _SkipBatches:
+    """A batch sampler without its first `skip` batches: index lists only, no data read."""
+
+    def __init__(self, batch_sampler: Iterable[Any], skip: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)  # type: ignore[arg-type]
+
+
+def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
+    if isinstance(loader.dataset, IterableDataset) or (
+            loader.batch_sampler is None and loader.sampler is None):
+        return itertools.islice(loader, skip, None)  # must read and drop (documented)
+    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else \
+        loader.sampler
+    kwargs: dict[str, Any] = dict(
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator, pin_memory_device=loader.pin_memory_device)
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    skipped = _SkipBatches(index_sampler, skip)
+    if loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=skipped, **kwargs)
+    return DataLoader(loader.dataset, sampler=skipped, batch_size=None, **kwargs)
+
+
+def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterable[Any]:
+    """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
+    if isinstance(data, DataLoader):
+        seed_epoch(data, seed, epoch)
+        return _skipping_loader(data, skip) if skip else data
+    if isinstance(data, Iterator):
+        if epoch > 0 or skip:
+            raise DataError("data is a one-shot iterator (e.g. a generator), which cannot "
+                            "be read again for another epoch or a resumed run; pass a list "
+                            "of batches or a DataLoader")
+        return data
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be a DataLoader or an iterable of batches, got "
+                        f"{type(data).__name__}")
+    return itertools.islice(data, skip, None) if skip else data
+
+
+def num_batches(data: Any) -> int | None:
+    """Batches per epoch, or None when the data has no length (iterable datasets)."""
+    if isinstance(data, Iterator) or not isinstance(data, Sized):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`; non-blocking from pinned memory."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(b, device) for b in batch]
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*moved)
+        return type(batch)(moved) if not isinstance(batch, list) else moved
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """The length of the first tensor's first dimension in a (nested) batch, else 1."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)):
+        for b in batch:
+            if isinstance(b, (torch.Tensor, list, tuple, dict)):
+                return batch_size(b)
+        return len(batch)
+    if isinstance(batch, dict):
+        for b in batch.values():
+            if isinstance(b, (torch.Tensor, list, tuple, dict)):
+                return batch_size(b)
+    return 1

@@ -1,0 +1,37 @@
+"""ftrain's errors: each says what was expected, what was found, and where."""
+
+from __future__ import annotations
+
+
+class FTrainError(Exception):
+    """Base class of every error ftrain raises on purpose.
+
+    Example:
+        >>> import ftrain as ft
+        >>> issubclass(ft.ConfigError, ft.FTrainError)
+        True
+    """
+
+
+class ConfigError(FTrainError, ValueError):
+    """A function was called with arguments that cannot work together."""
+
+
+class LossError(FTrainError, TypeError):
+    """A loss or metric function returned something of the wrong type or shape."""
+
+
+class DataError(FTrainError, ValueError):
+    """The data given to a loop cannot be iterated as batches (empty, one-shot, ...)."""
+
+
+class StepError(FTrainError):
+    """A step failed on a batch; the message names the step, epoch and batch index."""
+
+
+class NonFiniteLossError(FTrainError, FloatingPointError):
+    """The loss became NaN or infinite; the message names the step it happened at."""
+
+
+class DonatedStateError(FTrainError):
+    """A state given to a loop (donated) was read after the loop took it over."""

@@ -1,0 +1,85 @@
+"""Non-finite loss detection without a per-step host sync.
+
+A loop's step appends each loss (a 0-d device tensor) to its binding's pending list: no
+device op, no sync. The list is folded on the device into a record `{"step", "loss"}` (the
+first non-finite step) every `FOLD_EVERY` steps, and inspected only where the host reads
+values anyway (`check_finite`: epoch end, logging interval, validation, checkpoint). A
+pure call folds its one loss into the state's slot at once. One
+`if not torch.isfinite(loss)` per step measured ~18 us on the development CPU (4% of a
+tiny model's step) and stalls a GPU pipeline; this costs a list append.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ftrain.errors import NonFiniteLossError
+
+SLOT = "nonfinite"
+FOLD_EVERY = 1024
+_NONE = torch.iinfo(torch.int64).max
+log = logging.getLogger("ftrain")
+
+
+def fold(record: dict[str, torch.Tensor] | None, losses: list[torch.Tensor],
+         start: int) -> dict[str, torch.Tensor]:
+    """Merge losses of steps `start, start+1, ...` into `record` (first bad step wins)."""
+    values = torch.stack([v.detach().float() for v in losses])
+    steps = torch.arange(start, start + len(values), device=values.device)
+    first = torch.where(torch.isfinite(values), _NONE, steps).min()
+    idx = (first - start).clamp(0, len(values) - 1)
+    new_step = torch.where(first == _NONE, -1, first)
+    new_loss = values[idx]
+    if record is not None:
+        seen = record["step"] >= 0
+        new_step = torch.where(seen, record["step"], new_step)
+        new_loss = torch.where(seen, record["loss"], new_loss)
+    return {"step": new_step, "loss": new_loss}
+
+
+def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
+    """The state's record with its live binding's pending losses folded in (no sync)."""
+    record = state.slots.get(SLOT)
+    binding = state.__dict__.get("_binding")
+    if binding is not None and binding.live and binding.pending:
+        record = fold(record, binding.pending, binding.pending_start)
+        binding.pending = []
+        binding.pending_start = state.step
+        state.slots[SLOT] = record  # the state is donated to the loop: update in place
+    return record
+
+
+def check_finite(state: Any, *, raise_error: bool = True) -> int | None:
+    """Raise if any loss so far was NaN or infinite, naming the first such step.
+
+    Host sync here. Returns the bad step (or None) when `raise_error` is False.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
+        >>> ft.check_finite(state) is None
+        True
+    """
+    record = pending_record(state)
+    if record is None:
+        return None
+    step, loss = torch.stack([record["step"].double(), record["loss"].double()]).tolist()
+    if step < 0:
+        return None
+    if raise_error:
+        raise NonFiniteLossError(
+            f"the loss was {loss} at step {int(step)} (checked at step {state.step}); "
+            "look for a too-high learning rate, log of zero or division by zero. "
+            "train_step(..., check_finite_every_step=True) stops at the bad step itself; "
+            "on_nonfinite='skip' skips such updates")
+    return int(step)
+
+
+def clear(state: Any) -> None:
+    """Forget a recorded non-finite step (after it was reported as skipped)."""
+    if SLOT in state.slots:
+        state.slots[SLOT] = {"step": torch.full_like(state.slots[SLOT]["step"], -1),
+                             "loss": torch.zeros_like(state.slots[SLOT]["loss"])}

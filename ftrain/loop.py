@@ -1,0 +1,394 @@
+"""The loops: `iterate` (a generator), `fit` (runs it), `evaluate`, `predict`.
+
+A loop owns the state it is given: it *donates* it (the tensors are installed in a real
+module once and updated in place, so speed and memory equal a hand-written loop) and the
+input record may not be read afterwards. The data position lives in `state.slots["loop"]`
+(`{"epoch": epochs completed, "batch": batches consumed in the current epoch}`), so
+`epochs` and `max_steps` are totals, as Lightning's `max_epochs` and `max_steps` are: a
+state that stopped mid-epoch continues at its next batch when given to a loop again.
+
+Per step the loop does: fetch the next batch (before yielding, so it knows the epoch's
+last batch), move it to the state's device, call the step; no host sync of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
+
+import torch
+
+from ftrain import _bind, data as _data
+from ftrain import step as _step
+from ftrain.errors import ConfigError, DataError, FTrainError, StepError
+from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
+
+log = logging.getLogger("ftrain")
+_END = object()
+Metrics = dict[str, torch.Tensor]
+
+
+class RunInfo:
+    """What the running loop was asked to do; combinators read it via `run_info(state)`."""
+
+    def __init__(self, epochs: int | None, max_steps: int | None, limit: int | None,
+                 fast_dev_run: int, batches_per_epoch: int | None) -> None:
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.limit_train_batches = limit
+        self.fast_dev_run = fast_dev_run
+        self.batches_per_epoch = batches_per_epoch
+
+
+def run_info(state: TrainState) -> RunInfo | None:
+    """The `RunInfo` of the loop running `state`, or None outside a loop."""
+    binding = state.__dict__.get("_binding")
+    return getattr(binding, "run", None) if binding is not None and binding.live else None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < minimum):
+        raise ConfigError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+
+
+def _limit(limit: int | float | None, per_epoch: int | None) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, float) and not isinstance(limit, bool):
+        if not 0.0 < limit <= 1.0:
+            raise ConfigError(f"limit_train_batches as a fraction must be in (0, 1], got {limit}")
+        if per_epoch is None:
+            raise ConfigError("limit_train_batches as a fraction needs data with a length; "
+                              "give a number of batches instead")
+        return max(1, math.floor(per_epoch * limit))
+    _check_int("limit_train_batches", limit, 1)
+    return limit
+
+
+def _check_state(state: Any, where: str) -> None:
+    if is_donated(state):
+        state.params  # raises DonatedStateError naming the loop that took it
+    if not isinstance(state, TrainState):
+        raise ConfigError(f"{where} expects a TrainState, got {type(state).__name__}")
+
+
+def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo) -> TrainState:
+    """Make `state` one the loop can run: bound, with the loop's position dict in its slots."""
+    if _bind.binding_of(state) is None:
+        state = _bind.bound(state, training=True)
+    state.__dict__["_binding"].run = run
+    if state.slots.get(LOOP_SLOT) is not pos:
+        state = state.replace(slots={**state.slots, LOOP_SLOT: pos})
+    return state
+
+
+def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
+         max_steps: int | None, donate_input: bool, limit_train_batches: int | float | None,
+         fast_dev_run: bool | int, caller: str
+         ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
+    _check_state(state, caller)
+    if not callable(step):
+        raise ConfigError(f"{caller} needs a step (state, batch) -> (state, metrics), got "
+                          f"{type(step).__name__}")
+    _check_int("epochs", epochs, 0)
+    _check_int("max_steps", max_steps, 0)
+    per_epoch = _data.num_batches(data)
+    limit = _limit(limit_train_batches, per_epoch)
+    dev_run = int(fast_dev_run)
+    if dev_run < 0:
+        raise ConfigError(f"fast_dev_run must be a bool or a number of batches, got "
+                          f"{fast_dev_run!r}")
+    saved = dict(state.slots.get(LOOP_SLOT) or {"epoch": 0, "batch": 0})
+    pos = {"epoch": int(saved.get("epoch", 0)), "batch": int(saved.get("batch", 0))}
+    if dev_run:  # a quick check: that many batches of one epoch, whatever was asked
+        epochs, max_steps, limit = pos["epoch"] + 1, None, dev_run
+    if epochs is None and max_steps is None:
+        raise ConfigError(f"{caller} needs epochs= or max_steps= (totals, counted from a "
+                          "fresh state, as Lightning's max_epochs and max_steps)")
+    run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch)
+
+    source = state
+    state = state.copy() if not donate_input else state
+    state = _adopt(state, pos, run)
+    if donate_input:
+        donate(source, caller)
+    if STOP_SLOT in state.slots:
+        log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
+        state.slots.pop(STOP_SLOT)
+    state = _step.init(step, state)
+    state = _adopt(state, pos, run)
+
+    try:
+        finished = False
+        while not finished:
+            epoch = pos["epoch"]
+            if (epochs is not None and epoch >= epochs) or (
+                    max_steps is not None and state.step >= max_steps):
+                break
+            skip = pos["batch"]
+            batches = iter(_data.epoch_batches(data, seed=state.seed, epoch=epoch, skip=skip))
+            nxt = next(batches, _END) if limit is None or skip < limit else _END
+            if nxt is _END and skip == 0:
+                raise DataError(f"the training data produced no batches in epoch {epoch}; "
+                                "an empty dataset, a batch size larger than a dataset with "
+                                "drop_last=True, or a one-shot iterator already consumed")
+            device = state.device
+            index = skip
+            metrics: Metrics = {}
+            while nxt is not _END:
+                batch = _data.to_device(nxt, device)
+                before = state
+                try:
+                    state, metrics = step(before, batch)
+                except FTrainError:
+                    raise
+                except Exception as err:
+                    raise StepError(f"step {before.step} (epoch {epoch}, batch {index}) "
+                                    f"failed: {type(err).__name__}: {err}") from err
+                if type(state) is not TrainState or not isinstance(metrics, dict):
+                    raise ConfigError(f"a step must return (TrainState, dict of metrics), got "
+                                      f"({type(state).__name__}, {type(metrics).__name__})")
+                if state is not before:
+                    donate(before, caller)
+                index += 1
+                pos["batch"] = index
+                if state.slots.get(LOOP_SLOT) is not pos:
+                    state.slots[LOOP_SLOT] = pos
+                stopping = STOP_SLOT in state.slots or (
+                    max_steps is not None and state.step >= max_steps)
+                if stopping or (limit is not None and index >= limit):
+                    nxt = _END
+                    complete = (limit is not None and index >= limit) or (
+                        per_epoch is not None and index >= per_epoch)
+                else:
+                    nxt = next(batches, _END)
+                    complete = nxt is _END
+                if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
+                    if complete:
+                        pos["epoch"], pos["batch"] = epoch + 1, 0
+                    state, end_metrics = _step.epoch_end(step, state)
+                    state = _adopt(state, pos, run)
+                    if end_metrics:
+                        metrics = {**metrics, **end_metrics}
+                    finished = STOP_SLOT in state.slots or (
+                        max_steps is not None and state.step >= max_steps)
+                sent = yield state, metrics
+                if sent is not None:  # the caller handed back a changed state
+                    _check_state(sent, caller)
+                    state = _adopt(sent, pos, run)
+                    finished = finished or STOP_SLOT in state.slots
+            if STOP_SLOT in state.slots:
+                log.info("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
+    finally:
+        _step.close(step, state)
+        binding = state.__dict__.get("_binding")
+        if binding is not None and binding.live:
+            state = binding.release(state)
+    return state
+
+
+def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
+            max_steps: int | None = None, donate: bool = True,
+            limit_train_batches: int | float | None = None,
+            fast_dev_run: bool | int = False
+            ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
+    """Train, yielding `(state, metrics)` after every step; nothing else is added.
+
+    The yielded state is valid until the generator advances (its tensors are then updated
+    in place); keep one with `state.copy()`. Break out at any time: the state knows its
+    data position, so giving it to `iterate` or `fit` again continues at the next batch.
+    `gen.send(changed_state)` continues the loop from a changed state. On the last batch of
+    an epoch the metrics include what the step's `epoch_end` returned (e.g. validation).
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> for state, metrics in ft.iterate(step, state, data, epochs=2):
+        ...     if state.step == 6:
+        ...         break
+        >>> state.step, state.epoch
+        (6, 1)
+    """
+    return _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
+                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
+                caller="ft.iterate")
+
+
+def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
+        max_steps: int | None = None, logger: Any = True, checkpoint: Any = True,
+        progress: bool = True, root_dir: str | None = None, hparams: Any = None,
+        donate: bool = True, limit_train_batches: int | float | None = None,
+        fast_dev_run: bool | int = False) -> TrainState:
+    """Train for `epochs` (or until `max_steps`) and return the final state.
+
+    `epochs` and `max_steps` are totals counted from a fresh state (as Lightning's), so a
+    resumed or interrupted state continues where it stopped. The input state is donated
+    (updated in place; reading it afterwards raises) unless `donate=False`.
+    `fast_dev_run=True` runs one batch (or `n`) as a quick check.
+    `logger`, `checkpoint`, `progress`, `root_dir` and `hparams` select the default
+    logging, checkpointing and progress bar stack; `False` switches each off.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> state = ft.fit(step, state, data, epochs=3, logger=False, checkpoint=False,
+        ...                progress=False)
+        >>> state.step, state.epoch
+        (12, 3)
+    """
+    for name, flag in (("logger", logger), ("checkpoint", checkpoint), ("progress", progress)):
+        if flag is None:
+            raise ConfigError(f"{name} must be True, False or a value, got None")
+    gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
+               limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
+               caller="ft.fit")
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        final: TrainState = done.value
+    return final
+
+
+# -- evaluation and prediction -----------------------------------------------------------
+
+def _eval_state(state: TrainState) -> tuple[TrainState, _bind.Binding | None]:
+    """`state` bound for evaluation: the loop's binding, else a temporary read-only one."""
+    _check_state(state, "evaluation")
+    if _bind.binding_of(state) is not None:
+        return state, None
+    tmp = _bind.bound(state, training=False)
+    return tmp, tmp.__dict__["_binding"]
+
+
+def _batches(data: Any, limit: int | None, what: str) -> Any:
+    _check_int(f"{what} limit_batches", limit, 1)
+    if not isinstance(data, Iterable):
+        raise DataError(f"{what} data must be a DataLoader or an iterable of batches, got "
+                        f"{type(data).__name__}")
+    it = iter(data)
+    return it if limit is None else (b for _, b in zip(range(limit), it))
+
+
+def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState, data: Any,
+             *, limit_batches: int | None = None,
+             batch_size: Callable[[Any], int] | None = None) -> dict[str, float]:
+    """Run `evaluator` over `data` and return each metric's mean weighted by batch size.
+
+    Batch size is the first dimension of the batch's first tensor unless `batch_size`
+    says otherwise. One host sync, at the end. The state is not changed.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> evaluator = ft.eval_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1))
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(3)]
+        >>> sorted(ft.evaluate(evaluator, state, data))
+        ['loss']
+    """
+    if not callable(evaluator):
+        raise ConfigError(f"evaluate needs an evaluator (state, batch) -> metrics, got "
+                          f"{type(evaluator).__name__}")
+    state, own = _eval_state(state)
+    device = state.device
+    values: dict[str, list[torch.Tensor]] = {}
+    weights: list[int] = []
+    try:
+        for index, batch in enumerate(_batches(data, limit_batches, "evaluate")):
+            batch = _data.to_device(batch, device)
+            n = batch_size(batch) if batch_size is not None else _data.batch_size(batch)
+            try:
+                metrics = evaluator(state, batch)
+            except FTrainError:
+                raise
+            except Exception as err:
+                raise StepError(f"evaluation batch {index} failed: {type(err).__name__}: "
+                                f"{err}") from err
+            if not isinstance(metrics, dict):
+                raise ConfigError(f"an evaluator must return a dict of metrics, got "
+                                  f"{type(metrics).__name__}")
+            if values and metrics.keys() != values.keys():
+                raise ConfigError(f"evaluation batch {index} returned metrics "
+                                  f"{sorted(metrics)}, earlier batches {sorted(values)}")
+            for k, v in metrics.items():
+                values.setdefault(k, []).append(v if isinstance(v, torch.Tensor)
+                                                else torch.tensor(float(v)))
+            weights.append(n)
+    finally:
+        if own is not None:
+            own.live = False
+    if not weights:
+        raise DataError("the evaluation data produced no batches")
+    return reduce_weighted(values, weights)
+
+
+def reduce_weighted(values: dict[str, list[torch.Tensor]], weights: list[int]
+                    ) -> dict[str, float]:
+    """Weighted means of per-batch metrics, computed on the device; one host sync."""
+    total = float(sum(weights))
+    means = []
+    for vals in values.values():
+        stacked = torch.stack([v.detach().to(torch.float64) for v in vals])
+        w = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
+        means.append(((stacked * w).sum() / total).cpu())
+    return dict(zip(values, torch.stack(means).tolist()))
+
+
+def _default_predict(model: Any, batch: Any) -> Any:
+    if isinstance(batch, (list, tuple)) and batch and not hasattr(batch, "_fields"):
+        return model(batch[0])  # the inputs of an (inputs, targets) pair
+    return model(batch)
+
+
+def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None = None, *,
+            model: str | None = None, limit_batches: int | None = None) -> list[Any]:
+    """The model's outputs on each batch, in eval mode under `torch.no_grad`.
+
+    By default `model(batch)`, or `model(batch[0])` for a tuple or list batch (the inputs of
+    an (inputs, targets) pair); `fn(model, batch)` to choose. For a multi-model state
+    name the model (`model="G"`) or give `fn`, which then receives the dict of models.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> outs = ft.predict(state, [torch.randn(4, 3), torch.randn(2, 3)])
+        >>> [tuple(o.shape) for o in outs]
+        [(4, 2), (2, 2)]
+    """
+    state, own = _eval_state(state)
+    binding = state.__dict__["_binding"]
+    binding.set_mode(False)
+    target = binding.model_arg
+    if isinstance(target, dict):
+        if model is not None:
+            if model not in target:
+                raise ConfigError(f"model {model!r} is not in this state; models: "
+                                  f"{sorted(target)}")
+            target = target[model]
+        elif fn is None:
+            raise ConfigError(f"this state holds several models {sorted(target)}: pass "
+                              "model='<name>' or fn=(models, batch) -> outputs")
+    elif model is not None:
+        raise ConfigError("model= selects one of several models; this state holds one")
+    call = fn or _default_predict
+    device = state.device
+    outputs = []
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(_batches(data, limit_batches, "predict")):
+                try:
+                    outputs.append(call(target, _data.to_device(batch, device)))
+                except Exception as err:
+                    raise StepError(f"prediction batch {index} failed: {type(err).__name__}: "
+                                    f"{err}") from err
+    finally:
+        if own is not None:
+            own.live = False
+    return outputs

@@ -1,0 +1,218 @@
+"""The optimizer protocol: a chain of gradient transforms with one update count.
+
+A *transform* has `init(params) -> state` and `apply(params, state, count, found_inf)`.
+`apply` reads each parameter's `.grad` (None: no gradient this step, left alone) and
+works in place on the tensors it is given: the step hands it copies in a pure call and
+the live tensors in a loop. An :class:`Optimizer` chains transforms and keeps the count of
+applied updates as a 0-d device tensor that schedules read, so a skipped update (found_inf
+set, e.g. an fp16 overflow) changes neither the params nor the schedule position, and the
+host never has to look.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, Union
+
+import attrs
+import torch
+
+from ftrain.errors import ConfigError
+
+Tensors = dict[str, torch.Tensor]
+Schedule = Callable[[Any], Any]
+LR = Union[float, Schedule]
+Pattern = Union[str, Callable[[str], bool]]
+
+
+class Transform(Protocol):
+    """One stage of an optimizer chain (clipping, Adam, SGD, ...)."""
+
+    name: str
+
+    def init(self, params: Tensors) -> dict[str, Any]: ...
+
+    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
+              found_inf: torch.Tensor | None) -> None: ...
+
+
+@attrs.frozen(cache_hash=False)
+class Optimizer:
+    """A chain of transforms plus the 0-d device count of applied updates.
+
+    `init(params)` returns `{"count": tensor(0), <transform name>: <its state>, ...}`;
+    `update(params, opt_state, found_inf=None)` applies the chain in place.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.sgd(0.1))
+        >>> w = torch.ones(2, requires_grad=True); w.grad = torch.full((2,), 10.0)
+        >>> state = opt.init({"w": w.detach()})
+        >>> with torch.no_grad(): opt.update({"w": w}, state)
+        >>> int(state["count"]), [round(v, 4) for v in w.tolist()]
+        (1, [0.9293, 0.9293])
+    """
+
+    transforms: tuple[Any, ...]
+
+    @functools.cached_property
+    def keys(self) -> tuple[str, ...]:
+        seen: dict[str, int] = {}
+        keys = []
+        for t in self.transforms:
+            n = seen.get(t.name, 0)
+            seen[t.name] = n + 1
+            keys.append(t.name if n == 0 else f"{t.name}_{n}")
+        return tuple(keys)
+
+    def init(self, params: Tensors) -> dict[str, Any]:
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        state: dict[str, Any] = {"count": torch.zeros((), dtype=torch.int64, device=device)}
+        for key, t in zip(self.keys, self.transforms):
+            state[key] = t.init(params)
+        return state
+
+    def update(self, params: Tensors, opt_state: dict[str, Any],
+               found_inf: torch.Tensor | None = None) -> None:
+        """Apply one update in place from the params' `.grad`; call under `torch.no_grad()`."""
+        count = opt_state["count"]
+        for key, t in zip(self.keys, self.transforms):
+            t.apply(params, opt_state[key], count, found_inf)
+        if found_inf is None:
+            count.add_(1)
+        else:  # skipped updates do not advance the schedule (no host sync)
+            count.add_(1 - found_inf.to(torch.int64))
+
+    def learning_rates(self, opt_state: dict[str, Any]) -> dict[str, Any]:
+        """The learning rate each transform would use now, by transform key (and group)."""
+        out: dict[str, Any] = {}
+        for key, t in zip(self.keys, self.transforms):
+            lrs = getattr(t, "current_lrs", None)
+            if lrs is not None:
+                for group, lr in lrs(opt_state["count"]).items():
+                    out[key if group is None else f"{key}/{group}"] = lr
+        return out
+
+
+def chain(*parts: Any) -> Optimizer:
+    """Run transforms in order, e.g. clip the gradient norm, then apply AdamW.
+
+    Example:
+        >>> import ftrain as ft
+        >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.adamw(1e-3))
+        >>> opt.keys
+        ('clip_grad_norm', 'adamw')
+    """
+    transforms: list[Any] = []
+    for p in parts:
+        if isinstance(p, Optimizer):
+            transforms.extend(p.transforms)
+        elif hasattr(p, "init") and hasattr(p, "apply"):
+            transforms.append(p)
+        else:
+            raise ConfigError(f"chain() takes optimizers and transforms, got {type(p).__name__}")
+    return Optimizer(tuple(transforms))
+
+
+# -- parameter groups: per-name settings (e.g. no weight decay for biases and norms) ----
+
+@attrs.frozen(eq=False)
+class Groups:
+    """Maps each parameter name to the settings of the first group whose pattern matches.
+
+    Patterns are shell-style globs on the parameter name (`"*.bias"`, `"*norm*"`) or
+    predicates `name -> bool`. A pattern that matches no trainable parameter is an error.
+    """
+
+    base: Mapping[str, Any]
+    overrides: tuple[tuple[Pattern, Mapping[str, Any]], ...]
+    _memo: dict[str, int] = attrs.field(factory=dict, init=False)
+
+    @classmethod
+    def build(cls, base: Mapping[str, Any],
+              groups: Mapping[Pattern, Mapping[str, Any]] | None) -> Groups:
+        items = tuple((pat, dict(opts)) for pat, opts in (groups or {}).items())
+        for pat, opts in items:
+            if not (isinstance(pat, str) or callable(pat)):
+                raise ConfigError(f"a group pattern must be a glob string or a callable, "
+                                  f"got {type(pat).__name__}")
+            unknown = sorted(set(opts) - set(base))
+            if unknown:
+                raise ConfigError(f"group {_pattern_name(pat)!r} sets {unknown}; this "
+                                  f"optimizer's settings are {sorted(base)}")
+        return cls(dict(base), items)
+
+    def index(self, name: str) -> int:
+        """0 for the base settings, i + 1 for the i-th override group."""
+        i = self._memo.get(name)
+        if i is None:
+            i = 0
+            for j, (pat, _) in enumerate(self.overrides):
+                if (fnmatch.fnmatchcase(name, pat) if isinstance(pat, str) else pat(name)):
+                    i = j + 1
+                    break
+            self._memo[name] = i
+        return i
+
+    def settings(self, index: int) -> dict[str, Any]:
+        if index == 0:
+            return dict(self.base)
+        return {**self.base, **self.overrides[index - 1][1]}
+
+    def label(self, index: int) -> str | None:
+        return None if index == 0 else _pattern_name(self.overrides[index - 1][0])
+
+    def check(self, names: Iterable[str]) -> None:
+        names = list(names)
+        used = {self.index(n) for n in names}
+        for j, (pat, _) in enumerate(self.overrides):
+            if j + 1 not in used:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ConfigError(f"parameter group pattern {_pattern_name(pat)!r} matched no "
+                                  f"trainable parameter (or an earlier pattern took them all); "
+                                  f"parameters: {shown}")
+
+    def split(self, names: Iterable[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for n in names:
+            out.setdefault(self.index(n), []).append(n)
+        return out
+
+
+def _pattern_name(pat: Pattern) -> str:
+    return pat if isinstance(pat, str) else getattr(pat, "__name__", repr(pat))
+
+
+def resolve_lr(lr: LR, count: torch.Tensor) -> Any:
+    """The learning rate for this update: a float, or a schedule evaluated at `count`."""
+    return lr(count) if callable(lr) else lr
+
+
+def check_lr(lr: Any, what: str) -> None:
+    if callable(lr):
+        return
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+        raise ConfigError(f"{what}: lr must be a non-negative float or a schedule "
+                          f"(a function of the update count), got {lr!r}")
+
+
+@functools.cache
+def fused_devices() -> tuple[str, ...]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older or newer torch layouts
+        return ("cpu", "cuda")
+
+
+def choose_impl(params: list[torch.Tensor], fused: bool | None,
+                foreach: bool | None) -> tuple[bool, bool]:
+    """(fused, foreach): fused where the device supports it unless the user said otherwise."""
+    if fused is not None or foreach is not None:
+        return bool(fused), bool(foreach)
+    if params and params[0].device.type in fused_devices() and all(
+            p.is_floating_point() for p in params):
+        return True, False
+    return False, True

@@ -1,0 +1,369 @@
+"""Steps: `train_step(loss_fn)` and `eval_step(fn)`, and the step protocol.
+
+A step is `step(state, batch) -> (state, metrics)`; a plain function is one. A step may
+also have `init(state) -> state`, `epoch_end(state) -> (state, metrics)`, `close(state)`
+and `inner` (the step it wraps). A step asks the loop to stop by `request_stop`, which
+puts a reason in `state.slots["stop"]`; it never raises to stop.
+
+The step `train_step` builds runs one iteration: seed the device generator from
+(seed, step, rank) -> forward and loss -> backward -> optimizer update. Called directly
+it is pure (copies in, new state out); inside a loop it runs on the loop's donated,
+bound state (see ftrain._bind). Both give bitwise the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ftrain import _bind, _rng, health
+from ftrain.errors import ConfigError, LossError
+from ftrain.state import STOP_SLOT, TrainState, donate, parts
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Any], Any]
+NonFinite = Literal["raise", "skip", "ignore"]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+    return f"a {type(x).__name__}"
+
+
+def _metric(name: Any, value: Any, device: torch.device, where: str) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise LossError(f"{where}: metric names must be strings, got {name!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
+                            f"{_describe(value)} (reduce it, e.g. .mean())")
+        return value.detach()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device)
+    raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
+                    f"{_describe(value)}")
+
+
+def split_loss(out: Any, where: str) -> tuple[torch.Tensor, Metrics]:
+    """`loss` or `(loss, {name: metric})` -> (loss, metrics with "loss"), checked."""
+    if isinstance(out, torch.Tensor):
+        loss, extra = out, None
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        loss, extra = out
+    else:
+        raise LossError(f"{where}: loss_fn must return a loss tensor or (loss, {{name: "
+                        f"metric}}), got {_describe(out)}")
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        raise LossError(f"{where}: the loss must be a 0-d floating-point tensor, got "
+                        f"{_describe(loss)} (reduce it, e.g. .mean())")
+    metrics = {"loss": loss.detach()}
+    if extra:
+        for name, value in extra.items():
+            if name == "loss":
+                raise LossError(f"{where}: metric name 'loss' is taken by the loss itself")
+            metrics[name] = _metric(name, value, loss.device, where)
+    return loss, metrics
+
+
+def eval_metrics(out: Any, where: str, device: torch.device) -> Metrics:
+    """An evaluation function's result (loss, (loss, metrics) or a dict) as metrics."""
+    if isinstance(out, Mapping):
+        if not out:
+            raise LossError(f"{where}: the metric function returned an empty dict")
+        return {k: _metric(k, v, device, where) for k, v in out.items()}
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
+        return {"loss": out.detach()}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        metrics = {"loss": _metric("loss", out[0], device, where)}
+        for k, v in out[1].items():
+            metrics[k] = _metric(k, v, device, where)
+        return metrics
+    raise LossError(f"{where}: an evaluation function must return a 0-d tensor, "
+                    f"(loss, {{name: metric}}) or {{name: metric}}, got {_describe(out)}")
+
+
+def _check_state(state: Any, what: str) -> None:
+    if type(state) is not TrainState:
+        if isinstance(state, TrainState):
+            state.params  # a donated state: raises DonatedStateError saying so
+        raise ConfigError(f"{what} expects a TrainState as its first argument, got "
+                          f"{type(state).__name__}")
+
+
+def _clone_tree(tree: Any) -> Any:
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+class TrainStep:
+    """The core training step built by :func:`train_step`."""
+
+    inner = None
+
+    def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
+                 check_finite_every_step: bool = False) -> None:
+        if not callable(loss_fn):
+            raise ConfigError(f"train_step needs a callable loss_fn(model, batch), got "
+                              f"{type(loss_fn).__name__}")
+        if on_nonfinite not in ("raise", "skip", "ignore"):
+            raise ConfigError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got "
+                              f"{on_nonfinite!r}")
+        self.loss_fn = loss_fn
+        self.on_nonfinite = on_nonfinite
+        self.check_finite_every_step = check_finite_every_step
+
+    def __repr__(self) -> str:
+        name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
+        return f"train_step({name})"
+
+    # -- protocol ------------------------------------------------------------------------
+
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        if self.on_nonfinite == "raise":
+            health.check_finite(state)  # host sync: once per epoch
+        elif self.on_nonfinite == "skip":
+            bad = health.check_finite(state, raise_error=False)
+            if bad is not None:
+                health.log.warning("skipped updates with a non-finite loss, the first at "
+                                   "step %d", bad)
+                health.clear(state)
+        return state, {}
+
+    # -- the step ------------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if type(state) is not TrainState:
+            _check_state(state, "a training step")
+        binding = state.__dict__["_binding"]
+        if binding is not None and binding.live and binding.params is state.params:
+            return self._bound(state, binding, batch)
+        return self._pure(state, batch)
+
+    def _forward_backward(self, state: TrainState, call: Callable[[], Any],
+                          generator: torch.Generator, rank: int,
+                          trainable: list[torch.Tensor] | None) -> tuple[Any, Metrics]:
+        saved = generator.get_state()
+        generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
+        try:
+            loss, metrics = split_loss(call(), f"step {state.step}")
+            if self.check_finite_every_step and not bool(torch.isfinite(loss)):  # host sync
+                raise health.NonFiniteLossError(
+                    f"the loss was {loss.item()} at step {state.step}")
+            if not loss.requires_grad:
+                raise LossError(f"step {state.step}: the loss does not require grad; no "
+                                "trainable parameter of the state was used to compute it")
+            if trainable is None:
+                loss.backward()
+            else:  # pure: gradients go to the copies only, nothing else is touched
+                loss.backward(inputs=trainable)
+        finally:
+            generator.set_state(saved)
+        found_inf = None
+        if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
+            found_inf = (~torch.isfinite(loss.detach())).to(torch.float32)
+        return found_inf, metrics
+
+    def _bound(self, state: TrainState, binding: Any, batch: Any
+               ) -> tuple[TrainState, Metrics]:
+        binding.set_mode(True)
+        found_inf, metrics = self._forward_backward(
+            state, lambda: self.loss_fn(binding.model_arg, batch), binding.generator,
+            binding.rank, None)
+        with torch.no_grad():
+            for part, params in binding.trainable.items():
+                optimizer = state.optimizer if part is None else state.optimizer[part]
+                if optimizer is not None:
+                    opt_state = state.opt_state if part is None else state.opt_state[part]
+                    optimizer.update(params, opt_state, found_inf)
+        for params in binding.trainable.values():
+            for p in params.values():
+                p.grad = None
+        if self.on_nonfinite != "ignore":
+            binding.pending.append(metrics["loss"])
+            if len(binding.pending) >= health.FOLD_EVERY:
+                health.pending_record(state)
+        new = state.replace()
+        new.__dict__["step"] = state.step + 1
+        donate(state, "a training step")
+        return new, metrics
+
+    def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if state.optimizer is None or (state.multi and all(
+                o is None for o in state.optimizer.values())):
+            raise ConfigError("this state has no optimizer; create it with "
+                              "TrainState.create(model, optimizer)")
+        params: dict[Any, Any] = {}
+        buffers: dict[Any, Any] = {}
+        trainable: list[tuple[Any, Any, dict[str, torch.Tensor]]] = []
+        for part, template, optimizer, p, b, _ in parts(state):
+            copies = {}
+            chosen = {}
+            for name, t in p.items():
+                c = t.detach().clone()
+                if template.get_parameter(name).requires_grad:
+                    c.requires_grad_(True)
+                    chosen[name] = c
+                copies[name] = c
+            params[part] = copies
+            buffers[part] = {n: t.detach().clone() for n, t in b.items()}
+            trainable.append((part, optimizer, chosen))
+        if not state.multi:
+            params, buffers = params[None], buffers[None]
+        opt_state = _clone_tree(state.opt_state)
+        leaves = [t for _, _, chosen in trainable for t in chosen.values()]
+        found_inf, metrics = self._forward_backward(
+            state,
+            lambda: _bind.pure_call(state, self.loss_fn, batch, params, buffers, True),
+            _rng.generator_for(state.device), _rng.rank(), leaves)
+        with torch.no_grad():
+            for part, optimizer, chosen in trainable:
+                if optimizer is not None:
+                    optimizer.update(chosen, opt_state if part is None else opt_state[part],
+                                     found_inf)
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(False)
+        slots = dict(state.slots)
+        if self.on_nonfinite != "ignore":
+            slots[health.SLOT] = health.fold(slots.get(health.SLOT), [metrics["loss"]],
+                                             state.step)
+        new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
+                            step=state.step + 1, slots=slots)
+        new.__dict__["_binding"] = None
+        return new, metrics
+
+
+def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
+               check_finite_every_step: bool = False) -> TrainStep:
+    """Turn `loss_fn(model, batch) -> loss | (loss, metrics)` into a training step.
+
+    Inside `loss_fn`, `model` (and its submodules; a dict of modules for a multi-model
+    state) runs in train mode with the state's params and buffers. The step returns the
+    new state and `{"loss": ..., **metrics}` (0-d tensors left on the device).
+
+    A NaN or infinite loss is an error by default, raised at the next point where the
+    host reads values anyway (epoch end, logging, validation) and naming the step;
+    `check_finite_every_step=True` checks each step (a host sync per step);
+    `on_nonfinite="skip"` skips such updates on the device; `"ignore"` does nothing.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> step = ft.train_step(loss_fn)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> new_state, metrics = step(state, (torch.randn(8, 3), torch.randn(8, 1)))
+        >>> new_state.step, sorted(metrics), state.step   # the input is untouched
+        (1, ['loss'], 0)
+    """
+    return TrainStep(loss_fn, on_nonfinite=on_nonfinite,
+                     check_finite_every_step=check_finite_every_step)
+
+
+class EvalStep:
+    """The evaluation step built by :func:`eval_step`: `(state, batch) -> metrics`."""
+
+    inner = None
+
+    def __init__(self, fn: LossFn) -> None:
+        if not callable(fn):
+            raise ConfigError(f"eval_step needs a callable fn(model, batch), got "
+                              f"{type(fn).__name__}")
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"eval_step({getattr(self.fn, '__qualname__', repr(self.fn))})"
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        if type(state) is not TrainState:
+            _check_state(state, "an evaluation step")
+        binding = _bind.binding_of(state)
+        with torch.no_grad():
+            if binding is not None:
+                binding.set_mode(False)
+                out = self.fn(binding.model_arg, batch)
+            else:  # nothing is copied: eval mode under no_grad changes no tensor
+                out = _bind.pure_call(state, self.fn, batch, state.params, state.buffers,
+                                      False)
+        return eval_metrics(out, "evaluation", state.device)
+
+
+def eval_step(fn: LossFn) -> EvalStep:
+    """Turn `fn(model, batch)` into an evaluation step: no grad, eval mode, state unchanged.
+
+    `fn` returns a 0-d tensor (reported as "loss"), `(loss, {name: metric})` or a dict
+    of metrics.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> def metric_fn(model, batch):
+        ...     x, y = batch
+        ...     return {"acc": (model(x).argmax(-1) == y).float().mean()}
+        >>> evaluator = ft.eval_step(metric_fn)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> sorted(evaluator(state, (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))))
+        ['acc']
+    """
+    return EvalStep(fn)
+
+
+# -- the protocol, as the loops drive it -------------------------------------------------
+
+def init(step: Any, state: TrainState) -> TrainState:
+    """Call `step.init(state)` if the step has one."""
+    fn = getattr(step, "init", None)
+    return fn(state) if fn is not None else state
+
+
+def epoch_end(step: Any, state: TrainState) -> tuple[TrainState, Metrics]:
+    """Call `step.epoch_end(state)` if the step has one."""
+    fn = getattr(step, "epoch_end", None)
+    if fn is None:
+        return state, {}
+    result = fn(state)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"{step!r}.epoch_end must return (state, metrics), got "
+                          f"{_describe(result)}")
+    return result  # type: ignore[no-any-return]
+
+
+def close(step: Any, state: TrainState) -> None:
+    """Call `step.close(state)` if the step has one."""
+    fn = getattr(step, "close", None)
+    if fn is not None:
+        fn(state)
+
+
+def core(step: Any) -> Any:
+    """The innermost step of a combinator stack (following `.inner`)."""
+    seen = set()
+    while getattr(step, "inner", None) is not None:
+        if id(step) in seen:
+            raise ConfigError("a step's .inner chain loops back on itself")
+        seen.add(id(step))
+        step = step.inner
+    return step
+
+
+def request_stop(state: TrainState, reason: str) -> TrainState:
+    """Ask the loop to stop after this step (or epoch end); `reason` is logged.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> s = ft.request_stop(ft.TrainState.create(torch.nn.Linear(1, 1)), "done")
+        >>> ft.stop_reason(s)
+        'done'
+    """
+    return state.replace(slots={**state.slots, STOP_SLOT: str(reason)})
+
+
+def stop_reason(state: TrainState) -> str | None:
+    """The reason a step gave for stopping, or None."""
+    reason = state.slots.get(STOP_SLOT)
+    return None if reason is None else str(reason)
