@@ -60,8 +60,8 @@ def install(module: nn.Module, params: dict[str, torch.Tensor],
     buffer_names = [n for n, _ in module.named_buffers()]
     _check_names("buffers", part, buffer_names, buffers)
     first: dict[int, str] = {}
-    for name, meta in module.named_buffers(remove_duplicate=False):
-        canon = first.setdefault(id(meta), name)
+    for name, buf in module.named_buffers(remove_duplicate=False):
+        canon = first.setdefault(id(buf), name)
         owner, leaf = _owner(module, name)
         owner._buffers[leaf] = buffers[canon]
     return {n: made[id(m)] for n, m in canonical.items() if m.requires_grad}
@@ -122,7 +122,7 @@ class Binding:
         self.trainable = {}
         if not changed:
             return _unbound(state)
-        buffers = new_buffers[None] if None in new_buffers else new_buffers
+        buffers = new_buffers.get(None, new_buffers)
         return _unbound(state.replace(buffers=buffers))
 
 
@@ -150,10 +150,10 @@ class _Apply(nn.Module):
     def __init__(self, model: nn.Module | dict[str, nn.Module]) -> None:
         super().__init__()
         self.multi = isinstance(model, dict)
-        self.model = nn.ModuleDict(model) if isinstance(model, dict) else model
+        self.model: nn.Module = nn.ModuleDict(model) if isinstance(model, dict) else model
 
     def forward(self, fn: Any, batch: Any) -> Any:
-        model = dict(self.model.items()) if self.multi else self.model
+        model = dict(self.model.named_children()) if self.multi else self.model
         return fn(model, batch)
 
 

@@ -28,8 +28,8 @@ def _generator(*key: int) -> torch.Generator:
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make `loader`'s order for `epoch` a function of (seed, epoch)."""
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else \
-        loader.sampler
+    batch_sampler: Any = loader.batch_sampler
+    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)  # DistributedSampler: ordered by (its seed, epoch)
     if hasattr(sampler, "generator"):

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ftrain import _bind, data as _data
+from ftrain import _bind
+from ftrain import data as _data
 from ftrain import step as _step
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
@@ -70,7 +71,7 @@ def _limit(limit: int | float | None, per_epoch: int | None) -> int | None:
 
 def _check_state(state: Any, where: str) -> None:
     if is_donated(state):
-        state.params  # raises DonatedStateError naming the loop that took it
+        _ = state.params  # raises DonatedStateError naming the loop that took it
     if not isinstance(state, TrainState):
         raise ConfigError(f"{where} expects a TrainState, got {type(state).__name__}")
 

@@ -112,16 +112,20 @@ class TrainState:
             if unknown:
                 raise ConfigError(f"optimizers given for {unknown}, which are not among the "
                                   f"models {sorted(model)}")
-            params, buffers, opt_state, skeletons = {}, {}, {}, {}
+            all_params: dict[str, Any] = {}
+            all_buffers: dict[str, Any] = {}
+            all_opt: dict[str, Any] = {}
+            skeletons = {}
             for name, module in model.items():
                 _check_module(module, name)
                 skeletons[name] = _skeleton(module)
-                params[name], buffers[name] = _copy_tensors(module)
+                all_params[name], all_buffers[name] = _copy_tensors(module)
                 opt = optimizers.get(name)
-                opt_state[name] = (opt.init(_trainable(skeletons[name], params[name]))
-                                   if opt is not None else {})
-            return cls(params=params, buffers=buffers, opt_state=opt_state, step=0, seed=seed,
-                       slots={}, model=skeletons, optimizer={n: optimizers.get(n) for n in model})
+                all_opt[name] = (opt.init(_trainable(skeletons[name], all_params[name]))
+                                 if opt is not None else {})
+            return cls(params=all_params, buffers=all_buffers, opt_state=all_opt, step=0,
+                       seed=seed, slots={}, model=skeletons,
+                       optimizer={n: optimizers.get(n) for n in model})
         if isinstance(optimizer, Mapping):
             raise ConfigError("a dict of optimizers needs a dict of models with the same keys; "
                               f"got one {type(model).__name__}")

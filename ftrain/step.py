@@ -91,7 +91,7 @@ def eval_metrics(out: Any, where: str, device: torch.device) -> Metrics:
 def _check_state(state: Any, what: str) -> None:
     if type(state) is not TrainState:
         if isinstance(state, TrainState):
-            state.params  # a donated state: raises DonatedStateError saying so
+            _ = state.params  # a donated state: raises DonatedStateError saying so
         raise ConfigError(f"{what} expects a TrainState as its first argument, got "
                           f"{type(state).__name__}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -23,8 +23,8 @@ from ftrain.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
 Schedule = Callable[[Any], Any]
-LR = Union[float, Schedule]
-Pattern = Union[str, Callable[[str], bool]]
+LR = float | Schedule
+Pattern = str | Callable[[str], bool]
 
 
 class Transform(Protocol):

@@ -175,7 +175,7 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     Example:
         >>> import ftrain as ft
         >>> opt = ft.optim.adam(ft.optim.schedules.cosine_decay(1e-3, 1000))
-        >>> sorted(opt.init({})) 
+        >>> sorted(opt.init({}))
         ['adam', 'count']
     """
     return _adam_like("adam", False, lr, betas, eps, weight_decay, amsgrad, groups, fused,

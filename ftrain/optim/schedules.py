@@ -25,7 +25,7 @@ import torch
 
 from ftrain.errors import ConfigError
 
-__all__ = ["constant", "linear", "cosine_decay", "step_decay", "warmup_cosine", "join"]
+__all__ = ["constant", "cosine_decay", "join", "linear", "step_decay", "warmup_cosine"]
 
 
 def _is_tensor(count: Any) -> bool:
