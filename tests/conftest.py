@@ -1,0 +1,13 @@
+"""Fixtures shared by the tests; the helpers themselves live in helpers.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Net
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
