@@ -1,0 +1,42 @@
+"""The examples run end to end and reach their stated quality."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_example_classifies_well(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    results = load("digits").main([])
+    out = capsys.readouterr().out
+    assert results["test_accuracy"] > 0.9, out
+    assert results["ae_mse"] < 0.06, out
+    assert "classifier   test accuracy" in out
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README has a python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme__"}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["state"].step == 160
+    assert "acc" in capsys.readouterr().out
