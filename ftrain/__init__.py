@@ -20,7 +20,9 @@ from ftrain.errors import (
     StepError,
 )
 from ftrain.health import check_finite
-from ftrain.loop import evaluate, fit, iterate, predict, run_info
+from ftrain._run import RunInfo, run_info
+from ftrain.logging import loggers, with_logging
+from ftrain.loop import evaluate, fit, iterate, predict
 from ftrain.state import TrainState, is_donated
 from ftrain.step import (
     EvalStep,
@@ -35,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "DonatedStateError", "EvalStep", "FTrainError", "LossError",
-    "NonFiniteLossError", "StepError", "TrainState", "TrainStep", "check_finite",
-    "eval_step", "evaluate", "fit", "is_donated", "iterate", "optim", "predict",
-    "request_stop", "run_info", "stop_reason", "train_step",
+    "NonFiniteLossError", "RunInfo", "StepError", "TrainState", "TrainStep", "check_finite",
+    "eval_step", "evaluate", "fit", "is_donated", "iterate", "loggers", "optim", "predict",
+    "request_stop", "run_info", "stop_reason", "train_step", "with_logging",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,30 +23,13 @@ import torch
 from ftrain import _bind
 from ftrain import data as _data
 from ftrain import step as _step
+from ftrain._run import RunInfo
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
 log = logging.getLogger("ftrain")
 _END = object()
 Metrics = dict[str, torch.Tensor]
-
-
-class RunInfo:
-    """What the running loop was asked to do; combinators read it via `run_info(state)`."""
-
-    def __init__(self, epochs: int | None, max_steps: int | None, limit: int | None,
-                 fast_dev_run: int, batches_per_epoch: int | None) -> None:
-        self.epochs = epochs
-        self.max_steps = max_steps
-        self.limit_train_batches = limit
-        self.fast_dev_run = fast_dev_run
-        self.batches_per_epoch = batches_per_epoch
-
-
-def run_info(state: TrainState) -> RunInfo | None:
-    """The `RunInfo` of the loop running `state`, or None outside a loop."""
-    binding = state.__dict__.get("_binding")
-    return getattr(binding, "run", None) if binding is not None and binding.live else None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -88,7 +71,8 @@ def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo) -> TrainState:
 
 def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
          max_steps: int | None, donate_input: bool, limit_train_batches: int | float | None,
-         fast_dev_run: bool | int, caller: str
+         fast_dev_run: bool | int, caller: str, progress: bool | str = False,
+         root_dir: str | None = None, hparams: Any = None
          ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     _check_state(state, caller)
     if not callable(step):
@@ -109,7 +93,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if epochs is None and max_steps is None:
         raise ConfigError(f"{caller} needs epochs= or max_steps= (totals, counted from a "
                           "fresh state, as Lightning's max_epochs and max_steps)")
-    run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch)
+    run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch, progress=progress,
+                  root_dir=root_dir, hparams=hparams)
 
     source = state
     state = state.copy() if not donate_input else state
@@ -244,18 +229,48 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         >>> state.step, state.epoch
         (12, 3)
     """
-    for name, flag in (("logger", logger), ("checkpoint", checkpoint), ("progress", progress)):
-        if flag is None:
-            raise ConfigError(f"{name} must be True, False or a value, got None")
+    if progress not in (True, False, "always"):
+        raise ConfigError(f"progress must be True, False or 'always', got {progress!r}")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ConfigError(f"hparams must be a dict of JSON-compatible values, got "
+                          f"{type(hparams).__name__}")
+    if fast_dev_run:  # a quick check writes nothing (as Lightning's fast_dev_run)
+        logger, checkpoint = False, False
+    step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
     gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
-               caller="ft.fit")
+               caller="ft.fit", progress=progress, root_dir=root_dir,
+               hparams=dict(hparams) if hparams is not None else None)
     try:
         while True:
             next(gen)
     except StopIteration as done:
         final: TrainState = done.value
     return final
+
+
+def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
+                  progress: bool | str = True) -> Any:
+    """Add what `ft.fit` gives by default to `step`, never a second layer of a kind.
+
+    `logger`: True (TensorBoard under `root_dir`), a logger, a list of loggers, or False.
+    A step that already has a logging layer keeps it (and shows the bar if `progress`).
+    """
+    from ftrain.combinators import find
+    from ftrain.logging import WithLogging, with_logging
+    from ftrain.logging.loggers import check_logger
+
+    if find(step, WithLogging) is None and (logger is not False or progress):
+        if logger is True:
+            loggers = None
+        elif logger is False:
+            loggers = []
+        else:
+            loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            for one in loggers:
+                check_logger(one)
+        step = with_logging(step, loggers)
+    return step
 
 
 # -- evaluation and prediction -----------------------------------------------------------

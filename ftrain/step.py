@@ -104,6 +104,9 @@ class TrainStep:
     """The core training step built by :func:`train_step`."""
 
     inner = None
+    # Set for one call by a logging layer at its interval: add the global gradient norm
+    # (after backward, before clipping and the update) to the metrics.
+    want_grad_norm = False
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
                  check_finite_every_step: bool = False) -> None:
@@ -174,6 +177,9 @@ class TrainStep:
         found_inf, metrics = self._forward_backward(
             state, lambda: self.loss_fn(binding.model_arg, batch), binding.generator,
             binding.rank, None)
+        if self.want_grad_norm:
+            metrics["grad_norm"] = _grad_norm(
+                [p for params in binding.trainable.values() for p in params.values()])
         with torch.no_grad():
             for part, params in binding.trainable.items():
                 optimizer = state.optimizer if part is None else state.optimizer[part]
@@ -220,6 +226,8 @@ class TrainStep:
             state,
             lambda: _bind.pure_call(state, self.loss_fn, batch, params, buffers, True),
             _rng.generator_for(state.device), _rng.rank(), leaves)
+        if self.want_grad_norm:
+            metrics["grad_norm"] = _grad_norm(leaves)
         with torch.no_grad():
             for part, optimizer, chosen in trainable:
                 if optimizer is not None:
@@ -236,6 +244,13 @@ class TrainStep:
                             step=state.step + 1, slots=slots)
         new.__dict__["_binding"] = None
         return new, metrics
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads).detach()
 
 
 def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",

@@ -150,15 +150,25 @@ def _check_betas(betas: Any, eps: float, weight_decay: float, what: str) -> None
                           f"weight_decay={weight_decay}")
 
 
+def _each_group(name: str, base: dict[str, Any], groups: Any
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """The base settings and each group's merged settings, to validate them alike."""
+    out = [(name, base)]
+    for pattern, opts in (groups or {}).items():
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"{name}: group {pattern!r} must map setting names to values, "
+                              f"got {type(opts).__name__}")
+        out.append((f"{name} group {pattern!r}", {**base, **opts}))
+    return out
+
+
 def _adam_like(name: str, decoupled: bool, lr: LR, betas: tuple[float, float], eps: float,
                weight_decay: float, amsgrad: bool, groups: Any, fused: bool | None,
                foreach: bool | None) -> Optimizer:
-    check_lr(lr, name)
-    _check_betas(betas, eps, weight_decay, name)
-    base = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-    for opts in (groups or {}).values():
-        if "lr" in opts:
-            check_lr(opts["lr"], f"{name} group")
+    base = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+    for where, opts in _each_group(name, base, groups):
+        check_lr(opts["lr"], where)
+        _check_betas(opts["betas"], opts["eps"], opts["weight_decay"], where)
     return Optimizer((_Adam(Groups.build(base, groups), decoupled, amsgrad, fused, foreach,
                             name),))
 
@@ -205,13 +215,15 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
         >>> import ftrain as ft
         >>> opt = ft.optim.sgd(0.1, momentum=0.9, nesterov=True)
     """
-    check_lr(lr, "sgd")
-    if momentum < 0 or weight_decay < 0:
-        raise ConfigError(f"sgd: momentum and weight_decay must be >= 0, got "
-                          f"momentum={momentum}, weight_decay={weight_decay}")
-    if nesterov and momentum <= 0:
-        raise ConfigError("sgd: nesterov=True needs momentum > 0")
     base = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+    for where, opts in _each_group("sgd", base, groups):
+        check_lr(opts["lr"], where)
+        if opts["momentum"] < 0 or opts["weight_decay"] < 0:
+            raise ConfigError(f"{where}: momentum and weight_decay must be >= 0, got "
+                              f"momentum={opts['momentum']}, "
+                              f"weight_decay={opts['weight_decay']}")
+        if opts["nesterov"] and opts["momentum"] <= 0:
+            raise ConfigError(f"{where}: nesterov=True needs momentum > 0")
     return Optimizer((_SGD(Groups.build(base, groups), fused, foreach),))
 
 

@@ -1,0 +1,42 @@
+"""What the running loop was asked to do, for the combinators that adapt to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RunInfo:
+    """The loop's settings; combinators read them through `run_info(state)`."""
+
+    def __init__(self, epochs: int | None, max_steps: int | None, limit: int | None,
+                 fast_dev_run: int, batches_per_epoch: int | None, *,
+                 progress: bool | str = False, root_dir: str | None = None,
+                 hparams: Any = None) -> None:
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.limit_train_batches = limit
+        self.fast_dev_run = fast_dev_run
+        self.batches_per_epoch = batches_per_epoch
+        self.progress = progress
+        self.root_dir = root_dir
+        self.hparams = hparams
+
+    @property
+    def epoch_length(self) -> int | None:
+        """Batches in a full epoch as this run sees it (limits applied), if known."""
+        n = self.batches_per_epoch
+        if self.limit_train_batches is not None:
+            n = self.limit_train_batches if n is None else min(n, self.limit_train_batches)
+        return n
+
+
+def run_info(state: Any) -> RunInfo | None:
+    """The `RunInfo` of the loop running `state`, or None outside a loop.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> ft.run_info(ft.TrainState.create(torch.nn.Linear(1, 1))) is None
+        True
+    """
+    binding = state.__dict__.get("_binding")
+    return getattr(binding, "run", None) if binding is not None and binding.live else None

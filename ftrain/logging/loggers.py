@@ -1,0 +1,244 @@
+"""Loggers: any object with `log_metrics(metrics, step)`, `log_hparams(hparams, metrics)`
+and `finalize()`. ftrain ships TensorBoard (the default) and CSV; both write to
+`<save_dir>/<name>/version_N`, N the next free number, as Lightning's loggers do.
+
+Loggers receive plain Python floats: the host read happened once, before them.
+TensorBoard's writer is imported lazily (it adds ~0.15 s to an import).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ftrain.errors import ConfigError
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """What ftrain needs of a logger (no base class to inherit)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None: ...
+
+    def finalize(self) -> None: ...
+
+
+def check_logger(obj: Any) -> None:
+    missing = [m for m in ("log_metrics", "log_hparams", "finalize")
+               if not callable(getattr(obj, m, None))]
+    if missing:
+        raise ConfigError(f"a logger needs log_metrics(metrics, step), log_hparams(hparams, "
+                          f"metrics) and finalize(); {type(obj).__name__} lacks {missing}")
+
+
+def next_version(root: str) -> int:
+    """The next free N among `root/version_N` folders (0 when there are none)."""
+    taken = []
+    if os.path.isdir(root):
+        for entry in os.listdir(root):
+            m = re.fullmatch(r"version_(\d+)", entry)
+            if m and os.path.isdir(os.path.join(root, entry)):
+                taken.append(int(m.group(1)))
+    return max(taken) + 1 if taken else 0
+
+
+def _claim_version(root: str, version: int | None) -> tuple[int, str]:
+    """Create and return `root/version_N`; with version=None take the next free N.
+
+    Creating the folder claims the number, so two runs starting together differ.
+    """
+    os.makedirs(root, exist_ok=True)
+    if version is not None:
+        path = os.path.join(root, f"version_{version}")
+        os.makedirs(path, exist_ok=True)
+        return version, path
+    while True:
+        n = next_version(root)
+        path = os.path.join(root, f"version_{n}")
+        try:
+            os.mkdir(path)
+            return n, path
+        except FileExistsError:
+            continue
+
+
+def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted keys; values other than bool/int/float/str become JSON."""
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, name + "."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value if value is not None else "None"
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+class TensorBoard:
+    """TensorBoard event files under `<save_dir>/<name>/version_N` (the default logger).
+
+    `.experiment` is the `torch.utils.tensorboard.SummaryWriter`, for images, histograms,
+    figures and anything else TensorBoard shows.
+
+    Example:
+        >>> import tempfile, ftrain as ft
+        >>> logger = ft.loggers.TensorBoard(tempfile.mkdtemp())
+        >>> logger.log_metrics({"loss": 0.5}, step=1)
+        >>> logger.finalize()
+        >>> logger.version
+        0
+    """
+
+    def __init__(self, save_dir: str = ".", name: str = "ftrain_logs",
+                 version: int | None = None, *, flush_secs: int = 30) -> None:
+        self.save_dir = str(save_dir)
+        self.name = name
+        self._requested_version = version
+        self.flush_secs = flush_secs
+        self._writer: Any = None
+        self._version: int | None = None
+        self._log_dir: str | None = None
+
+    def _ensure(self) -> None:
+        if self._log_dir is None:
+            self._version, self._log_dir = _claim_version(
+                os.path.join(self.save_dir, self.name), self._requested_version)
+
+    @property
+    def version(self) -> int:
+        self._ensure()
+        assert self._version is not None
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        self._ensure()
+        assert self._log_dir is not None
+        return self._log_dir
+
+    @property
+    def experiment(self) -> Any:
+        """The `SummaryWriter` (created on first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: a slow import
+            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=self.flush_secs)
+        return self._writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        writer = self.experiment
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, global_step=step)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """Write the HPARAMS tab: the hyperparameters with the run's final metrics."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        writer = self.experiment
+        flat = flatten_hparams(hparams)
+        metric_dict = {f"hparams/{k}": float(v) for k, v in metrics.items()} or \
+            {"hparams/none": 0.0}
+        exp, ssi, sei = hparams_summary(flat, metric_dict)
+        file_writer = writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+        for tag, value in metric_dict.items():  # the tab reads these scalar tags
+            writer.add_scalar(tag, value)
+        writer.flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def __repr__(self) -> str:
+        return f"TensorBoard({os.path.join(self.save_dir, self.name)!r})"
+
+
+class CSV:
+    """`<save_dir>/<name>/version_N/metrics.csv`: a `step` column and one per metric.
+
+    Rows are buffered and written every `flush_every` rows and at `finalize`; a new
+    metric name rewrites the file with the wider header. Hyperparameters go to
+    `hparams.json` beside it.
+
+    Example:
+        >>> import tempfile, ftrain as ft
+        >>> logger = ft.loggers.CSV(tempfile.mkdtemp())
+        >>> logger.log_metrics({"loss": 0.5}, step=1); logger.finalize()
+        >>> open(logger.log_dir + "/metrics.csv").read().splitlines()
+        ['step,loss', '1,0.5']
+    """
+
+    def __init__(self, save_dir: str = ".", name: str = "ftrain_logs",
+                 version: int | None = None, *, flush_every: int = 100) -> None:
+        self.save_dir = str(save_dir)
+        self.name = name
+        self._requested_version = version
+        self.flush_every = flush_every
+        self._version: int | None = None
+        self._log_dir: str | None = None
+        self.rows: list[dict[str, Any]] = []
+        self._columns: list[str] = ["step"]
+        self._written = 0  # rows already in the file under the current header
+
+    def _ensure(self) -> None:
+        if self._log_dir is None:
+            self._version, self._log_dir = _claim_version(
+                os.path.join(self.save_dir, self.name), self._requested_version)
+
+    @property
+    def version(self) -> int:
+        self._ensure()
+        assert self._version is not None
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        self._ensure()
+        assert self._log_dir is not None
+        return self._log_dir
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.log_dir, "metrics.csv")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.rows.append({"step": step, **metrics})
+        if len(self.rows) - self._written >= self.flush_every:
+            self.flush()
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        with open(os.path.join(self.log_dir, "hparams.json"), "w") as f:
+            json.dump({"hparams": dict(hparams), "metrics": dict(metrics)}, f, indent=2,
+                      default=str)
+
+    def flush(self) -> None:
+        new_columns = [c for row in self.rows for c in row if c not in self._columns]
+        if new_columns:
+            self._columns += list(dict.fromkeys(new_columns))
+            self._written = 0  # rewrite everything under the wider header
+        mode = "a" if self._written else "w"
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._columns)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(self.rows[self._written:])
+        self._written = len(self.rows)
+
+    def finalize(self) -> None:
+        self.flush()
+
+    def __repr__(self) -> str:
+        return f"CSV({os.path.join(self.save_dir, self.name)!r})"
