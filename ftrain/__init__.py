@@ -10,6 +10,7 @@ Example:
 """
 
 from ftrain import optim
+from ftrain._run import RunInfo, run_info
 from ftrain.errors import (
     ConfigError,
     DataError,
@@ -20,7 +21,6 @@ from ftrain.errors import (
     StepError,
 )
 from ftrain.health import check_finite
-from ftrain._run import RunInfo, run_info
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
 from ftrain.state import TrainState, is_donated

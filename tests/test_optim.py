@@ -203,6 +203,23 @@ def test_adamw_default_matches_torch_default(cfg: str) -> None:
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("which", ["adam", "adamw"])
+def test_default_kernel_on_cpu_is_fused(which: str) -> None:
+    # documented: the fused kernel where the device has one (CPU does in torch >= 2.4)
+    make_ft = getattr(ft.optim, which)
+    cls = torch.optim.Adam if which == "adam" else torch.optim.AdamW
+    init = initial_params()
+    grads = random_grads(init)
+    got, state = run_ft(make_ft(1e-2, weight_decay=0.05), init, grads)
+    fused = run_torch(lambda p: cls(params_list(p), lr=1e-2, weight_decay=0.05, fused=True),
+                      init, grads)
+    foreach = run_torch(lambda p: cls(params_list(p), lr=1e-2, weight_decay=0.05,
+                                      foreach=True), init, grads)
+    assert any(not torch.equal(fused[n], foreach[n]) for n in init)  # kernels differ here
+    assert_equal(got, fused)
+    assert state[which]["step"]["0.weight"].device == init["0.weight"].device
+
+
 def test_adamw_default_weight_decay_is_torchs() -> None:
     # adamw's default weight_decay (1e-2) is torch.optim.AdamW's: same result without it
     init = initial_params()
@@ -771,6 +788,23 @@ def test_sgd_group_lr_and_momentum_match_torch() -> None:
     assert_equal(got, want)
 
 
+def test_sgd_group_enables_momentum_and_nesterov_over_plain_base() -> None:
+    init = initial_params()
+    grads = random_grads(init)
+    opt = ft.optim.sgd(0.05, groups={"0.*": {"momentum": 0.9, "nesterov": True}},
+                       foreach=True)
+    got, state = run_ft(opt, init, grads)
+    assert set(state["sgd"]["momentum_buffer"]) == set(init)
+
+    def make(p: Tensors) -> torch.optim.Optimizer:
+        first = [t for n, t in p.items() if n.startswith("0.")]
+        last = [t for n, t in p.items() if n.startswith("2.")]
+        return torch.optim.SGD([{"params": first, "momentum": 0.9, "nesterov": True},
+                                {"params": last}], lr=0.05, foreach=True)
+
+    assert_equal(got, run_torch(make, init, grads))
+
+
 def test_first_matching_group_wins() -> None:
     init = initial_params()
     grads = random_grads(init, steps=10)
@@ -841,6 +875,24 @@ def test_group_bad_pattern_type_and_bad_group_lr_raise() -> None:
         ft.optim.sgd(0.1, groups={3: {"lr": 0.1}})
     with pytest.raises(ft.ConfigError):
         ft.optim.adamw(1e-3, groups={"*.bias": {"lr": -1.0}})
+
+
+# A group's settings are checked like the optimizer's own: a bad value in a group must be
+# a ConfigError when the optimizer is built, not a silently wrong (or diverging) update.
+@pytest.mark.parametrize("make", [
+    lambda: ft.optim.sgd(0.1, groups={"*.bias": {"lr": -0.5}}),
+    lambda: ft.optim.sgd(0.1, groups={"*.bias": {"nesterov": True}}),
+    lambda: ft.optim.sgd(0.1, momentum=0.9, groups={"*.bias": {"momentum": -0.5}}),
+    lambda: ft.optim.sgd(0.1, groups={"*.bias": {"weight_decay": -1.0}}),
+    lambda: ft.optim.adam(1e-3, groups={"*.bias": {"betas": (1.5, 0.9)}}),
+    lambda: ft.optim.adam(1e-3, groups={"*.bias": {"eps": -1.0}}),
+    lambda: ft.optim.adamw(1e-3, groups={"*.bias": {"weight_decay": -1.0}}),
+], ids=["sgd_group_neg_lr", "sgd_group_nesterov_no_momentum", "sgd_group_neg_momentum",
+        "sgd_group_neg_wd", "adam_group_bad_betas", "adam_group_neg_eps",
+        "adamw_group_neg_wd"])
+def test_group_setting_values_are_validated_like_base(make: Callable) -> None:
+    with pytest.raises(ft.ConfigError):
+        make()
 
 
 # -- error paths ---------------------------------------------------------------------------
@@ -946,3 +998,23 @@ def test_frozen_params_train_like_torch_on_trainable_only() -> None:
         mse_loss(ref, batch).backward()
         topt.step()
     assert_equal(dict(state.params), {n: p.detach() for n, p in ref.named_parameters()})
+
+
+# -- on a GPU (skipped on CPU-only machines) -----------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("which", ["adam", "sgd"])
+def test_schedule_lr_with_default_fused_kernel_on_cuda(which: str) -> None:
+    # schedules return float64 tensors; CUDA's fused kernels read a tensor lr as float32
+    init = {n: t.cuda() for n, t in initial_params().items()}
+    grads = [{n: t.cuda() for n, t in g.items()} for g in random_grads(init, steps=20)]
+    sched = schedules.step_decay(0.1, step_size=7, gamma=0.5)
+    if which == "adam":
+        opt, cls, kw = ft.optim.adam(sched), torch.optim.Adam, {}
+    else:
+        opt, cls, kw = ft.optim.sgd(sched, momentum=0.9), torch.optim.SGD, {"momentum": 0.9}
+    got, state = run_ft(opt, init, grads)
+    want = run_torch(lambda p: cls(params_list(p), lr=0.1, fused=True, **kw), init, grads,
+                     make_sched=lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5))
+    assert state["count"].device.type == "cuda"
+    assert_close(got, want)
