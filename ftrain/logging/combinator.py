@@ -65,6 +65,7 @@ class WithLogging(Combinator):
                  progress: bool | str | None = None, hparams: Mapping[str, Any] | None = None,
                  name: str = "logging") -> None:
         super().__init__(inner, name)
+        self.name = name
         if every_n_steps is not None and (not isinstance(every_n_steps, int)
                                           or every_n_steps < 1):
             raise ConfigError(f"every_n_steps must be a positive int or None, got "
@@ -118,13 +119,13 @@ class WithLogging(Combinator):
     def init(self, state: TrainState) -> TrainState:
         state = _step.init(self.inner, state)
         self._setup(state)
-        if self.slot_name not in state.slots:
-            state = state.replace(slots={**state.slots, self.slot_name: accumulate.empty()})
+        if self.name not in state.slots:
+            state = state.replace(slots={**state.slots, self.name: accumulate.empty()})
         return state
 
     def _slot(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """This layer's slot, writable: in place for a loop's state, a copy for a pure call."""
-        slot = state.slots.get(self.slot_name)
+        slot = state.slots.get(self.name)
         if _bind.binding_of(state) is not None and slot is not None:
             return state, slot
         if not self._ready:
@@ -133,7 +134,7 @@ class WithLogging(Combinator):
             "pending": {k: list(v) for k, v in slot["pending"].items()},
             "sizes": list(slot["sizes"]), "partial": dict(slot["partial"]),
             "steps": slot["steps"]}
-        return state.replace(slots={**state.slots, self.slot_name: slot}), slot
+        return state.replace(slots={**state.slots, self.name: slot}), slot
 
     # -- per step ----------------------------------------------------------------------
 
