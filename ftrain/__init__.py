@@ -23,6 +23,7 @@ from ftrain.errors import (
 from ftrain.health import check_finite
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
+from ftrain.profile import with_profiling
 from ftrain.state import TrainState, is_donated
 from ftrain.step import (
     EvalStep,
@@ -32,6 +33,7 @@ from ftrain.step import (
     stop_reason,
     train_step,
 )
+from ftrain.validation import with_validation
 
 __version__ = "0.1.0"
 
@@ -39,5 +41,5 @@ __all__ = [
     "ConfigError", "DataError", "DonatedStateError", "EvalStep", "FTrainError", "LossError",
     "NonFiniteLossError", "RunInfo", "StepError", "TrainState", "TrainStep", "check_finite",
     "eval_step", "evaluate", "fit", "is_donated", "iterate", "loggers", "optim", "predict",
-    "request_stop", "run_info", "stop_reason", "train_step", "with_logging",
+    "request_stop", "run_info", "stop_reason", "train_step", "with_logging", "with_profiling", "with_validation",
 ]

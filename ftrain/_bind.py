@@ -96,6 +96,8 @@ class Binding:
         # device only where the host reads values anyway (see ftrain.health).
         self.pending: list[torch.Tensor] = []
         self.pending_start = state.step
+        self.run: Any = None  # the loop's RunInfo
+        self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
 
     def set_mode(self, training: bool) -> None:
         if self.training is not training:

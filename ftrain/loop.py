@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
@@ -150,7 +151,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     complete = (limit is not None and index >= limit) or (
                         per_epoch is not None and index >= per_epoch)
                 else:
-                    nxt = next(batches, _END)
+                    prof = state.__dict__["_binding"].profiler
+                    if prof is None:
+                        nxt = next(batches, _END)
+                    else:  # profiling: time the fetch (the move is timed below)
+                        t0 = time.perf_counter()
+                        nxt = next(batches, _END)
+                        prof.add("data", time.perf_counter() - t0)
                     complete = nxt is _END
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
@@ -295,11 +302,13 @@ def _batches(data: Any, limit: int | None, what: str) -> Any:
 
 def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState, data: Any,
              *, limit_batches: int | None = None,
-             batch_size: Callable[[Any], int] | None = None) -> dict[str, float]:
+             batch_size: Callable[[Any], int] | None = None, progress: bool | str = False,
+             desc: str = "evaluation") -> dict[str, float]:
     """Run `evaluator` over `data` and return each metric's mean weighted by batch size.
 
     Batch size is the first dimension of the batch's first tensor unless `batch_size`
-    says otherwise. One host sync, at the end. The state is not changed.
+    says otherwise. One host sync, at the end. The state is not changed. `progress`
+    shows a transient bar (True: when stderr is a terminal; "always").
 
     Example:
         >>> import torch, ftrain as ft
@@ -316,6 +325,13 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     device = state.device
     values: dict[str, list[torch.Tensor]] = {}
     weights: list[int] = []
+    bar = None
+    if progress:
+        from ftrain.logging.progress import eval_bar
+        total = _data.num_batches(data)
+        if limit_batches is not None:
+            total = limit_batches if total is None else min(total, limit_batches)
+        bar = eval_bar(total, desc, progress == "always" or _stderr_is_terminal())
     try:
         for index, batch in enumerate(_batches(data, limit_batches, "evaluate")):
             batch = _data.to_device(batch, device)
@@ -337,12 +353,22 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
                 values.setdefault(k, []).append(v if isinstance(v, torch.Tensor)
                                                 else torch.tensor(float(v)))
             weights.append(n)
+            if bar is not None:
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         if own is not None:
             own.live = False
     if not weights:
         raise DataError("the evaluation data produced no batches")
     return reduce_weighted(values, weights)
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def reduce_weighted(values: dict[str, list[torch.Tensor]], weights: list[int]

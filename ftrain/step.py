@@ -149,11 +149,14 @@ class TrainStep:
 
     def _forward_backward(self, state: TrainState, call: Callable[[], Any],
                           generator: torch.Generator, rank: int,
-                          trainable: list[torch.Tensor] | None) -> tuple[Any, Metrics]:
+                          trainable: list[torch.Tensor] | None, prof: Any = None
+                          ) -> tuple[Any, Metrics]:
         saved = generator.get_state()
         generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
         try:
             loss, metrics = split_loss(call(), f"step {state.step}")
+            if prof is not None:
+                prof.lap("forward")
             if self.check_finite_every_step and not bool(torch.isfinite(loss)):  # host sync
                 raise health.NonFiniteLossError(
                     f"the loss was {loss.item()} at step {state.step}")
@@ -164,6 +167,8 @@ class TrainStep:
                 loss.backward()
             else:  # pure: gradients go to the copies only, nothing else is touched
                 loss.backward(inputs=trainable)
+            if prof is not None:
+                prof.lap("backward")
         finally:
             generator.set_state(saved)
         found_inf = None
@@ -174,9 +179,12 @@ class TrainStep:
     def _bound(self, state: TrainState, binding: Any, batch: Any
                ) -> tuple[TrainState, Metrics]:
         binding.set_mode(True)
+        prof = binding.profiler
+        if prof is not None:
+            prof.start()
         found_inf, metrics = self._forward_backward(
             state, lambda: self.loss_fn(binding.model_arg, batch), binding.generator,
-            binding.rank, None)
+            binding.rank, None, prof)
         if self.want_grad_norm:
             metrics["grad_norm"] = _grad_norm(
                 [p for params in binding.trainable.values() for p in params.values()])
@@ -189,6 +197,8 @@ class TrainStep:
         for params in binding.trainable.values():
             for p in params.values():
                 p.grad = None
+        if prof is not None:
+            prof.lap("optimizer")
         if self.on_nonfinite != "ignore":
             binding.pending.append(metrics["loss"])
             if len(binding.pending) >= health.FOLD_EVERY:

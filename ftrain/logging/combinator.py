@@ -11,6 +11,7 @@ the device, reads them with the epoch's validation results in one transfer, and 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,6 +158,9 @@ class WithLogging(Combinator):
         finally:
             if core is not None:
                 core.want_grad_norm = False
+        binding = state.__dict__["_binding"]
+        prof = binding.profiler if binding is not None else None
+        t0 = time.perf_counter() if prof is not None else 0.0
         _check_metrics(metrics, state.step)
         state, slot = self._slot(state)
         accumulate.add(slot, metrics, self.on_epoch, batch_size(batch), self.reduce)
@@ -171,6 +175,8 @@ class WithLogging(Combinator):
             self._log_step(state, metrics, val)
         elif val:
             self._log(state, val, state.step)
+        if prof is not None:
+            prof.add("logging", time.perf_counter() - t0)
         return state, metrics
 
     def _lrs(self, state: TrainState) -> dict[str, Any]:

@@ -186,8 +186,18 @@ def _pattern_name(pat: Pattern) -> str:
 
 
 def resolve_lr(lr: LR, count: torch.Tensor) -> Any:
-    """The learning rate for this update: a float, or a schedule evaluated at `count`."""
-    return lr(count) if callable(lr) else lr
+    """The learning rate for this update: a float, or a schedule evaluated at `count`.
+
+    Schedules compute in float64; on accelerators torch's fused kernels read a float32
+    tensor learning rate, so it is cast there (one small device op per update).
+    """
+    if not callable(lr):
+        return lr
+    value = lr(count)
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu" \
+            and value.dtype != torch.float32:
+        value = value.to(torch.float32)
+    return value
 
 
 def check_lr(lr: Any, what: str) -> None:

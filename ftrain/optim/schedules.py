@@ -41,7 +41,7 @@ def _clip01(x: Any) -> Any:
 
 
 def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -185,6 +185,8 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, *, init: flo
     if total_steps <= warmup_steps:
         raise ConfigError(f"warmup_cosine: total_steps ({total_steps}) must exceed "
                           f"warmup_steps ({warmup_steps})")
-    alpha = end / peak if peak else 0.0
+    if peak == 0:
+        return join([linear(init, peak, warmup_steps),
+                     linear(peak, end, total_steps - warmup_steps)], [warmup_steps])
     return join([linear(init, peak, warmup_steps),
-                 cosine_decay(peak, total_steps - warmup_steps, alpha)], [warmup_steps])
+                 cosine_decay(peak, total_steps - warmup_steps, end / peak)], [warmup_steps])
