@@ -41,5 +41,6 @@ __all__ = [
     "ConfigError", "DataError", "DonatedStateError", "EvalStep", "FTrainError", "LossError",
     "NonFiniteLossError", "RunInfo", "StepError", "TrainState", "TrainStep", "check_finite",
     "eval_step", "evaluate", "fit", "is_donated", "iterate", "loggers", "optim", "predict",
-    "request_stop", "run_info", "stop_reason", "train_step", "with_logging", "with_profiling", "with_validation",
+    "request_stop", "run_info", "stop_reason", "train_step", "with_logging", "with_profiling",
+    "with_validation",
 ]

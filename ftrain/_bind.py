@@ -97,6 +97,7 @@ class Binding:
         self.pending: list[torch.Tensor] = []
         self.pending_start = state.step
         self.run: Any = None  # the loop's RunInfo
+        self.latest: Any = None  # the newest state the core step produced (error recovery)
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
 
     def set_mode(self, training: bool) -> None:

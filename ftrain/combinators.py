@@ -54,8 +54,9 @@ class Combinator:
             for layer in layers(inner):
                 if getattr(layer, "slot_name", None) == slot_name:
                     raise ConfigError(
-                        f"two combinators claim the slot {slot_name!r}: {self!r} and "
-                        f"{layer!r}; give one of them another name=")
+                        f"two combinators claim the slot {slot_name!r}: "
+                        f"{type(self).__name__} and {layer!r}; give one of them another "
+                        f"name=")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(slot={self.slot_name!r})"

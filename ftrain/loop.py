@@ -108,6 +108,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     state = _step.init(step, state)
     state = _adopt(state, pos, run)
 
+    failed = False
     try:
         finished = False
         while not finished:
@@ -175,12 +176,31 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     finished = finished or STOP_SLOT in state.slots
             if STOP_SLOT in state.slots:
                 log.info("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
+    except BaseException:
+        failed = True
+        raise
     finally:
-        _step.close(step, state)
-        binding = state.__dict__.get("_binding")
-        if binding is not None and binding.live:
-            state = binding.release(state)
+        # An outer layer may have raised after the core step donated its input: close
+        # with the newest state the core produced.
+        binding = _latest_binding(state)
+        if is_donated(state) and binding is not None and binding.latest is not None:
+            state = binding.latest
+        try:
+            _step.close(step, state)
+        except Exception:
+            if not failed:
+                raise
+            log.exception("a step's close() failed while handling an earlier error")
+        finally:
+            if binding is not None and binding.live and not is_donated(state):
+                state = binding.release(state)
+            elif binding is not None:
+                binding.live = False
     return state
+
+
+def _latest_binding(state: Any) -> Any:
+    return object.__getattribute__(state, "__dict__").get("_binding")
 
 
 def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,

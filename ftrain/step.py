@@ -205,6 +205,7 @@ class TrainStep:
                 health.pending_record(state)
         new = state.replace()
         new.__dict__["step"] = state.step + 1
+        binding.latest = new
         donate(state, "a training step")
         return new, metrics
 

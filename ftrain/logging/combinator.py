@@ -245,6 +245,8 @@ class WithLogging(Combinator):
             self.final.update(values)
             if self.bar is not None:
                 self.bar.show({k: v for k, v in values.items() if k.startswith(VAL_PREFIX)})
+        if self.bar is not None:
+            self.bar.end_epoch(state.step)
         for logger in self.loggers:
             flush = getattr(logger, "flush", None)
             if flush is not None:

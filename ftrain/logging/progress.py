@@ -41,7 +41,7 @@ class ProgressBar:
         self.epoch = epoch
         self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", file=self.file,
                         dynamic_ncols=True, leave=True, unit="it")
-        self.last = time.monotonic()
+        self.last = float("-inf")  # show values from the first step on
 
     def update(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if self.bar is None:
@@ -68,6 +68,12 @@ class ProgressBar:
         if self.version is not None:
             postfix["v_num"] = self.version
         self.bar.set_postfix(postfix, refresh=False)
+
+    def end_epoch(self, step: int) -> None:
+        """Show the values of the epoch's last steps (the caller syncs here anyway)."""
+        if self.bar is not None:
+            self._refresh_values(step)
+            self.bar.refresh()
 
     def show(self, values: dict[str, float]) -> None:
         """Show already-read values (e.g. validation results) on the bar."""
