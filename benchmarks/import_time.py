@@ -57,12 +57,12 @@ def main() -> None:
 
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"\n== summary (median of {args.runs} fresh interpreters) ==")
-    print(f"import torch                       {med['torch']:.3f} s")
+    print(f"import torch                         {med['torch']:.3f} s")
     ok = med["ftrain"] <= TARGET_S
-    print(f"import ftrain, added after torch   {med['ftrain']:.3f} s   target <= {TARGET_S} s"
+    print(f"import ftrain, added after torch     {med['ftrain']:.3f} s   target <= {TARGET_S} s"
           f"   {'PASS' if ok else 'FAIL'}")
     if "lightning" in med:
-        print(f"import lightning, added after torch {med['lightning']:.3f} s   (comparison)")
+        print(f"import lightning, added after torch  {med['lightning']:.3f} s   (comparison)")
 
 
 if __name__ == "__main__":

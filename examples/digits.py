@@ -2,6 +2,7 @@
 
     python examples/digits.py            # prints the autoencoder's test error and the
                                          # classifier's test accuracy (expect > 0.9)
+    tensorboard --logdir ftrain_logs     # the runs' curves (one version_N per model)
 
 The data ships inside scikit-learn; nothing is downloaded.
 """
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root-dir", default=".", help="where ftrain_logs/ is written")
+    parser.add_argument("--progress", action="store_true", help="force the progress bar")
     args = parser.parse_args(argv)
+    progress = "always" if args.progress else True  # shown on a terminal by default
 
     torch.manual_seed(args.seed)  # the models' initial weights
     data = digits_splits(args.seed)
@@ -74,10 +78,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test = DataLoader(data["test"], batch_size=256)
     steps = args.epochs * len(train)
 
-    # Autoencoder: Adam with a constant learning rate.
+    # Autoencoder: Adam with a constant learning rate; validated each epoch and logged to
+    # TensorBoard (ft.fit's default logger) under <root-dir>/ftrain_logs/version_N.
+    step = ft.with_validation(ft.train_step(reconstruction_loss),
+                              ft.eval_step(reconstruction_loss), val)
     state = ft.TrainState.create(autoencoder(), ft.optim.adam(args.lr), seed=args.seed)
-    state = ft.fit(ft.train_step(reconstruction_loss), state, train, epochs=args.epochs,
-                   logger=False, checkpoint=False, progress=False)
+    state = ft.fit(step, state, train, epochs=args.epochs, root_dir=args.root_dir,
+                   checkpoint=False, progress=progress, hparams={**vars(args), "model": "ae"})
     ae = ft.evaluate(ft.eval_step(reconstruction_loss), state, test)
     print(f"autoencoder  test reconstruction MSE: {ae['loss']:.4f}")
 
@@ -87,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = ft.optim.chain(
         ft.optim.clip_grad_norm(1.0),
         ft.optim.adamw(schedule, weight_decay=1e-2, groups={"*.bias": {"weight_decay": 0.0}}))
-    state = ft.TrainState.create(classifier(), optimizer, seed=args.seed)
-    state = ft.fit(ft.train_step(classification_loss), state, train, epochs=args.epochs,
-                   logger=False, checkpoint=False, progress=False)
     evaluator = ft.eval_step(classification_loss)
+    step = ft.with_validation(ft.train_step(classification_loss), evaluator, val)
+    step = ft.with_logging(step, every_n_steps=10, prog_bar=["loss", "accuracy"], log_lr=True)
+    state = ft.TrainState.create(classifier(), optimizer, seed=args.seed)
+    state = ft.fit(step, state, train, epochs=args.epochs, root_dir=args.root_dir,
+                   checkpoint=False, progress=progress,
+                   hparams={**vars(args), "model": "classifier"})
     val_metrics = ft.evaluate(evaluator, state, val)
     test_metrics = ft.evaluate(evaluator, state, test)
     print(f"classifier   val accuracy: {val_metrics['accuracy']:.4f}")

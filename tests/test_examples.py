@@ -26,6 +26,13 @@ def test_digits_example_classifies_well(tmp_path, monkeypatch, capsys):
     assert results["test_accuracy"] > 0.9, out
     assert results["ae_mse"] < 0.06, out
     assert "classifier   test accuracy" in out
+    # both runs logged to TensorBoard, validation included
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = sorted((tmp_path / "ftrain_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    acc = EventAccumulator(str(runs[1]))
+    acc.Reload()
+    assert {"loss", "val_loss", "val_accuracy", "lr", "loss_epoch"} <= set(acc.Tags()["scalars"])
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
