@@ -32,7 +32,8 @@ def test_digits_example_classifies_well(tmp_path, monkeypatch, capsys):
     assert [r.name for r in runs] == ["version_0", "version_1"]
     acc = EventAccumulator(str(runs[1]))
     acc.Reload()
-    assert {"loss", "val_loss", "val_accuracy", "lr", "loss_epoch"} <= set(acc.Tags()["scalars"])
+    assert {"loss", "val_loss", "val_accuracy", "lr/adamw", "loss_epoch"} <= set(
+        acc.Tags()["scalars"])
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
