@@ -11,12 +11,17 @@ Example:
 
 from ftrain import optim
 from ftrain._run import RunInfo, run_info
+from ftrain.checkpoint import load, load_hparams, save
+from ftrain.checkpointing import checkpoints, with_checkpointing
+from ftrain.early_stop import early_stop
 from ftrain.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
     DonatedStateError,
     FTrainError,
     LossError,
+    MonitorError,
     NonFiniteLossError,
     StepError,
 )
@@ -38,9 +43,10 @@ from ftrain.validation import with_validation
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataError", "DonatedStateError", "EvalStep", "FTrainError", "LossError",
-    "NonFiniteLossError", "RunInfo", "StepError", "TrainState", "TrainStep", "check_finite",
-    "eval_step", "evaluate", "fit", "is_donated", "iterate", "loggers", "optim", "predict",
-    "request_stop", "run_info", "stop_reason", "train_step", "with_logging", "with_profiling",
-    "with_validation",
+    "CheckpointError", "ConfigError", "DataError", "DonatedStateError", "EvalStep",
+    "FTrainError", "LossError", "MonitorError", "NonFiniteLossError", "RunInfo", "StepError",
+    "TrainState", "TrainStep", "check_finite", "checkpoints", "early_stop", "eval_step",
+    "evaluate", "fit", "is_donated", "iterate", "load", "load_hparams", "loggers", "optim",
+    "predict", "request_stop", "run_info", "save", "stop_reason", "train_step",
+    "with_checkpointing", "with_logging", "with_profiling", "with_validation",
 ]

@@ -110,7 +110,16 @@ class Binding:
         return self.live and state.params is self.params
 
     def release(self, state: TrainState) -> TrainState:
-        """End the binding; return `state` unbound, with buffers a module reassigned."""
+        """End the binding; return `state` unbound, with buffers a module reassigned.
+
+        Losses still pending a non-finite check are folded into the state's slot (device
+        ops, no sync), so `ft.check_finite` on the returned state still sees them.
+        """
+        if self.pending:
+            from ftrain import health
+            state.slots[health.SLOT] = health.fold(state.slots.get(health.SLOT), self.pending,
+                                                   self.pending_start)
+            self.pending = []
         changed = False
         new_buffers: dict[Any, Any] = {}
         for name, module in self.modules.items():

@@ -35,3 +35,14 @@ class NonFiniteLossError(FTrainError, FloatingPointError):
 
 class DonatedStateError(FTrainError):
     """A state given to a loop (donated) was read after the loop took it over."""
+
+
+class CheckpointError(FTrainError):
+    """A checkpoint file is unsafe, truncated, of another format, or does not fit the state."""
+
+
+class MonitorError(FTrainError, KeyError):
+    """A monitored metric was never produced; the message lists the metrics that exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

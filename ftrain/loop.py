@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
@@ -73,7 +76,7 @@ def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo) -> TrainState:
 def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
          max_steps: int | None, donate_input: bool, limit_train_batches: int | float | None,
          fast_dev_run: bool | int, caller: str, progress: bool | str = False,
-         root_dir: str | None = None, hparams: Any = None
+         root_dir: str | None = None, hparams: Any = None, signals: list[str] | None = None
          ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     _check_state(state, caller)
     if not callable(step):
@@ -95,7 +98,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         raise ConfigError(f"{caller} needs epochs= or max_steps= (totals, counted from a "
                           "fresh state, as Lightning's max_epochs and max_steps)")
     run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch, progress=progress,
-                  root_dir=root_dir, hparams=hparams)
+                  root_dir=root_dir, hparams=hparams, signals=signals)
 
     source = state
     state = state.copy() if not donate_input else state
@@ -119,10 +122,16 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             skip = pos["batch"]
             batches = iter(_data.epoch_batches(data, seed=state.seed, epoch=epoch, skip=skip))
             nxt = next(batches, _END) if limit is None or skip < limit else _END
-            if nxt is _END and skip == 0:
-                raise DataError(f"the training data produced no batches in epoch {epoch}; "
-                                "an empty dataset, a batch size larger than a dataset with "
-                                "drop_last=True, or a one-shot iterator already consumed")
+            if nxt is _END:
+                if skip == 0:
+                    raise DataError(f"the training data produced no batches in epoch {epoch}; "
+                                    "an empty dataset, a batch size larger than a dataset with "
+                                    "drop_last=True, or a one-shot iterator already consumed")
+                if dev_run:
+                    break
+                # stopped right after the epoch's last batch (its end already ran): move on
+                pos["epoch"], pos["batch"] = epoch + 1, 0
+                continue
             device = state.device
             index = skip
             metrics: Metrics = {}
@@ -145,12 +154,17 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 pos["batch"] = index
                 if state.slots.get(LOOP_SLOT) is not pos:
                     state.slots[LOOP_SLOT] = pos
+                if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
+                    state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run)
+                    finished = True
+                    yield state, metrics
+                    break
                 stopping = STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)
                 if stopping or (limit is not None and index >= limit):
                     nxt = _END
-                    complete = (limit is not None and index >= limit) or (
-                        per_epoch is not None and index >= per_epoch)
+                    complete = ((limit is not None and index >= limit) or (
+                        per_epoch is not None and index >= per_epoch)) and not dev_run
                 else:
                     prof = state.__dict__["_binding"].profiler
                     if prof is None:
@@ -167,13 +181,15 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     state = _adopt(state, pos, run)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
-                    finished = STOP_SLOT in state.slots or (
+                    finished = bool(dev_run) or STOP_SLOT in state.slots or (
                         max_steps is not None and state.step >= max_steps)
                 sent = yield state, metrics
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
                     state = _adopt(sent, pos, run)
                     finished = finished or STOP_SLOT in state.slots
+            if finished and run.signals:
+                break
             if STOP_SLOT in state.slots:
                 log.info("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
     except BaseException:
@@ -197,6 +213,21 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             elif binding is not None:
                 binding.live = False
     return state
+
+
+def _on_signal(step: Any, state: TrainState, metrics: Metrics, signals: list[str]
+               ) -> TrainState:
+    from ftrain.checkpointing import WithCheckpointing
+    from ftrain.combinators import find
+    layer = find(step, WithCheckpointing)
+    if layer is not None:
+        state = layer.save_now(state, metrics)
+        log.warning("%s received: saved a checkpoint at step %d in %s", signals[0],
+                    state.step, layer.dirpath)
+    else:
+        log.warning("%s received at step %d; no checkpointing layer to save with",
+                    signals[0], state.step)
+    return _step.request_stop(state, f"{signals[0]} received")
 
 
 def _latest_binding(state: Any) -> Any:
@@ -236,15 +267,26 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         max_steps: int | None = None, logger: Any = True, checkpoint: Any = True,
         progress: bool = True, root_dir: str | None = None, hparams: Any = None,
         donate: bool = True, limit_train_batches: int | float | None = None,
-        fast_dev_run: bool | int = False) -> TrainState:
+        fast_dev_run: bool | int = False, resume: str | os.PathLike[str] | None = None,
+        handle_sigterm: bool = True) -> TrainState:
     """Train for `epochs` (or until `max_steps`) and return the final state.
 
     `epochs` and `max_steps` are totals counted from a fresh state (as Lightning's), so a
     resumed or interrupted state continues where it stopped. The input state is donated
     (updated in place; reading it afterwards raises) unless `donate=False`.
-    `fast_dev_run=True` runs one batch (or `n`) as a quick check.
-    `logger`, `checkpoint`, `progress`, `root_dir` and `hparams` select the default
-    logging, checkpointing and progress bar stack; `False` switches each off.
+    `fast_dev_run=True` runs one batch (or `n`) as a quick check and writes nothing.
+
+    Out of the box, as Lightning: TensorBoard logging under `<root_dir>/ftrain_logs/
+    version_N` (`logger`: True, a logger, a list, or False), a progress bar on a terminal
+    (`progress`: True, False or "always"), and a checkpoint per epoch in
+    `<root_dir>/checkpoints` (`checkpoint`: True, a folder, or False); a step that has its
+    own logging or checkpointing layer keeps it. `root_dir` defaults to the working
+    directory; `hparams` (JSON-compatible) go into checkpoints and TensorBoard's HPARAMS.
+    `resume`: a checkpoint path, or "auto" for the newest valid checkpoint in the
+    checkpoint folder (starting fresh, and saying so, when there is none); the run then
+    continues exactly, mid-epoch included. On SIGTERM (preemption) fit saves a checkpoint
+    at the next step boundary and exits with status 143; the handler exists only while
+    fit runs (`handle_sigterm=False` leaves signals alone).
 
     Example:
         >>> import torch, ftrain as ft
@@ -263,17 +305,60 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                           f"{type(hparams).__name__}")
     if fast_dev_run:  # a quick check writes nothing (as Lightning's fast_dev_run)
         logger, checkpoint = False, False
+    root = os.fspath(root_dir) if root_dir is not None else None
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
+    if resume is not None:
+        state = _resume(step, state, resume, root)
+    signals: list[str] = []
     gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
-               caller="ft.fit", progress=progress, root_dir=root_dir,
-               hparams=dict(hparams) if hparams is not None else None)
+               caller="ft.fit", progress=progress, root_dir=root,
+               hparams=dict(hparams) if hparams is not None else None, signals=signals)
+    previous = _install_sigterm(signals) if handle_sigterm else None
     try:
         while True:
             next(gen)
     except StopIteration as done:
         final: TrainState = done.value
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if signals:
+        log.warning("exiting after %s (checkpoint saved at step %d)", signals[0], final.step)
+        raise SystemExit(143)
     return final
+
+
+def _install_sigterm(signals: list[str]) -> Any:
+    """Record SIGTERM for the loop to act on at the next step boundary; main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        signals.append("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None) -> TrainState:
+    from ftrain.checkpoint import load
+    from ftrain.checkpointing import WithCheckpointing, latest_valid
+    from ftrain.combinators import find
+    _check_state(state, "ft.fit")
+    if resume == "auto":
+        layer = find(step, WithCheckpointing)
+        folder = layer.resolve_dir(root_dir) if layer is not None else os.path.join(
+            root_dir or os.getcwd(), "checkpoints")
+        path = latest_valid(folder)
+        if path is None:
+            log.info("resume='auto': no checkpoint in %s; starting fresh", folder)
+            return state
+    else:
+        path = os.fspath(resume)
+    loaded = load(path, like=state)
+    log.info("resuming from %s at step %d", path, loaded.step)
+    donate(state, "ft.fit (resumed from a checkpoint)")
+    return loaded
 
 
 def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
@@ -283,6 +368,7 @@ def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
     `logger`: True (TensorBoard under `root_dir`), a logger, a list of loggers, or False.
     A step that already has a logging layer keeps it (and shows the bar if `progress`).
     """
+    from ftrain.checkpointing import WithCheckpointing, with_checkpointing
     from ftrain.combinators import find
     from ftrain.logging import WithLogging, with_logging
     from ftrain.logging.loggers import check_logger
@@ -297,6 +383,14 @@ def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
             for one in loggers:
                 check_logger(one)
         step = with_logging(step, loggers)
+    if find(step, WithCheckpointing) is None and checkpoint is not False:
+        if checkpoint is True:
+            step = with_checkpointing(step)
+        elif isinstance(checkpoint, (str, os.PathLike)):
+            step = with_checkpointing(step, os.fspath(checkpoint))
+        else:
+            raise ConfigError(f"checkpoint must be True, False or a folder, got "
+                              f"{checkpoint!r}")
     return step
 
 

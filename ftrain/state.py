@@ -172,16 +172,24 @@ class TrainState:
         """
         return pytree.tree_map(_copy_leaf, self)  # type: ignore[no-any-return]
 
-    def to(self, device: torch.device | str, **kwargs: Any) -> TrainState:
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TrainState:
         """Move every tensor (params, buffers, optimizer state, slots) to `device`.
+
+        Only the device changes (dtypes stay, so the model skeleton still fits).
 
         Example:
             >>> import torch, ftrain as ft
             >>> ft.TrainState.create(torch.nn.Linear(2, 1)).to("cpu").device.type
             'cpu'
         """
+        if isinstance(device, torch.dtype) or not isinstance(device, (str, torch.device)):
+            raise ConfigError(f"TrainState.to moves between devices; got {device!r}. To change "
+                              "precision, build the model in that dtype before "
+                              "TrainState.create, or use with_amp")
+        target = torch.device(device)
+
         def move(x: Any) -> Any:
-            return x.to(device, **kwargs) if isinstance(x, torch.Tensor) else x
+            return x.to(target, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
         return pytree.tree_map(move, self)  # type: ignore[no-any-return]
 
     # -- views ---------------------------------------------------------------------------

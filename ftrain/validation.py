@@ -106,8 +106,9 @@ class WithValidation(Combinator):
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
         state, metrics = _step.epoch_end(self.inner, state)
         pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
-        completed = pos["batch"] == 0
         run = run_info(state)
+        # fast_dev_run leaves the epoch open (the state stays a valid start) but validates
+        completed = pos["batch"] == 0 or bool(run is not None and run.fast_dev_run)
         last_epoch = run is not None and run.epochs is not None and pos["epoch"] >= run.epochs
         due = self.every_n_epochs is not None and completed and (
             pos["epoch"] % self.every_n_epochs == 0 or last_epoch)
