@@ -175,6 +175,8 @@ class WithCheckpointing(Combinator):
         state = _step.init(self.inner, state)
         run = run_info(state)
         self.dirpath = self.resolve_dir(run.root_dir if run is not None else None)
+        if _rng.rank() == 0:
+            _remove_stale_temporaries(self.dirpath)
         if self.hparams is None and run is not None and run.hparams is not None:
             self.hparams = dict(run.hparams)
         if self.name not in state.slots:
@@ -307,6 +309,16 @@ class WithCheckpointing(Combinator):
         for entry in dropped:  # only now: the new checkpoint and index are safely written
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dirpath, entry["file"]))
+
+
+def _remove_stale_temporaries(dirpath: str) -> None:
+    """Delete temporary files a killed save left behind (never taken for checkpoints)."""
+    if not os.path.isdir(dirpath):
+        return
+    for entry in os.listdir(dirpath):
+        if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(dirpath, entry))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -138,11 +138,16 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             while nxt is not _END:
                 batch = _data.to_device(nxt, device)
                 before = state
+                # The batch counts as consumed inside the step already, so a checkpoint
+                # written by a layer during this step resumes at the next batch.
+                pos["batch"] = index + 1
                 try:
                     state, metrics = step(before, batch)
                 except FTrainError:
+                    pos["batch"] = index
                     raise
                 except Exception as err:
+                    pos["batch"] = index
                     raise StepError(f"step {before.step} (epoch {epoch}, batch {index}) "
                                     f"failed: {type(err).__name__}: {err}") from err
                 if type(state) is not TrainState or not isinstance(metrics, dict):
@@ -151,7 +156,6 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if state is not before:
                     donate(before, caller)
                 index += 1
-                pos["batch"] = index
                 if state.slots.get(LOOP_SLOT) is not pos:
                     state.slots[LOOP_SLOT] = pos
                 if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
