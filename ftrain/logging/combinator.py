@@ -151,8 +151,9 @@ class WithLogging(Combinator):
             pos = state.slots.get(LOOP_SLOT)
             if pos is not None and pos["epoch"] != bar.epoch:
                 run = run_info(state)
+                # inside a step the loop already counts this batch as consumed
                 bar.start_epoch(pos["epoch"], run.epoch_length if run else None,
-                                pos["batch"])
+                                max(pos["batch"] - 1, 0))
         try:
             state, metrics = self.inner(state, batch)
         finally:
