@@ -13,6 +13,7 @@ from ftrain import optim
 from ftrain._run import RunInfo, run_info
 from ftrain.checkpoint import load, load_hparams, save
 from ftrain.checkpointing import checkpoints, with_checkpointing
+from ftrain.data import sample_seed
 from ftrain.early_stop import early_stop
 from ftrain.errors import (
     CheckpointError,
@@ -47,6 +48,6 @@ __all__ = [
     "FTrainError", "LossError", "MonitorError", "NonFiniteLossError", "RunInfo", "StepError",
     "TrainState", "TrainStep", "check_finite", "checkpoints", "early_stop", "eval_step",
     "evaluate", "fit", "is_donated", "iterate", "load", "load_hparams", "loggers", "optim",
-    "predict", "request_stop", "run_info", "save", "stop_reason", "train_step",
+    "predict", "request_stop", "run_info", "sample_seed", "save", "stop_reason", "train_step",
     "with_checkpointing", "with_logging", "with_profiling", "with_validation",
 ]

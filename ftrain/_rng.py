@@ -35,4 +35,4 @@ def rank() -> int:
 
 
 # Salts keep the streams of different uses apart.
-STEP, SHUFFLE, WORKERS = 1, 2, 3
+STEP, SHUFFLE, WORKERS, SAMPLE = 1, 2, 3, 4

@@ -26,6 +26,30 @@ def _generator(*key: int) -> torch.Generator:
     return g
 
 
+# The main process's per-epoch base for sample_seed (workers derive theirs from the
+# worker seed, which the loader draws from its (seed, epoch) generator).
+_epoch_base: int = 0
+
+
+def sample_seed(index: int) -> int:
+    """A seed for randomly augmenting sample `index` in the current epoch of a loop.
+
+    Call it in a Dataset's `__getitem__` and draw the augmentation from a generator seeded
+    with it: the value depends only on (the run's seed, the epoch, `index`) — not on which
+    worker loads the sample or in which order — so a resumed run augments every sample
+    exactly as the uninterrupted run did (with the same `num_workers`). Randomness drawn
+    from the worker's global generator is not exact across a mid-epoch resume.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> g = torch.Generator().manual_seed(ft.sample_seed(7))
+        >>> noise = torch.randn(3, generator=g)
+    """
+    info = torch.utils.data.get_worker_info()
+    base = (info.seed - info.id) if info is not None else _epoch_base
+    return _rng.mix(base, int(index), _rng.SAMPLE)
+
+
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make `loader`'s order for `epoch` a function of (seed, epoch)."""
     batch_sampler: Any = loader.batch_sampler
@@ -74,6 +98,8 @@ def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
 
 def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterable[Any]:
     """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
+    global _epoch_base
+    _epoch_base = _rng.mix(seed, epoch, _rng.SAMPLE)
     if isinstance(data, DataLoader):
         seed_epoch(data, seed, epoch)
         return _skipping_loader(data, skip) if skip else data
