@@ -81,11 +81,15 @@ class Binding:
         self.modules: dict[str | None, nn.Module] = {}
         self.trainable: dict[str | None, dict[str, nn.Parameter]] = {}
         self.buffers: dict[str | None, dict[str, torch.Tensor]] = {}
+        self.buffer_slots: list[tuple[dict[str, Any], str, str, dict[str, Any]]] = []
         for name, template, _, params, buffers, _ in parts(state):
             module = copy.deepcopy(template)  # meta skeleton: no weights copied
             self.trainable[name] = install(module, params, buffers, name)
             self.modules[name] = module
             self.buffers[name] = buffers
+            for bname, _ in module.named_buffers():
+                owner, leaf = _owner(module, bname)
+                self.buffer_slots.append((owner._buffers, leaf, bname, buffers))
         self.model_arg: Any = (self.modules[None] if None in self.modules
                                else {n: m for n, m in self.modules.items()})
         self.training: bool | None = None
@@ -95,7 +99,11 @@ class Binding:
         # Losses since the last non-finite check: appended per step, inspected on the
         # device only where the host reads values anyway (see ftrain.health).
         self.pending: list[torch.Tensor] = []
-        self.pending_start = state.step
+        self.pending_steps: list[int] = []
+        self.nonfinite_policy = "raise"  # set by the core step on each bound call
+        self.in_step = False  # True while the loop itself calls the step: run bound then
+        self.owner: object | None = None  # the loop that runs this binding
+        self.deferred: list[Any] = []  # actions for the loop once the whole stack returned
         self.run: Any = None  # the loop's RunInfo
         self.latest: Any = None  # the newest state the core step produced (error recovery)
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
@@ -106,6 +114,24 @@ class Binding:
                 m.train(training)
             self.training = training
 
+    def hand_over(self, state: TrainState) -> None:
+        """Fold losses still pending a non-finite check into `state`'s slot (no sync)."""
+        if self.pending:
+            from ftrain import health
+            state.slots[health.SLOT] = health.fold(state.slots.get(health.SLOT), self.pending,
+                                                   self.pending_steps)
+            self.pending, self.pending_steps = [], []
+
+    def sync_buffers(self) -> None:
+        """Take buffers a module reassigned (instead of updating in place) into the state.
+
+        An identity check per buffer per step (~0.1 us each); nothing for buffer-free models.
+        """
+        for owner_buffers, leaf, name, expected in self.buffer_slots:
+            current = owner_buffers[leaf]
+            if current is not expected[name]:
+                expected[name] = current
+
     def fits(self, state: TrainState) -> bool:
         return self.live and state.params is self.params
 
@@ -115,11 +141,7 @@ class Binding:
         Losses still pending a non-finite check are folded into the state's slot (device
         ops, no sync), so `ft.check_finite` on the returned state still sees them.
         """
-        if self.pending:
-            from ftrain import health
-            state.slots[health.SLOT] = health.fold(state.slots.get(health.SLOT), self.pending,
-                                                   self.pending_start)
-            self.pending = []
+        self.hand_over(state)
         changed = False
         new_buffers: dict[Any, Any] = {}
         for name, module in self.modules.items():
@@ -164,14 +186,21 @@ class _Apply(nn.Module):
         self.multi = isinstance(model, dict)
         self.model: nn.Module = nn.ModuleDict(model) if isinstance(model, dict) else model
 
-    def forward(self, fn: Any, batch: Any) -> Any:
+    def forward(self, fn: Any, batch: Any, seen: dict[str, Any] | None = None) -> Any:
         model = dict(self.model.named_children()) if self.multi else self.model
-        return fn(model, batch)
+        out = fn(model, batch)
+        if seen is not None:  # buffers as the forward left them (some modules reassign)
+            seen.update(self.model.named_buffers())
+        return out
 
 
 def pure_call(state: TrainState, fn: Any, batch: Any, params: Any, buffers: Any,
-              training: bool) -> Any:
-    """Run `fn(model, batch)` on the template with the given tensors (functional_call)."""
+              training: bool, update_buffers: bool = False) -> Any:
+    """Run `fn(model, batch)` on the template with the given tensors (functional_call).
+
+    With `update_buffers`, buffers the forward reassigned (rather than updated in place)
+    are written back into `buffers`, as a loop's bound module keeps them.
+    """
     apply = _Apply(state.model)
     apply.train(training)
     tensors: dict[str, torch.Tensor] = {}
@@ -186,4 +215,15 @@ def pure_call(state: TrainState, fn: Any, batch: Any, params: Any, buffers: Any,
             tensors["model." + k] = v
         for k, v in buffers.items():
             tensors["model." + k] = v
-    return torch.func.functional_call(apply, tensors, (fn, batch), strict=False)
+    seen: dict[str, Any] | None = {} if update_buffers else None
+    out = torch.func.functional_call(apply, tensors, (fn, batch, seen), strict=False)
+    if seen:
+        for name, value in seen.items():
+            if state.multi:
+                part, _, rest = name.partition(".")
+                target = buffers[part]
+            else:
+                rest, target = name, buffers
+            if rest in target and target[rest] is not value:
+                target[rest] = value
+    return out

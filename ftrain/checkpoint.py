@@ -67,6 +67,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would; mkstemp makes files 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -77,6 +78,12 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str) -> None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import string
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -87,23 +88,32 @@ def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
 def latest_valid(dirpath: str) -> str | None:
     """The newest checkpoint in `dirpath` that loads (for `resume="auto"`), or None.
 
-    Temporary files of an interrupted save never match; each candidate is opened (memory
-    mapped, tensors not read) and skipped if it is truncated or not a checkpoint.
+    The index's `last` (the newest save of the run that wrote it) comes first; without a
+    usable index, the most recently written `*.ckpt`. Temporary files of an interrupted
+    save never match; each candidate is opened (memory-mapped, tensors not read) and
+    skipped if it is truncated or not a checkpoint.
     """
     if not os.path.isdir(dirpath):
         return None
-    candidates: list[tuple[int, float, str]] = []
-    for entry in os.listdir(dirpath):
-        if entry.endswith(SUFFIX) and not entry.startswith(TMP_PREFIX):
-            full = os.path.join(dirpath, entry)
-            try:
-                data = read(full, map_location="cpu", mmap=True)
-            except CheckpointError:
-                continue
-            candidates.append((int(data["step"]), os.path.getmtime(full), full))
-    if not candidates:
-        return None
-    return max(candidates)[2]
+
+    def loads(path: str) -> bool:
+        try:
+            read(path, map_location="cpu", mmap=True)
+            return True
+        except CheckpointError:
+            return False
+
+    with contextlib.suppress(CheckpointError):
+        last = checkpoints(dirpath).last
+        if last is not None and os.path.isfile(last) and loads(last):
+            return last
+    candidates = sorted(
+        (os.path.getmtime(os.path.join(dirpath, e)), os.path.join(dirpath, e))
+        for e in os.listdir(dirpath) if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
+    for _, path in reversed(candidates):
+        if loads(path):
+            return path
+    return None
 
 
 def _fields(template: str) -> list[str]:
@@ -171,23 +181,33 @@ class WithCheckpointing(Combinator):
             return self.dirpath_arg
         return os.path.join(root_dir or os.getcwd(), "checkpoints")
 
+    def _empty_slot(self) -> dict[str, Any]:
+        return {"saved": [], "best": None, "best_score": None, "last": None,
+                "last_step": None, "monitor": self.monitor, "mode": self.mode}
+
     def init(self, state: TrainState) -> TrainState:
         state = _step.init(self.inner, state)
         run = run_info(state)
         self.dirpath = self.resolve_dir(run.root_dir if run is not None else None)
         if _rng.rank() == 0:
             _remove_stale_temporaries(self.dirpath)
-        if self.hparams is None and run is not None and run.hparams is not None:
-            self.hparams = dict(run.hparams)
-        if self.name not in state.slots:
-            state = state.replace(slots={**state.slots, self.name: {
-                "saved": [], "best": None, "best_score": None, "last": None}})
+        self.run_hparams = self.hparams if self.hparams is not None else (
+            dict(run.hparams) if run is not None and run.hparams is not None else None)
+        slot = state.slots.get(self.name)
+        if slot is None:
+            state = state.replace(slots={**state.slots, self.name: self._empty_slot()})
+        elif (slot.get("monitor"), slot.get("mode")) != (self.monitor, self.mode):
+            raise ConfigError(
+                f"the {self.name!r} slot of this state ranks checkpoints by monitor="
+                f"{slot.get('monitor')!r}, mode={slot.get('mode')!r}; this layer uses "
+                f"monitor={self.monitor!r}, mode={self.mode!r}. Keep them, or give the "
+                "layer another name= (and dirpath) to start a new ranking")
         return state
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
         if self.every_n_steps is not None and state.step % self.every_n_steps == 0:
-            state = self.save_now(state, metrics)
+            state = self._request(state, metrics)
         return state, metrics
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
@@ -195,9 +215,12 @@ class WithCheckpointing(Combinator):
         pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
         run = run_info(state)
         last_epoch = run is not None and run.epochs is not None and pos["epoch"] >= run.epochs
-        if self.every_n_epochs is not None and pos["batch"] == 0 and (
-                pos["epoch"] % self.every_n_epochs == 0 or last_epoch):
-            state = self.save_now(state, metrics)
+        completed = pos["batch"] == 0
+        due = self.every_n_epochs is not None and completed and (
+            pos["epoch"] % self.every_n_epochs == 0 or last_epoch)
+        # an epoch end mid-epoch means training ends here (max_steps, a stop): save too
+        if due or not completed:
+            state = self._request(state, metrics, final=not completed)
         return state, metrics
 
     # -- saving --------------------------------------------------------------------------
@@ -211,13 +234,41 @@ class WithCheckpointing(Combinator):
         tensors = [metrics[n] for n in names]
         return dict(zip(names, to_host(tensors))) if tensors else {}  # host sync here
 
+    def _request(self, state: TrainState, metrics: Mapping[str, Any], final: bool = False
+                 ) -> TrainState:
+        """Plan a save now (read the metrics it needs); write it once the whole stack has
+        returned, so the checkpoint holds every layer's slot as of this step."""
+        run = run_info(state)
+        if run is not None and run.fast_dev_run:
+            return state  # a quick check writes nothing
+        slot = state.slots.get(self.name) or self._empty_slot()
+        if slot.get("last_step") == state.step:
+            return state  # saved at this step already (e.g. every_n_steps and epoch end)
+        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
+        epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
+        wanted = [f for f in self.template_fields if f not in ("epoch", "step")]
+        if self.monitor is not None and self.monitor not in wanted:
+            wanted.append(self.monitor)
+        if final and any(n not in metrics for n in wanted):
+            return self._defer(state, lambda s: self.save_last_now(s))
+        values = self._values(wanted, metrics)
+        score = values.get(self.monitor) if self.monitor is not None else None
+        name = self._render(epoch, state.step, values)
+        return self._defer(state, lambda s: self._commit(s, name, score, epoch))
+
+    def _defer(self, state: TrainState, action: Any) -> TrainState:
+        binding = state.__dict__.get("_binding")
+        if binding is not None and binding.live and binding.owner is not None:
+            binding.deferred.append(action)  # the loop runs it after the whole stack
+            return state
+        return action(state)  # called directly: save now
+
     def save_now(self, state: TrainState, metrics: Mapping[str, Any] | None = None
                  ) -> TrainState:
-        """Write a checkpoint of `state` now (also used on SIGTERM); return the new state."""
-        metrics = dict(metrics or {})
+        """Write a checkpoint of `state` now, ranked by `metrics`; return the new state."""
         if self.dirpath is None:
             self.dirpath = self.resolve_dir(None)
-        health.check_finite(state)  # never write a checkpoint of a NaN run silently
+        metrics = dict(metrics or {})
         pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
         epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
         wanted = [f for f in self.template_fields if f not in ("epoch", "step")]
@@ -225,19 +276,48 @@ class WithCheckpointing(Combinator):
             wanted.append(self.monitor)
         values = self._values(wanted, metrics)
         score = values.get(self.monitor) if self.monitor is not None else None
-        slot = state.slots.get(self.name) or {"saved": [], "best": None, "best_score": None,
-                                              "last": None}
-        name = self._unique(self._render(epoch, state.step, values), slot)
+        return self._commit(state, self._render(epoch, state.step, values), score, epoch)
+
+    def save_last_now(self, state: TrainState) -> TrainState:
+        """Write only `last.ckpt` (outside the top k; no metric needed), e.g. on SIGTERM."""
+        if self.dirpath is None:
+            self.dirpath = self.resolve_dir(None)
+        health.check_finite(state)
+        slot = dict(state.slots.get(self.name) or self._empty_slot())
+        slot.update(last=LAST, last_step=state.step)
+        state = state.replace(slots={**state.slots, self.name: slot})
+        if _rng.rank() == 0:
+            os.makedirs(self.dirpath, exist_ok=True)
+            data = payload(state, getattr(self, "run_hparams", self.hparams))
+            atomic_write(os.path.join(self.dirpath, LAST), lambda f: torch.save(data, f))
+            self._write_index(slot)
+        return state
+
+    def _commit(self, state: TrainState, name: str, score: float | None, epoch: int
+                ) -> TrainState:
+        health.check_finite(state)  # never write a checkpoint of a NaN run silently
+        slot = state.slots.get(self.name) or self._empty_slot()
+        name = self._unique(name, slot)
         entry = {"file": name, "score": score, "step": state.step, "epoch": epoch}
         kept, dropped = self._top_k([dict(e) for e in slot["saved"]], entry)
         best = self._best(kept)
-        new_slot = {"saved": kept, "best": best["file"] if best else None,
+        new_slot = {**slot, "saved": kept, "best": best["file"] if best else None,
                     "best_score": best["score"] if best else None,
-                    "last": LAST if self.save_last else None}
+                    "last": LAST if self.save_last else None, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: new_slot})
         if _rng.rank() == 0:  # files from rank 0 only; no collective in here
+            binding = state.__dict__.get("_binding")
+            prof = binding.profiler if binding is not None else None
+            t0 = time.perf_counter()
             self._write(state, name, entry in kept, new_slot, dropped)
+            if prof is not None:
+                prof.add("checkpointing", time.perf_counter() - t0)
         return state
+
+    def _write_index(self, slot: Mapping[str, Any]) -> None:
+        assert self.dirpath is not None
+        data = _index_json(slot, self.monitor, self.mode)
+        atomic_write(os.path.join(self.dirpath, INDEX), lambda f: f.write(data))
 
     def _render(self, epoch: int, step: int, values: Mapping[str, float]) -> str:
         try:
@@ -292,7 +372,7 @@ class WithCheckpointing(Combinator):
                dropped: list[dict[str, Any]]) -> None:
         assert self.dirpath is not None
         os.makedirs(self.dirpath, exist_ok=True)
-        data = payload(state, self.hparams)
+        data = payload(state, getattr(self, "run_hparams", self.hparams))
         target = os.path.join(self.dirpath, name)
         last = os.path.join(self.dirpath, LAST)
         if keep:
@@ -301,14 +381,16 @@ class WithCheckpointing(Combinator):
                 _link_or_copy(target, last)
         elif self.save_last:
             atomic_write(last, lambda f: torch.save(data, f))
-        index = {"best": slot["best"], "best_score": slot["best_score"],
-                 "last": LAST if self.save_last else None, "monitor": self.monitor,
-                 "mode": self.mode, "saved": slot["saved"]}
-        atomic_write(os.path.join(self.dirpath, INDEX),
-                     lambda f: f.write(json.dumps(index, indent=2).encode()))
+        self._write_index(slot)
         for entry in dropped:  # only now: the new checkpoint and index are safely written
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dirpath, entry["file"]))
+
+
+def _index_json(slot: Mapping[str, Any], monitor: str | None, mode: str) -> bytes:
+    index = {"best": slot["best"], "best_score": slot["best_score"], "last": slot["last"],
+             "monitor": monitor, "mode": mode, "saved": slot["saved"]}
+    return json.dumps(index, indent=2).encode()
 
 
 def _remove_stale_temporaries(dirpath: str) -> None:

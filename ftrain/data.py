@@ -10,6 +10,7 @@ and a resumed run sees the same batches. A `DistributedSampler` gets `set_epoch(
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
@@ -50,16 +51,33 @@ def sample_seed(index: int) -> int:
     return _rng.mix(base, int(index), _rng.SAMPLE)
 
 
+_warned_persistent = False
+
+
+def _warn_persistent() -> None:
+    global _warned_persistent
+    _warned_persistent = True
+    logging.getLogger("ftrain").warning(
+        "DataLoader(persistent_workers=True) seeds its workers once, not per epoch: worker "
+        "randomness (and ft.sample_seed) then repeats across epochs and a mid-epoch resume "
+        "is exact only for augmentation-free data")
+
+
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make `loader`'s order for `epoch` a function of (seed, epoch)."""
     batch_sampler: Any = loader.batch_sampler
-    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
+    # a custom batch sampler without .sampler keeps its own order (no (seed, epoch) shuffle)
+    sampler: Any = getattr(batch_sampler, "sampler", None) if batch_sampler is not None \
+        else loader.sampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)  # DistributedSampler: ordered by (its seed, epoch)
-    if hasattr(sampler, "generator"):
+    if sampler is not None and hasattr(sampler, "generator"):
         sampler.generator = _generator(seed, epoch, _rng.SHUFFLE)
-    # worker base seeds (and nothing else) draw from the loader's generator
-    loader.generator = _generator(seed, epoch, _rng.WORKERS)
+    # worker base seeds (and nothing else) draw from the loader's generator; per rank, so
+    # ranks' workers draw independent streams
+    loader.generator = _generator(seed, epoch, _rng.rank(), _rng.WORKERS)
+    if loader.persistent_workers and loader.num_workers > 0 and not _warned_persistent:
+        _warn_persistent()
 
 
 class _SkipBatches:

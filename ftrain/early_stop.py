@@ -48,6 +48,7 @@ class EarlyStop(Combinator):
         self.divergence_threshold = divergence_threshold
         validation = find(inner, WithValidation)
         self.validation_slot = validation.name if validation is not None else None
+        self._last_metrics: dict[str, Any] = {}  # the epoch's last step's, for epoch checks
 
     def __repr__(self) -> str:
         return f"early_stop({self.monitor!r}, patience={self.patience})"
@@ -56,15 +57,27 @@ class EarlyStop(Combinator):
         slot = state.slots.get(self.validation_slot or "", {})
         return int(slot.get("checks", 0))
 
-    def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
-        if self.name not in state.slots:
-            state = state.replace(slots={**state.slots, self.name: {
-                "best": None, "wait": 0, "seen": self._checks(state), "reason": None}})
+    def _ensure(self, state: TrainState) -> TrainState:
+        slot = state.slots.get(self.name)
+        if slot is None:
+            return state.replace(slots={**state.slots, self.name: {
+                "best": None, "wait": 0, "seen": self._checks(state), "reason": None,
+                "monitor": self.monitor, "mode": self.mode}})
+        if (slot.get("monitor"), slot.get("mode")) != (self.monitor, self.mode):
+            raise ConfigError(
+                f"the {self.name!r} slot of this state tracks monitor={slot.get('monitor')!r}, "
+                f"mode={slot.get('mode')!r}; this early_stop uses monitor={self.monitor!r}, "
+                f"mode={self.mode!r}. Keep them, or give it another name= to start afresh")
         return state
+
+    def init(self, state: TrainState) -> TrainState:
+        return self._ensure(_step.init(self.inner, state))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
+        if self.name not in state.slots:
+            state = self._ensure(state)
+        self._last_metrics = metrics
         if self.validation_slot is not None and self._checks(state) != \
                 state.slots[self.name]["seen"]:
             state = self._check(state, metrics)
@@ -72,9 +85,11 @@ class EarlyStop(Combinator):
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
         state, metrics = _step.epoch_end(self.inner, state)
+        state = self._ensure(state)
         if self.validation_slot is None:
             if state.slots.get("loop", {}).get("batch", 0) == 0:  # a completed epoch
-                state = self._check(state, metrics)
+                # the epoch's last step's metrics too (a train metric may be monitored)
+                state = self._check(state, {**self._last_metrics, **metrics})
         elif self._checks(state) != state.slots[self.name]["seen"]:
             state = self._check(state, metrics)
         return state, metrics
@@ -89,7 +104,9 @@ class EarlyStop(Combinator):
     def _check(self, state: TrainState, metrics: dict[str, Any]) -> TrainState:
         if self.monitor not in metrics:
             raise MonitorError(f"early_stop monitors {self.monitor!r}, which is not among the "
-                               f"metrics at this check: {sorted(metrics)}")
+                               f"metrics at this check: {sorted(metrics)} (epoch reductions "
+                               "like 'loss_epoch' come from a with_logging layer inside "
+                               "early_stop)")
         value = to_host([metrics[self.monitor]])[0]  # host sync: a check decides here
         slot = dict(state.slots[self.name])
         slot["seen"] = self._checks(state)
@@ -116,7 +133,7 @@ class EarlyStop(Combinator):
         slot["reason"] = reason
         state = state.replace(slots={**state.slots, self.name: slot})
         if reason is not None:
-            log.info("early stopping at step %d: %s", state.step, reason)
+            log.warning("early stopping at step %d: %s", state.step, reason)
             state = request_stop(state, f"early_stop: {reason}")
         return state
 

@@ -24,20 +24,23 @@ _NONE = torch.iinfo(torch.int64).max
 log = logging.getLogger("ftrain")
 
 
-def fold(record: dict[str, torch.Tensor] | None, losses: list[torch.Tensor],
-         start: int) -> dict[str, torch.Tensor]:
-    """Merge losses of steps `start, start+1, ...` into `record` (first bad step wins)."""
+def fold(record: dict[str, Any] | None, losses: list[torch.Tensor],
+         steps: list[int]) -> dict[str, Any]:
+    """Merge the losses of the given steps into `record` (the first bad step wins)."""
     values = torch.stack([v.detach().float() for v in losses])
-    steps = torch.arange(start, start + len(values), device=values.device)
-    first = torch.where(torch.isfinite(values), _NONE, steps).min()
-    idx = (first - start).clamp(0, len(values) - 1)
+    at = torch.tensor(steps, dtype=torch.int64).to(values.device, non_blocking=True)
+    bad = torch.where(torch.isfinite(values), _NONE, at)
+    first = bad.min()
     new_step = torch.where(first == _NONE, -1, first)
-    new_loss = values[idx]
+    new_loss = values[bad.argmin()]
     if record is not None:
         seen = record["step"] >= 0
         new_step = torch.where(seen, record["step"], new_step)
         new_loss = torch.where(seen, record["loss"], new_loss)
-    return {"step": new_step, "loss": new_loss}
+    out: dict[str, Any] = {"step": new_step, "loss": new_loss}
+    if record is not None and "policy" in record:
+        out["policy"] = record["policy"]
+    return out
 
 
 def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
@@ -45,11 +48,18 @@ def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
     record = state.slots.get(SLOT)
     binding = state.__dict__.get("_binding")
     if binding is not None and binding.live and binding.pending:
-        record = fold(record, binding.pending, binding.pending_start)
-        binding.pending = []
-        binding.pending_start = state.step
+        record = fold(record, binding.pending, binding.pending_steps)
+        binding.pending, binding.pending_steps = [], []
         state.slots[SLOT] = record  # the state is donated to the loop: update in place
     return record
+
+
+def policy(state: Any) -> str:
+    """The core step's `on_nonfinite` for this state's run ("raise" unless told)."""
+    binding = state.__dict__.get("_binding")
+    if binding is not None and binding.live:
+        return str(binding.nonfinite_policy)
+    return str((state.slots.get(SLOT) or {}).get("policy", "raise"))
 
 
 def check_finite(state: Any, *, raise_error: bool = True) -> int | None:
@@ -64,8 +74,8 @@ def check_finite(state: Any, *, raise_error: bool = True) -> int | None:
         True
     """
     record = pending_record(state)
-    if record is None:
-        return None
+    if record is None or (raise_error and policy(state) != "raise"):
+        return None  # "skip" reports at epoch end; "ignore" never
     step, loss = torch.stack([record["step"].double(), record["loss"].double()]).tolist()
     if step < 0:
         return None
@@ -81,5 +91,6 @@ def check_finite(state: Any, *, raise_error: bool = True) -> int | None:
 def clear(state: Any) -> None:
     """Forget a recorded non-finite step (after it was reported as skipped)."""
     if SLOT in state.slots:
-        state.slots[SLOT] = {"step": torch.full_like(state.slots[SLOT]["step"], -1),
-                             "loss": torch.zeros_like(state.slots[SLOT]["loss"])}
+        old = state.slots[SLOT]
+        state.slots[SLOT] = {**old, "step": torch.full_like(old["step"], -1),
+                             "loss": torch.zeros_like(old["loss"])}

@@ -13,6 +13,7 @@ last batch), move it to the state's device, call the step; no host sync of its o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -63,13 +64,32 @@ def _check_state(state: Any, where: str) -> None:
         raise ConfigError(f"{where} expects a TrainState, got {type(state).__name__}")
 
 
-def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo) -> TrainState:
-    """Make `state` one the loop can run: bound, with the loop's position dict in its slots."""
+def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
+           ) -> TrainState:
+    """Make `state` one this loop runs: bound, owned by this loop, holding its position.
+
+    A binding another loop owned passes to this one (that loop then neither closes the
+    step nor releases the binding when it ends).
+    """
     if _bind.binding_of(state) is None:
         state = _bind.bound(state, training=True)
-    state.__dict__["_binding"].run = run
+    binding = state.__dict__["_binding"]
+    binding.run = run
+    binding.owner = owner
     if state.slots.get(LOOP_SLOT) is not pos:
         state = state.replace(slots={**state.slots, LOOP_SLOT: pos})
+    return state
+
+
+def _deferred(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
+              ) -> TrainState:
+    """Run what layers asked to do once the whole stack has returned (checkpoint saves),
+    so a checkpoint holds every layer's slot as it is after this step."""
+    binding = state.__dict__["_binding"]
+    while binding is not None and binding.deferred:
+        state = binding.deferred.pop(0)(state)
+        state = _adopt(state, pos, run, owner)
+        binding = state.__dict__["_binding"]
     return state
 
 
@@ -82,6 +102,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if not callable(step):
         raise ConfigError(f"{caller} needs a step (state, batch) -> (state, metrics), got "
                           f"{type(step).__name__}")
+    if isinstance(data, torch.Tensor):
+        raise DataError("data is a single tensor; pass a DataLoader or a list of batches "
+                        "(e.g. [(inputs, targets), ...]), not the dataset itself")
     _check_int("epochs", epochs, 0)
     _check_int("max_steps", max_steps, 0)
     per_epoch = _data.num_batches(data)
@@ -99,20 +122,18 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                           "fresh state, as Lightning's max_epochs and max_steps)")
     run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch, progress=progress,
                   root_dir=root_dir, hparams=hparams, signals=signals)
-
+    owner = object()
     source = state
     state = state.copy() if not donate_input else state
-    state = _adopt(state, pos, run)
-    if donate_input:
-        donate(source, caller)
-    if STOP_SLOT in state.slots:
-        log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
-        state.slots.pop(STOP_SLOT)
-    state = _step.init(step, state)
-    state = _adopt(state, pos, run)
-
+    state = _adopt(state, pos, run, owner)
     failed = False
     try:
+        if STOP_SLOT in state.slots:
+            log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
+            state.slots.pop(STOP_SLOT)
+        state = _adopt(_step.init(step, state), pos, run, owner)
+        if donate_input:  # only now: a failing init leaves the caller's state intact
+            donate(source, caller)
         finished = False
         while not finished:
             epoch = pos["epoch"]
@@ -136,11 +157,20 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             index = skip
             metrics: Metrics = {}
             while nxt is not _END:
-                batch = _data.to_device(nxt, device)
+                prof = state.__dict__["_binding"].profiler
+                if prof is None:
+                    batch = _data.to_device(nxt, device)
+                else:
+                    t0 = time.perf_counter()
+                    batch = _data.to_device(nxt, device)
+                    prof.add("data", time.perf_counter() - t0)
                 before = state
+                step_no = before.step
+                binding = before.__dict__["_binding"]
                 # The batch counts as consumed inside the step already, so a checkpoint
-                # written by a layer during this step resumes at the next batch.
+                # written during this step resumes at the next batch.
                 pos["batch"] = index + 1
+                binding.in_step = True  # steps run bound only when the loop calls them
                 try:
                     state, metrics = step(before, batch)
                 except FTrainError:
@@ -148,32 +178,31 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     raise
                 except Exception as err:
                     pos["batch"] = index
-                    raise StepError(f"step {before.step} (epoch {epoch}, batch {index}) "
+                    raise StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
                                     f"failed: {type(err).__name__}: {err}") from err
+                finally:
+                    binding.in_step = False
                 if type(state) is not TrainState or not isinstance(metrics, dict):
                     raise ConfigError(f"a step must return (TrainState, dict of metrics), got "
                                       f"({type(state).__name__}, {type(metrics).__name__})")
                 if state is not before:
                     donate(before, caller)
+                state = _adopt(state, pos, run, owner)
+                state = _deferred(state, pos, run, owner)
                 index += 1
-                if state.slots.get(LOOP_SLOT) is not pos:
-                    state.slots[LOOP_SLOT] = pos
-                if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
-                    state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run)
-                    finished = True
-                    yield state, metrics
-                    break
-                stopping = STOP_SLOT in state.slots or (
+                stopping = bool(run.signals) or STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)
                 if stopping or (limit is not None and index >= limit):
                     nxt = _END
                     complete = ((limit is not None and index >= limit) or (
                         per_epoch is not None and index >= per_epoch)) and not dev_run
+                    if run.signals and not complete:
+                        nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 else:
                     prof = state.__dict__["_binding"].profiler
                     if prof is None:
                         nxt = next(batches, _END)
-                    else:  # profiling: time the fetch (the move is timed below)
+                    else:  # profiling: time the fetch (the move is timed above)
                         t0 = time.perf_counter()
                         nxt = next(batches, _END)
                         prof.add("data", time.perf_counter() - t0)
@@ -182,40 +211,70 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     if complete:
                         pos["epoch"], pos["batch"] = epoch + 1, 0
                     state, end_metrics = _step.epoch_end(step, state)
-                    state = _adopt(state, pos, run)
+                    state = _deferred(_adopt(state, pos, run, owner), pos, run, owner)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
                         max_steps is not None and state.step >= max_steps)
+                if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
+                    state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run,
+                                   owner)
+                    finished = True
+                    yield state, metrics
+                    break
                 sent = yield state, metrics
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
-                    state = _adopt(sent, pos, run)
+                    old = state.__dict__["_binding"]
+                    state = _adopt(sent, pos, run, owner)
+                    new = state.__dict__["_binding"]
+                    if new is not old:  # losses still pending belong to this run
+                        old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots
             if finished and run.signals:
                 break
             if STOP_SLOT in state.slots:
-                log.info("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
-    except BaseException:
+                log.warning("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
+    except BaseException as err:
         failed = True
+        latest = _latest_state(state)
+        if latest is not None and not isinstance(err, GeneratorExit):
+            with contextlib.suppress(Exception):
+                err.state = latest  # type: ignore[attr-defined]  # the work done so far
         raise
     finally:
-        # An outer layer may have raised after the core step donated its input: close
-        # with the newest state the core produced.
-        binding = _latest_binding(state)
-        if is_donated(state) and binding is not None and binding.latest is not None:
-            state = binding.latest
-        try:
-            _step.close(step, state)
-        except Exception:
-            if not failed:
-                raise
-            log.exception("a step's close() failed while handling an earlier error")
-        finally:
-            if binding is not None and binding.live and not is_donated(state):
-                state = binding.release(state)
-            elif binding is not None:
-                binding.live = False
+        state = _finish(step, state, owner, failed)
+    return state
+
+
+def _latest_state(state: Any) -> TrainState | None:
+    """The newest readable state: `state`, or what the core produced if an outer layer
+    failed after the core had donated its input."""
+    if not is_donated(state):
+        return state  # type: ignore[no-any-return]
+    binding = _latest_binding(state)
+    return binding.latest if binding is not None else None
+
+
+def _finish(step: Any, state: Any, owner: object, failed: bool) -> Any:
+    """Close the step and release the binding, if this loop still owns them."""
+    binding = _latest_binding(state)
+    if binding is not None and binding.owner is not owner:
+        return state  # another loop took this state over: it closes and releases
+    latest = _latest_state(state)
+    if latest is not None:
+        state = latest
+    try:
+        _step.close(step, state)
+    except Exception:
+        if not failed:
+            raise
+        log.exception("a step's close() failed while handling an earlier error")
+    finally:
+        if binding is not None and binding.live and not is_donated(state):
+            state = binding.release(state)
+        elif binding is not None:
+            binding.live = False
     return state
 
 
@@ -225,9 +284,9 @@ def _on_signal(step: Any, state: TrainState, metrics: Metrics, signals: list[str
     from ftrain.combinators import find
     layer = find(step, WithCheckpointing)
     if layer is not None:
-        state = layer.save_now(state, metrics)
-        log.warning("%s received: saved a checkpoint at step %d in %s", signals[0],
-                    state.step, layer.dirpath)
+        state = layer.save_last_now(state)
+        log.warning("%s received: saved %s at step %d", signals[0],
+                    os.path.join(layer.dirpath or "", "last.ckpt"), state.step)
     else:
         log.warning("%s received at step %d; no checkpointing layer to save with",
                     signals[0], state.step)
@@ -290,7 +349,8 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     checkpoint folder (starting fresh, and saying so, when there is none); the run then
     continues exactly, mid-epoch included. On SIGTERM (preemption) fit saves a checkpoint
     at the next step boundary and exits with status 143; the handler exists only while
-    fit runs (`handle_sigterm=False` leaves signals alone).
+    fit runs (`handle_sigterm=False` leaves signals alone). If training fails or is
+    interrupted (Ctrl-C), the exception carries the state reached so far as `err.state`.
 
     Example:
         >>> import torch, ftrain as ft
@@ -312,7 +372,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     root = os.fspath(root_dir) if root_dir is not None else None
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
     if resume is not None:
-        state = _resume(step, state, resume, root)
+        state = _resume(step, state, resume, root, donate)
     signals: list[str] = []
     gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
@@ -328,7 +388,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if signals:
-        log.warning("exiting after %s (checkpoint saved at step %d)", signals[0], final.step)
+        log.warning("exiting after %s at step %d", signals[0], final.step)
         raise SystemExit(143)
     return final
 
@@ -344,7 +404,8 @@ def _install_sigterm(signals: list[str]) -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None) -> TrainState:
+def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None,
+            donate_input: bool) -> TrainState:
     from ftrain.checkpoint import load
     from ftrain.checkpointing import WithCheckpointing, latest_valid
     from ftrain.combinators import find
@@ -355,13 +416,14 @@ def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None) -> 
             root_dir or os.getcwd(), "checkpoints")
         path = latest_valid(folder)
         if path is None:
-            log.info("resume='auto': no checkpoint in %s; starting fresh", folder)
+            log.warning("resume='auto': no checkpoint in %s; starting fresh", folder)
             return state
     else:
         path = os.fspath(resume)
     loaded = load(path, like=state)
-    log.info("resuming from %s at step %d", path, loaded.step)
-    donate(state, "ft.fit (resumed from a checkpoint)")
+    log.warning("resuming from %s at step %d", path, loaded.step)
+    if donate_input:
+        donate(state, "ft.fit (resumed from a checkpoint)")
     return loaded
 
 

@@ -167,12 +167,14 @@ class WithProfiling(Combinator):
 
 
 def with_profiling(step: Any, kind: Kind = "simple", *, filename: str | None = None,
-                   dirpath: str | None = None, file: Any = None) -> WithProfiling:
+                   dirpath: str | None = None, file: Any = None, wait: int = 1,
+                   warmup: int = 1, active: int = 3) -> WithProfiling:
     """Profile the run: "simple" (phase table), "advanced" (cProfile) or "torch" (trace).
 
     The report is printed at the end of the run (to `file`, default stdout) or written to
     `filename`, and kept as `.report`. "torch" writes a `torch.profiler` trace under
-    `dirpath` (default `<root_dir>/ftrain_logs/profiler`) that TensorBoard opens.
+    `dirpath` (default `<root_dir>/ftrain_logs/profiler`) that TensorBoard opens,
+    recording `active` steps after `wait` skipped and `warmup` warm-up steps.
 
     Example:
         >>> import io, torch, ftrain as ft
@@ -185,4 +187,5 @@ def with_profiling(step: Any, kind: Kind = "simple", *, filename: str | None = N
         >>> "forward" in out.getvalue() and "optimizer" in out.getvalue()
         True
     """
-    return WithProfiling(step, kind, filename=filename, dirpath=dirpath, file=file)
+    return WithProfiling(step, kind, filename=filename, dirpath=dirpath, file=file, wait=wait,
+                         warmup=warmup, active=active)

@@ -143,7 +143,8 @@ class TrainStep:
         if type(state) is not TrainState:
             _check_state(state, "a training step")
         binding = state.__dict__["_binding"]
-        if binding is not None and binding.live and binding.params is state.params:
+        if binding is not None and binding.in_step and binding.live and \
+                binding.params is state.params:
             return self._bound(state, binding, batch)
         return self._pure(state, batch)
 
@@ -179,6 +180,7 @@ class TrainStep:
     def _bound(self, state: TrainState, binding: Any, batch: Any
                ) -> tuple[TrainState, Metrics]:
         binding.set_mode(True)
+        binding.nonfinite_policy = self.on_nonfinite
         prof = binding.profiler
         if prof is not None:
             prof.start()
@@ -201,8 +203,11 @@ class TrainStep:
             prof.lap("optimizer")
         if self.on_nonfinite != "ignore":
             binding.pending.append(metrics["loss"])
+            binding.pending_steps.append(state.step)
             if len(binding.pending) >= health.FOLD_EVERY:
                 health.pending_record(state)
+        if binding.buffer_slots:
+            binding.sync_buffers()
         new = state.replace()
         new.__dict__["step"] = state.step + 1
         binding.latest = new
@@ -235,7 +240,8 @@ class TrainStep:
         leaves = [t for _, _, chosen in trainable for t in chosen.values()]
         found_inf, metrics = self._forward_backward(
             state,
-            lambda: _bind.pure_call(state, self.loss_fn, batch, params, buffers, True),
+            lambda: _bind.pure_call(state, self.loss_fn, batch, params, buffers, True,
+                                    update_buffers=True),
             _rng.generator_for(state.device), _rng.rank(), leaves)
         if self.want_grad_norm:
             metrics["grad_norm"] = _grad_norm(leaves)
@@ -249,8 +255,9 @@ class TrainStep:
             t.requires_grad_(False)
         slots = dict(state.slots)
         if self.on_nonfinite != "ignore":
-            slots[health.SLOT] = health.fold(slots.get(health.SLOT), [metrics["loss"]],
-                                             state.step)
+            record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
+            record["policy"] = self.on_nonfinite
+            slots[health.SLOT] = record
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
                             step=state.step + 1, slots=slots)
         new.__dict__["_binding"] = None

@@ -91,7 +91,7 @@ class WithValidation(Combinator):
         values = self._evaluate(state, self._limit(state, self.limit))
         health.check_finite(state)  # the host just read values anyway
         slot = dict(state.slots.get(self.name) or {"checks": 0, "last": {}})
-        slot = {"checks": int(slot["checks"]) + 1, "last": values}
+        slot = {"checks": int(slot["checks"]) + 1, "last": values, "step": state.step}
         state = state.replace(slots={**state.slots, self.name: slot})
         return state, {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
 
@@ -112,6 +112,11 @@ class WithValidation(Combinator):
         last_epoch = run is not None and run.epochs is not None and pos["epoch"] >= run.epochs
         due = self.every_n_epochs is not None and completed and (
             pos["epoch"] % self.every_n_epochs == 0 or last_epoch)
+        slot = state.slots.get(self.name) or {}
+        if due and slot.get("step") == state.step:
+            # validated at this very step already (every_n_steps): report, don't rerun
+            return state, {**metrics, **{k: torch.tensor(v, dtype=torch.float64)
+                                         for k, v in slot.get("last", {}).items()}}
         if due:
             state, results = self._validate(state)
             metrics = {**metrics, **results}

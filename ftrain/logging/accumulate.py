@@ -35,18 +35,23 @@ def check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def empty() -> dict[str, Any]:
-    return {"pending": {}, "sizes": [], "partial": {}, "steps": 0}
+    return {"pending": {}, "sizes": [], "partial": {}, "steps": 0, "seen": []}
 
 
 def add(acc: dict[str, Any], metrics: Mapping[str, torch.Tensor], names: Any, size: int,
         reduce: Mapping[str, Any]) -> None:
     """Record one step's metrics (in place; the caller owns `acc`)."""
+    if names is False:
+        return
     pending = acc["pending"]
     for name, value in metrics.items():
         if names is not True and name not in names:
             continue
         how = reduce.get(name, "mean")
         if not isinstance(how, str):  # a torchmetrics Metric: its own update
+            seen = acc.setdefault("seen", [])
+            if name not in seen:
+                seen.append(name)
             if how.__class__.__name__ == "MeanMetric":
                 how.update(value, weight=size)
             else:
@@ -95,15 +100,23 @@ def fold(acc: dict[str, Any], reduce: Mapping[str, Any]) -> None:
     acc["sizes"] = []
 
 
-def results(acc: dict[str, Any], reduce: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def results(acc: dict[str, Any], reduce: Mapping[str, Any], reset: bool = True
+            ) -> dict[str, torch.Tensor]:
     """The epoch's reduced values as 0-d device tensors (fold first; no host sync)."""
     fold(acc, reduce)
     out: dict[str, torch.Tensor] = {}
     for name, part in acc["partial"].items():
         how = reduce.get(name, "mean")
         out[name] = part[0] / part[1] if how == "mean" else part
+    seen = set(acc.get("seen", ()))
+    if acc["steps"]:
+        unknown = sorted(n for n in reduce if n not in out and n not in seen)
+        if unknown:
+            raise ConfigError(f"reduce= names {unknown}, which no step of this epoch "
+                              f"returned; metrics: {sorted(out) or sorted(seen)}")
     for name, how in reduce.items():
-        if not isinstance(how, str) and acc["steps"]:
+        if not isinstance(how, str) and name in seen:
             out[name] = how.compute()
-            how.reset()
+            if reset:
+                how.reset()
     return out

@@ -91,6 +91,8 @@ class WithLogging(Combinator):
         self.loggers: list[Any] = []
         self.bar: ProgressBar | None = None
         self.final: dict[str, float] = {}
+        self.val_prefixes: tuple[str, ...] = (VAL_PREFIX,)
+        self.run_hparams: dict[str, Any] | None = None
         self._ready = False
 
     def __repr__(self) -> str:
@@ -112,8 +114,15 @@ class WithLogging(Combinator):
             if progress and main else None
         if self.bar is not None and self.loggers:
             self.bar.version = getattr(self.loggers[0], "version", None)
-        if run is not None and run.hparams is not None and self.hparams is None:
-            self.hparams = dict(run.hparams)
+        self.run_hparams = self.hparams if self.hparams is not None else (
+            dict(run.hparams) if run is not None and run.hparams is not None else None)
+        if run is not None and run.fast_dev_run:
+            self.loggers = []  # a quick check writes nothing
+        from ftrain.combinators import layers
+        from ftrain.validation import WithValidation
+        prefixes = tuple(layer.prefix for layer in layers(self.inner)
+                         if isinstance(layer, WithValidation))
+        self.val_prefixes = prefixes or (VAL_PREFIX,)
         self.final = {}
         self._ready = True
 
@@ -134,7 +143,7 @@ class WithLogging(Combinator):
         slot = accumulate.empty() if slot is None else {
             "pending": {k: list(v) for k, v in slot["pending"].items()},
             "sizes": list(slot["sizes"]), "partial": dict(slot["partial"]),
-            "steps": slot["steps"]}
+            "steps": slot["steps"], "seen": list(slot.get("seen", []))}
         return state.replace(slots={**state.slots, self.name: slot}), slot
 
     # -- per step ----------------------------------------------------------------------
@@ -164,14 +173,18 @@ class WithLogging(Combinator):
         t0 = time.perf_counter() if prof is not None else 0.0
         _check_metrics(metrics, state.step)
         state, slot = self._slot(state)
-        accumulate.add(slot, metrics, self.on_epoch, batch_size(batch), self.reduce)
-        if bar is not None:
-            bar.update(state.step, metrics)
+        prefixes = self.val_prefixes
         val = None
         for key in metrics:
-            if key.startswith(VAL_PREFIX):
-                val = {k: v for k, v in metrics.items() if k.startswith(VAL_PREFIX)}
+            if key.startswith(prefixes):  # validation results arrived with this step
+                val = {k: v for k, v in metrics.items() if k.startswith(prefixes)}
+                metrics_train = {k: v for k, v in metrics.items() if k not in val}
                 break
+        else:
+            metrics_train = metrics
+        accumulate.add(slot, metrics_train, self.on_epoch, batch_size(batch), self.reduce)
+        if bar is not None:
+            bar.update(state.step, metrics_train)
         if log_now:
             self._log_step(state, metrics, val)
         elif val:
@@ -196,6 +209,8 @@ class WithLogging(Combinator):
     def _log_step(self, state: TrainState, metrics: Metrics, val: Metrics | None) -> None:
         chosen = {k: v for k, v in metrics.items()
                   if self.on_step is True or k in self.on_step} if self.on_step else {}
+        if self.log_grad_norm and "grad_norm" in metrics:
+            chosen["grad_norm"] = metrics["grad_norm"]
         if val:
             chosen.update(val)
         if self.log_lr:
@@ -227,15 +242,17 @@ class WithLogging(Combinator):
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
         state, metrics = _step.epoch_end(self.inner, state)
         state, slot = self._slot(state)
-        reduced = accumulate.results(slot, self.reduce) if self.on_epoch else {}
-        slot.clear()
-        slot.update(accumulate.empty())
+        pos = state.slots.get(LOOP_SLOT)
+        complete = pos is None or pos["batch"] == 0
+        reduced = accumulate.results(slot, self.reduce, reset=complete) if self.on_epoch else {}
+        if complete:  # an epoch cut short (max_steps, a stop) keeps accumulating on resume
+            slot.clear()
+            slot.update(accumulate.empty())
         epoch_values = {f"{k}_epoch": v for k, v in reduced.items()}
         for k, v in metrics.items():
             if not isinstance(v, torch.Tensor):
                 metrics[k] = torch.tensor(float(v))
         out = {**metrics, **epoch_values}
-        pos = state.slots.get(LOOP_SLOT)
         ended = pos["epoch"] - 1 if pos is not None and pos["batch"] == 0 else (
             pos["epoch"] if pos is not None else 0)
         floats = to_host(list(out.values())) if out else []  # host sync here
@@ -245,7 +262,8 @@ class WithLogging(Combinator):
                 logger.log_metrics({**values, "epoch": float(ended)}, state.step)
             self.final.update(values)
             if self.bar is not None:
-                self.bar.show({k: v for k, v in values.items() if k.startswith(VAL_PREFIX)})
+                self.bar.show({k: v for k, v in values.items()
+                               if k.startswith(self.val_prefixes)})
         if self.bar is not None:
             self.bar.end_epoch(state.step)
         for logger in self.loggers:
@@ -261,8 +279,9 @@ class WithLogging(Combinator):
             if self.bar is not None:
                 self.bar.close()
             for logger in self.loggers:
-                if self.hparams is not None:
-                    logger.log_hparams(self.hparams, self.final)
+                hparams = getattr(self, "run_hparams", self.hparams)
+                if hparams is not None:
+                    logger.log_hparams(hparams, self.final)
                 logger.finalize()
             self._ready = False
 
