@@ -178,8 +178,9 @@ def _excluded(name: str, patterns: list[str]) -> bool:
 
 
 def _compare(kind: str, saved: Any, like: Any, path: str) -> None:
-    """Strict: same keys, shapes and dtypes; the error names the field."""
-    a, b = _flat(saved, kind), _flat(like, kind)
+    """Strict: the same tensors by name, shape and dtype; the error names the field."""
+    a = {k: v for k, v in _flat(saved, kind).items() if isinstance(v, torch.Tensor)}
+    b = {k: v for k, v in _flat(like, kind).items() if isinstance(v, torch.Tensor)}
     missing = [k for k in b if k not in a]
     unknown = [k for k in a if k not in b]
     if missing or unknown:
@@ -188,14 +189,10 @@ def _compare(kind: str, saved: Any, like: Any, path: str) -> None:
                               "another model or optimizer? (exclude= loads it partially)")
     for key, value in a.items():
         ref = b[key]
-        if isinstance(ref, torch.Tensor):
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointError(f"{path!r}: {key} is a {type(value).__name__}, "
-                                      f"expected a tensor")
-            if value.shape != ref.shape or value.dtype != ref.dtype:
-                raise CheckpointError(
-                    f"{path!r}: {key} is {value.dtype}{list(value.shape)} in the checkpoint, "
-                    f"{ref.dtype}{list(ref.shape)} in this state")
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise CheckpointError(
+                f"{path!r}: {key} is {value.dtype}{list(value.shape)} in the checkpoint, "
+                f"{ref.dtype}{list(ref.shape)} in this state")
 
 
 def _merge(saved: dict[str, Any], like: dict[str, Any], patterns: list[str]) -> dict[str, Any]:
@@ -204,12 +201,20 @@ def _merge(saved: dict[str, Any], like: dict[str, Any], patterns: list[str]) -> 
             for k in like}
 
 
-def _part_patterns(patterns: list[str], part: str | None) -> list[str]:
+def _patterns_for(patterns: list[str], part: str | None, parts_: list[str]) -> list[str]:
+    """The patterns that apply to one model: `"G.fc.*"` to model G as `"fc.*"`; a pattern
+    naming no model applies to every model."""
     if part is None:
         return patterns
-    prefix = part + "."
-    return [p[len(prefix):] for p in patterns if p.startswith(prefix)] + \
-        [p for p in patterns if p == "*"]
+    out = []
+    for p in patterns:
+        head = p.split(".", 1)[0]
+        if head in parts_:
+            if head == part and "." in p:
+                out.append(p.split(".", 1)[1])
+        else:
+            out.append(p)
+    return out
 
 
 def load(path: str | os.PathLike[str], like: TrainState, *,
@@ -245,49 +250,63 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
     params: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
     opt_state: dict[str, Any] = {}
+    used: set[str] = set()
+    part_names = list(like.model) if like.multi else []
+    where = os.fspath(path)
     for part, _, _optimizer, p_like, b_like, o_like in parts(like):
         p_saved = data["params"] if part is None else data["params"].get(part, {})
         b_saved = data["buffers"] if part is None else data["buffers"].get(part, {})
         o_saved = data["opt_state"] if part is None else data["opt_state"].get(part, {})
-        pats = _part_patterns(names, part)
+        label = "" if part is None else f" of model {part!r}"
+        pats = _patterns_for(names, part, part_names)
+        tensor_names = set(p_like) | set(p_saved) | set(b_like) | set(b_saved)
+        for pat in pats:
+            if any(_excluded(n, [pat]) for n in tensor_names):
+                used.add(pat)
         keep_p = {k: v for k, v in p_saved.items() if not _excluded(k, pats)}
         keep_b = {k: v for k, v in b_saved.items() if not _excluded(k, pats)}
-        _compare("params", keep_p, {k: v for k, v in p_like.items()
-                                    if not _excluded(k, pats)}, os.fspath(path))
-        _compare("buffers", keep_b, {k: v for k, v in b_like.items()
-                                     if not _excluded(k, pats)}, os.fspath(path))
+        _compare("params" + label, keep_p, {k: v for k, v in p_like.items()
+                                            if not _excluded(k, pats)}, where)
+        _compare("buffers" + label, keep_b, {k: v for k, v in b_like.items()
+                                             if not _excluded(k, pats)}, where)
         new_p = _merge(p_saved, p_like, pats)
         new_b = _merge(b_saved, b_like, pats)
         if "opt_state" in whole:
             new_o = o_like
         else:
-            new_o = _restore_opt(o_saved, o_like, pats, os.fspath(path))
+            excluded = {n for n in set(p_like) | set(p_saved) if _excluded(n, pats)}
+            new_o = _restore_opt(o_saved, o_like, excluded, where, label)
         if part is None:
             params, buffers, opt_state = new_p, new_b, new_o
         else:
             params[part], buffers[part], opt_state[part] = new_p, new_b, new_o
+    unmatched = [p for p in names
+                 if p not in used and not any(p.endswith("." + u) or u == p for u in used)]
+    if unmatched:
+        raise ConfigError(f"exclude= pattern(s) {unmatched} matched no parameter or buffer "
+                          f"name (use names like 'head.*'"
+                          + (", or '<model>.head.*'" if like.multi else "") + ")")
     slots = like.slots if "slots" in whole else dict(data["slots"])
     step = like.step if "step" in whole else int(data["step"])
     return like.replace(params=params, buffers=buffers, opt_state=opt_state, slots=slots,
                         step=step, seed=int(data["seed"]))
 
 
-def _restore_opt(saved: Any, like: Any, patterns: list[str], path: str) -> Any:
-    """Optimizer state: strict, except per-parameter entries of excluded parameters."""
+def _restore_opt(saved: Any, like: Any, excluded: set[str], path: str, label: str) -> Any:
+    """Optimizer state: strict, except the per-parameter entries of excluded parameters,
+    which keep `like`'s; values that are not tensors (bookkeeping) come from `like`."""
     def drop(tree: Any) -> Any:
         if isinstance(tree, dict):
-            return {k: drop(v) for k, v in tree.items()
-                    if not (isinstance(k, str) and patterns and _excluded(k, patterns))}
+            return {k: drop(v) for k, v in tree.items() if k not in excluded}
         return tree
 
-    _compare("opt_state", drop(saved), drop(like), path)
+    _compare("opt_state" + label, drop(saved), drop(like), path)
 
     def merge(s: Any, ref: Any) -> Any:
         if isinstance(ref, dict):
-            return {k: (ref[k] if isinstance(k, str) and patterns and _excluded(k, patterns)
-                        else merge(s[k], ref[k])) for k in ref}
+            return {k: (ref[k] if k in excluded else merge(s[k], ref[k])) for k in ref}
         if isinstance(ref, torch.Tensor):
             return s
-        return s if s is not None else ref
+        return ref
 
     return merge(saved, like)
