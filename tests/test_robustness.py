@@ -85,7 +85,7 @@ def test_on_epoch_false_and_outer_layer_errors_keep_their_message():
     core = ft.train_step(classify)
 
     def broken_outer(state, batch):
-        state, metrics = core(state, batch)
+        core(state, batch)
         raise OSError("disk full")
 
     broken_outer.inner = core  # type: ignore[attr-defined]
@@ -101,7 +101,7 @@ def test_a_failing_init_leaves_the_callers_state_and_closes_the_stack():
 
     step = ft.with_profiling(ft.with_validation(ft.train_step(classify),
                                                 ft.eval_step(broken), make_batches(1)),
-                             "advanced", file=open(os.devnull, "w"))  # noqa: SIM115
+                             "advanced", file=open(os.devnull, "w"))
     state = fresh()
     with pytest.raises(ft.StepError, match="bad metric"):
         ft.fit(step, state, make_batches(2), epochs=1, **OFF)
