@@ -454,3 +454,18 @@ def test_torch_profile_writes_a_trace_tensorboard_can_open(tmp_path):
     with open(tmp_path / "tr" / traces[0]) as f:
         trace = json.load(f)
     assert any("aten::addmm" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_csv_logger_holds_only_unwritten_rows_and_widens_its_header(tmp_path):
+    logger = ft.loggers.CSV(str(tmp_path), flush_every=10)
+    for i in range(1, 36):
+        metrics = {"loss": float(i)}
+        if i >= 25:
+            metrics["val_loss"] = float(-i)  # a column that appears late
+        logger.log_metrics(metrics, step=i)
+        assert len(logger.rows) < 10
+    logger.finalize()
+    with open(logger.path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 36))
+    assert rows[0]["val_loss"] == "" and float(rows[-1]["val_loss"]) == -35.0

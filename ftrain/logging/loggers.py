@@ -169,9 +169,9 @@ class TensorBoard:
 class CSV:
     """`<save_dir>/<name>/version_N/metrics.csv`: a `step` column and one per metric.
 
-    Rows are buffered and written every `flush_every` rows and at `finalize`; a new
-    metric name rewrites the file with the wider header. Hyperparameters go to
-    `hparams.json` beside it.
+    Rows are buffered and appended every `flush_every` rows and at `finalize` (only the
+    unwritten rows are held); a new metric name rewrites the file once with the wider
+    header. Hyperparameters go to `hparams.json` beside it.
 
     Example:
         >>> import tempfile, ftrain as ft
@@ -189,9 +189,10 @@ class CSV:
         self.flush_every = flush_every
         self._version: int | None = None
         self._log_dir: str | None = None
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []  # not yet written
         self._columns: list[str] = ["step"]
-        self._written = 0  # rows already in the file under the current header
+        self._known = {"step"}
+        self._in_file = False
 
     def _ensure(self) -> None:
         if self._log_dir is None:
@@ -216,7 +217,7 @@ class CSV:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.rows.append({"step": step, **metrics})
-        if len(self.rows) - self._written >= self.flush_every:
+        if len(self.rows) >= self.flush_every:
             self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
@@ -225,17 +226,25 @@ class CSV:
                       default=str)
 
     def flush(self) -> None:
-        new_columns = [c for row in self.rows for c in row if c not in self._columns]
-        if new_columns:
-            self._columns += list(dict.fromkeys(new_columns))
-            self._written = 0  # rewrite everything under the wider header
-        mode = "a" if self._written else "w"
+        if not self.rows and self._in_file:
+            return
+        new_columns = [c for row in self.rows for c in row if c not in self._known]
+        rows = self.rows
+        if new_columns and self._in_file:  # a wider header: rewrite the file once
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f)) + rows
+            self._in_file = False
+        for c in dict.fromkeys(new_columns):
+            self._columns.append(c)
+            self._known.add(c)
+        mode = "a" if self._in_file else "w"
         with open(self.path, mode, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._columns)
             if mode == "w":
                 writer.writeheader()
-            writer.writerows(self.rows[self._written:])
-        self._written = len(self.rows)
+            writer.writerows(rows)
+        self._in_file = True
+        self.rows = []
 
     def finalize(self) -> None:
         self.flush()
