@@ -24,12 +24,14 @@ default, `--epoch-steps`); every variant is fed that same list and runs whole ep
   the loss), so the ratio to it is conservative.
 
 Steady state: each variant's whole training call is timed over N1 = E and N2 = N1 + ~3000
-batches (whole epochs both; model construction and the temp dir's creation and removal
-excluded; for Lightning, `Trainer(...)` plus `trainer.fit` are timed), so per-step =
-(t(N2) - t(N1)) / (N2 - N1) and start-up = t(N1) - N1 * per-step (the fixed cost of a
-call: set-up before the first batch plus teardown). As N2 - N1 spans (N2 - N1) / E epochs,
-per-step carries epoch-end work (checkpoints) in proportion: 1/E of a checkpoint per step.
-t(N1) is the fastest of 3 short calls, so noise in per-step barely leaks into start-up.
+batches (whole epochs both; model construction, the temp dir's creation and removal and an
+`os.sync()` before each call that writes files are not timed; for Lightning, `Trainer(...)`
+plus `trainer.fit` are timed), so per-step = (t(N2) - t(N1)) / (N2 - N1) and start-up =
+t(N1) - N1 * per-step (the fixed cost of a call: set-up before the first batch plus
+teardown). As N2 - N1 spans (N2 - N1) / E epochs, per-step carries epoch-end work
+(checkpoints) in proportion: 1/E of a checkpoint per step, so the defaults rows depend on E
+(a shorter epoch costs ft more: its checkpoint fsyncs, Lightning's does not). t(N1) is the
+fastest of 3 short calls, so noise in per-step barely leaks into start-up.
 Variants are interleaved in every round (the order rotates between rounds) after a
 warm-up round; the summary gives medians over rounds, and ratios as medians of the
 per-round ratios (paired, so slow drift of a shared machine cancels) with their range.
@@ -122,10 +124,13 @@ def hand_loop(model: nn.Module, data: list[Batch], fused: bool | None,
 @contextlib.contextmanager
 def fresh_dir(parent: str | None) -> Any:
     """A new empty folder under `parent` (None: no folder), removed afterwards; callers
-    create and remove it outside the timed region."""
+    create and remove it outside the timed region. `os.sync()` first: the removal of the
+    previous call's folder is written out now, not in this call's first fsync (ft's
+    checkpoints fsync; Lightning's do not)."""
     if parent is None:
         yield None
         return
+    os.sync()
     path = tempfile.mkdtemp(dir=parent)
     try:
         yield path

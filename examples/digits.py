@@ -2,7 +2,11 @@
 
     python examples/digits.py            # prints the autoencoder's test error and the
                                          # classifier's test accuracy (expect > 0.9)
+    python examples/digits.py --resume   # continues an interrupted run exactly
     tensorboard --logdir ftrain_logs     # the runs' curves (one version_N per model)
+
+The classifier keeps its 3 best checkpoints by validation loss, stops early when the
+validation loss stops improving, and is tested with the best checkpoint's weights.
 
 The data ships inside scikit-learn; nothing is downloaded.
 """
@@ -10,6 +14,7 @@ The data ships inside scikit-learn; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from sklearn.datasets import load_digits
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root-dir", default=".", help="where ftrain_logs/ is written")
     parser.add_argument("--progress", action="store_true", help="force the progress bar")
+    parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in <root-dir>/checkpoints")
     args = parser.parse_args(argv)
     progress = "always" if args.progress else True  # shown on a terminal by default
 
@@ -94,15 +102,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = ft.optim.chain(
         ft.optim.clip_grad_norm(1.0),
         ft.optim.adamw(schedule, weight_decay=1e-2, groups={"*.bias": {"weight_decay": 0.0}}))
+    # Validation each epoch -> logging -> top-3 checkpoints by val_loss -> early stopping.
     evaluator = ft.eval_step(classification_loss)
+    ckpt_dir = os.path.join(args.root_dir, "checkpoints")
     step = ft.with_validation(ft.train_step(classification_loss), evaluator, val)
     step = ft.with_logging(step, every_n_steps=10, prog_bar=["loss", "accuracy"], log_lr=True)
-    state = ft.TrainState.create(classifier(), optimizer, seed=args.seed)
-    state = ft.fit(step, state, train, epochs=args.epochs, root_dir=args.root_dir,
-                   checkpoint=False, progress=progress,
-                   hparams={**vars(args), "model": "classifier"})
-    val_metrics = ft.evaluate(evaluator, state, val)
-    test_metrics = ft.evaluate(evaluator, state, test)
+    step = ft.with_checkpointing(step, ckpt_dir, monitor="val_loss", mode="min",
+                                 save_top_k=3, filename="{epoch:02d}-{val_loss:.4f}")
+    step = ft.early_stop(step, monitor="val_loss", patience=args.patience, min_delta=2e-3)
+    template = ft.TrainState.create(classifier(), optimizer, seed=args.seed)
+    state = ft.fit(step, template.copy(), train, epochs=args.epochs, root_dir=args.root_dir,
+                   progress=progress, hparams={**vars(args), "model": "classifier"},
+                   resume="auto" if args.resume else None)
+    if ft.stop_reason(state):
+        print(f"classifier   stopped at epoch {state.epoch}: {ft.stop_reason(state)}")
+
+    # Test with the best checkpoint's weights (Lightning's trainer.test(ckpt_path="best")).
+    best = ft.checkpoints(ckpt_dir).best
+    best_state = ft.load(best, like=template)
+    val_metrics = ft.evaluate(evaluator, best_state, val)
+    test_metrics = ft.evaluate(evaluator, best_state, test)
+    print(f"classifier   best checkpoint: {os.path.basename(best)}")
     print(f"classifier   val accuracy: {val_metrics['accuracy']:.4f}")
     print(f"classifier   test accuracy: {test_metrics['accuracy']:.4f}")
     return {"ae_mse": ae["loss"], "test_accuracy": test_metrics["accuracy"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -34,6 +35,12 @@ def test_digits_example_classifies_well(tmp_path, monkeypatch, capsys):
     acc.Reload()
     assert {"loss", "val_loss", "val_accuracy", "lr/adamw", "loss_epoch"} <= set(
         acc.Tags()["scalars"])
+    # top-3 by validation loss, early stopping, the best checkpoint tested
+    import ftrain as ft
+    index = ft.checkpoints(tmp_path / "checkpoints")
+    assert len(index.saved) == 3 and index.best_score == min(s["score"] for s in index.saved)
+    assert "stopped at epoch" in out and "early_stop: val_loss did not improve" in out
+    assert f"best checkpoint: {os.path.basename(index.best)}" in out
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
