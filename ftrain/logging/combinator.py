@@ -298,7 +298,9 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
     `loggers`: a logger or list of them (None: TensorBoard under the run's `root_dir`).
     `on_step` / `on_epoch`: which metrics (True: all) are logged per step and reduced per
     epoch (as `<name>_epoch`; a batch-size-weighted mean unless `reduce` names
-    `"sum" | "max" | "min" | "last"` or a torchmetrics aggregation Metric).
+    `"sum" | "max" | "min" | "last"` or a torchmetrics aggregation Metric; the built-in
+    reductions live in the layer's slot and so survive a resume, while a torchmetrics
+    Metric keeps its own state: it is not checkpointed, and it is shared by direct calls).
     Validation results (`val_*`) are logged when they arrive. `prog_bar`: the metrics the
     progress bar shows (smoothed); `progress`: True, False, `"always"` (also when not a
     terminal) or None (what the loop says: `ft.fit` shows it, `ft.iterate` does not).
