@@ -82,7 +82,34 @@ def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, A
     return flat
 
 
-class TensorBoard:
+class _Versioned:
+    """A logger that writes to `<save_dir>/<name>/version_N`, claimed on first use."""
+
+    save_dir: str
+    name: str
+    _requested_version: int | None
+    _version: int | None = None
+    _log_dir: str | None = None
+
+    def _ensure(self) -> None:
+        if self._log_dir is None:
+            self._version, self._log_dir = _claim_version(
+                os.path.join(self.save_dir, self.name), self._requested_version)
+
+    @property
+    def version(self) -> int:
+        self._ensure()
+        assert self._version is not None
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        self._ensure()
+        assert self._log_dir is not None
+        return self._log_dir
+
+
+class TensorBoard(_Versioned):
     """TensorBoard event files under `<save_dir>/<name>/version_N` (the default logger).
 
     `.experiment` is the `torch.utils.tensorboard.SummaryWriter`, for images, histograms,
@@ -104,25 +131,6 @@ class TensorBoard:
         self._requested_version = version
         self.flush_secs = flush_secs
         self._writer: Any = None
-        self._version: int | None = None
-        self._log_dir: str | None = None
-
-    def _ensure(self) -> None:
-        if self._log_dir is None:
-            self._version, self._log_dir = _claim_version(
-                os.path.join(self.save_dir, self.name), self._requested_version)
-
-    @property
-    def version(self) -> int:
-        self._ensure()
-        assert self._version is not None
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        self._ensure()
-        assert self._log_dir is not None
-        return self._log_dir
 
     @property
     def experiment(self) -> Any:
@@ -166,7 +174,7 @@ class TensorBoard:
         return f"TensorBoard({os.path.join(self.save_dir, self.name)!r})"
 
 
-class CSV:
+class CSV(_Versioned):
     """`<save_dir>/<name>/version_N/metrics.csv`: a `step` column and one per metric.
 
     Rows are buffered and appended every `flush_every` rows and at `finalize` (only the
@@ -187,29 +195,10 @@ class CSV:
         self.name = name
         self._requested_version = version
         self.flush_every = flush_every
-        self._version: int | None = None
-        self._log_dir: str | None = None
         self.rows: list[dict[str, Any]] = []  # not yet written
         self._columns: list[str] = ["step"]
         self._known = {"step"}
         self._in_file = False
-
-    def _ensure(self) -> None:
-        if self._log_dir is None:
-            self._version, self._log_dir = _claim_version(
-                os.path.join(self.save_dir, self.name), self._requested_version)
-
-    @property
-    def version(self) -> int:
-        self._ensure()
-        assert self._version is not None
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        self._ensure()
-        assert self._log_dir is not None
-        return self._log_dir
 
     @property
     def path(self) -> str:

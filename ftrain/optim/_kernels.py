@@ -8,7 +8,7 @@ numbers match the torch optimizers exactly when the same implementation is chose
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -37,6 +37,20 @@ def _with_grads(params: Tensors, names: list[str]) -> tuple[list[str], list[torc
 def _skip_on_host(found_inf: torch.Tensor | None, fused: bool) -> bool:
     # Only the fused kernels take found_inf; elsewhere decide on the host (sync here).
     return found_inf is not None and not fused and bool(found_inf.item())
+
+
+def _groups_to_update(transform: Any, params: Tensors, names: Any, count: torch.Tensor,
+                      found_inf: torch.Tensor | None) -> Iterator[tuple[Any, ...]]:
+    """Per parameter group with gradients: (names, params, fused, foreach, settings, lr)."""
+    for gi, group in transform.groups.split(names).items():
+        group, ps = _with_grads(params, group)
+        if not ps:
+            continue
+        fused, foreach = choose_impl(ps, transform.fused, transform.foreach)
+        if _skip_on_host(found_inf, fused):
+            continue
+        opts = transform.groups.settings(gi)
+        yield group, ps, fused, foreach, opts, resolve_lr(opts["lr"], count)
 
 
 @attrs.frozen(eq=False)
@@ -69,15 +83,8 @@ class _Adam:
 
     def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
               found_inf: torch.Tensor | None) -> None:
-        for gi, names in self.groups.split(state["step"]).items():
-            names, ps = _with_grads(params, names)
-            if not ps:
-                continue
-            fused, foreach = choose_impl(ps, self.fused, self.foreach)
-            if _skip_on_host(found_inf, fused):
-                continue
-            opts = self.groups.settings(gi)
-            lr = resolve_lr(opts["lr"], count)
+        for names, ps, fused, foreach, opts, lr in _groups_to_update(
+                self, params, state["step"], count, found_inf):
             if isinstance(lr, torch.Tensor) and foreach:
                 lr = float(lr)  # torch's foreach kernel takes no tensor lr (host sync here)
             beta1, beta2 = opts["betas"]
@@ -114,15 +121,8 @@ class _SGD:
 
     def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
               found_inf: torch.Tensor | None) -> None:
-        for gi, names in self.groups.split(state["names"]).items():
-            names, ps = _with_grads(params, names)
-            if not ps:
-                continue
-            fused, foreach = choose_impl(ps, self.fused, self.foreach)
-            if _skip_on_host(found_inf, fused):
-                continue
-            opts = self.groups.settings(gi)
-            lr = resolve_lr(opts["lr"], count)
+        for names, ps, fused, foreach, opts, lr in _groups_to_update(
+                self, params, state["names"], count, found_inf):
             bufs = ([state["momentum_buffer"][n] for n in names] if opts["momentum"]
                     else [None] * len(names))
             _sgd_kernel(
