@@ -231,6 +231,8 @@ def run(args: argparse.Namespace) -> None:
          "info: the cost of fsync alone")
     ld = ratio("ft.load", "torch.load")
     show("ft.load / torch.load(weights_only)", ld, verdict(ld))
+    if args.quick:
+        print("  (--quick: small state, one repeat: a smoke run, not a measurement)")
 
 
 def main() -> None:

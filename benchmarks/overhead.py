@@ -405,6 +405,8 @@ def main() -> None:
     show("ft defaults / hand (default)", dh,
          f"target >= {DEFAULTS_TARGET}x   {verdict(dh[0] >= DEFAULTS_TARGET)}")
     print("  (ft defaults: TensorBoard every 50 steps, progress bar, checkpoint per epoch)")
+    if args.quick:
+        print("  (--quick: one round, 50-step epochs: a smoke run, not a measurement)")
     print(f"peak memory above baseline, 25.2M-param MLP, batch 64, {mem_steps} steps:")
     for name in ("hand", "hand-fused", "ft"):
         print(f"  {name:<20} {m[name]:8.1f} MiB")

@@ -348,8 +348,9 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     `resume`: a checkpoint path, or "auto" for the newest valid checkpoint in the
     checkpoint folder (starting fresh, and saying so, when there is none); the run then
     continues exactly, mid-epoch included. On SIGTERM (preemption) fit saves a checkpoint
-    at the next step boundary and exits with status 143; the handler exists only while
-    fit runs (`handle_sigterm=False` leaves signals alone). If training fails or is
+    at the next step boundary and exits with status 143 (a second SIGTERM acts at once,
+    for a loop stuck outside a step); the handler exists only while fit runs
+    (`handle_sigterm=False` leaves signals alone). If training fails or is
     interrupted (Ctrl-C), the exception carries the state reached so far as `err.state`.
 
     Example:
@@ -399,6 +400,9 @@ def _install_sigterm(signals: list[str]) -> Any:
         return None
 
     def handler(signum: int, frame: Any) -> None:
+        if signals:  # a second SIGTERM: the loop is stuck outside a step; exit at once
+            log.error("second SIGTERM before the next step boundary: exiting now, unsaved")
+            os._exit(143)
         signals.append("SIGTERM")
 
     return signal.signal(signal.SIGTERM, handler)

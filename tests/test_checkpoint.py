@@ -401,3 +401,29 @@ def test_early_stop_unknown_monitor_lists_available_keys():
         ft.fit(step, fresh(), make_batches(1), epochs=3, **OFF)
     with pytest.raises(ft.ConfigError, match="patience"):
         ft.early_stop(ft.train_step(classify), "val_loss", patience=0)
+
+
+STUCK = """
+import time, torch, ftrain as ft
+class Stuck:
+    def __iter__(self):
+        yield torch.randn(4, 2)
+        print("stuck", flush=True)
+        while True:
+            time.sleep(0.05)
+state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
+ft.fit(ft.train_step(lambda m, x: m(x).pow(2).mean()), state, Stuck(), max_steps=5,
+       logger=False, checkpoint=False, progress=False)
+"""
+
+
+def test_a_second_sigterm_ends_a_loop_stuck_outside_a_step():
+    proc = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout.readline().strip() == b"stuck"
+    proc.send_signal(signal.SIGTERM)  # noted for the next step boundary, which never comes
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert b"second SIGTERM" in proc.stdout.read()
