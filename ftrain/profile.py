@@ -183,7 +183,8 @@ def with_profiling(step: Any, kind: Kind = "simple", *, filename: str | None = N
         >>> step = ft.with_profiling(ft.train_step(loss), "simple", file=out)
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
-        >>> _ = ft.fit(step, state, data, epochs=1, logger=False, progress=False)
+        >>> _ = ft.fit(step, state, data, epochs=1, logger=False, progress=False,
+        ...            checkpoint=False)
         >>> "forward" in out.getvalue() and "optimizer" in out.getvalue()
         True
     """

@@ -315,7 +315,7 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
         >>> step = ft.with_logging(step, [csv], every_n_steps=2)
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
-        >>> state = ft.fit(step, state, data, epochs=1, progress=False)
+        >>> state = ft.fit(step, state, data, epochs=1, progress=False, checkpoint=False)
         >>> open(csv.path).readline().strip()
         'step,loss,epoch,loss_epoch'
     """
