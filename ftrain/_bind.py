@@ -136,28 +136,18 @@ class Binding:
         return self.live and state.params is self.params
 
     def release(self, state: TrainState) -> TrainState:
-        """End the binding; return `state` unbound, with buffers a module reassigned.
+        """End the binding; return `state` unbound.
 
-        Losses still pending a non-finite check are folded into the state's slot (device
-        ops, no sync), so `ft.check_finite` on the returned state still sees them.
+        Buffers are already current (`sync_buffers` runs after each bound step). Losses
+        still pending a non-finite check are folded into the state's slot (device ops, no
+        sync), so `ft.check_finite` on the returned state still sees them.
         """
         self.hand_over(state)
-        changed = False
-        new_buffers: dict[Any, Any] = {}
-        for name, module in self.modules.items():
-            current = dict(module.named_buffers())
-            old = self.buffers[name]
-            fresh = {k: current.get(k, v) for k, v in old.items()}
-            changed |= any(fresh[k] is not old[k] for k in old)
-            new_buffers[name] = fresh
         self.live = False
         self.modules = {}
         self.model_arg = None
         self.trainable = {}
-        if not changed:
-            return _unbound(state)
-        buffers = new_buffers.get(None, new_buffers)
-        return _unbound(state.replace(buffers=buffers))
+        return _unbound(state)
 
 
 def _unbound(state: TrainState) -> TrainState:

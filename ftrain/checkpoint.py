@@ -11,6 +11,7 @@ new one, never a partial file under the target name.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import pickle
@@ -92,9 +93,8 @@ def fsync_dir(folder: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder
+            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

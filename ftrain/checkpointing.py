@@ -244,17 +244,26 @@ class WithCheckpointing(Combinator):
         slot = state.slots.get(self.name) or self._empty_slot()
         if slot.get("last_step") == state.step:
             return state  # saved at this step already (e.g. every_n_steps and epoch end)
-        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
-        epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
+        if final and any(n not in metrics for n in self._wanted()):
+            return self._defer(state, lambda s: self.save_last_now(s))
+        name, score, epoch = self._plan(state, metrics)
+        return self._defer(state, lambda s: self._commit(s, name, score, epoch))
+
+    def _wanted(self) -> list[str]:
+        """The metrics a save reads: the filename's fields and the monitor."""
         wanted = [f for f in self.template_fields if f not in ("epoch", "step")]
         if self.monitor is not None and self.monitor not in wanted:
             wanted.append(self.monitor)
-        if final and any(n not in metrics for n in wanted):
-            return self._defer(state, lambda s: self.save_last_now(s))
-        values = self._values(wanted, metrics)
+        return wanted
+
+    def _plan(self, state: TrainState, metrics: Mapping[str, Any]
+              ) -> tuple[str, float | None, int]:
+        """(file name, score, epoch) of a save of `state` now; reads metrics on the host."""
+        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
+        epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
+        values = self._values(self._wanted(), metrics)
         score = values.get(self.monitor) if self.monitor is not None else None
-        name = self._render(epoch, state.step, values)
-        return self._defer(state, lambda s: self._commit(s, name, score, epoch))
+        return self._render(epoch, state.step, values), score, epoch
 
     def _defer(self, state: TrainState, action: Any) -> TrainState:
         binding = state.__dict__.get("_binding")
@@ -268,15 +277,8 @@ class WithCheckpointing(Combinator):
         """Write a checkpoint of `state` now, ranked by `metrics`; return the new state."""
         if self.dirpath is None:
             self.dirpath = self.resolve_dir(None)
-        metrics = dict(metrics or {})
-        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
-        epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
-        wanted = [f for f in self.template_fields if f not in ("epoch", "step")]
-        if self.monitor is not None and self.monitor not in wanted:
-            wanted.append(self.monitor)
-        values = self._values(wanted, metrics)
-        score = values.get(self.monitor) if self.monitor is not None else None
-        return self._commit(state, self._render(epoch, state.step, values), score, epoch)
+        name, score, epoch = self._plan(state, dict(metrics or {}))
+        return self._commit(state, name, score, epoch)
 
     def save_last_now(self, state: TrainState) -> TrainState:
         """Write only `last.ckpt` (outside the top k; no metric needed), e.g. on SIGTERM."""

@@ -48,9 +48,8 @@ def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
     record = state.slots.get(SLOT)
     binding = state.__dict__.get("_binding")
     if binding is not None and binding.live and binding.pending:
-        record = fold(record, binding.pending, binding.pending_steps)
-        binding.pending, binding.pending_steps = [], []
-        state.slots[SLOT] = record  # the state is donated to the loop: update in place
+        binding.hand_over(state)  # the state is donated to the loop: updated in place
+        record = state.slots[SLOT]
     return record
 
 
