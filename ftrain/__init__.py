@@ -10,6 +10,8 @@ Example:
 """
 
 from ftrain import optim
+from ftrain.accumulation import with_accumulation
+from ftrain.amp import loss_scale, with_amp
 from ftrain._run import RunInfo, run_info
 from ftrain.checkpoint import load, load_hparams, save
 from ftrain.checkpointing import checkpoints, with_checkpointing
@@ -29,6 +31,7 @@ from ftrain.errors import (
 from ftrain.health import check_finite
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
+from ftrain.manual import Manual, manual_step
 from ftrain.profile import with_profiling
 from ftrain.state import TrainState, is_donated
 from ftrain.step import (
@@ -50,4 +53,5 @@ __all__ = [
     "evaluate", "fit", "is_donated", "iterate", "load", "load_hparams", "loggers", "optim",
     "predict", "request_stop", "run_info", "sample_seed", "save", "stop_reason", "train_step",
     "with_checkpointing", "with_logging", "with_profiling", "with_validation",
+    "Manual", "loss_scale", "manual_step", "with_accumulation", "with_amp",
 ]

@@ -13,13 +13,14 @@ bound state (see ftrain._bind). Both give bitwise the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch.utils import _pytree as pytree
 
-from ftrain import _bind, _rng, health
+from ftrain import _bind, _phases, _rng, health
 from ftrain.errors import ConfigError, LossError
 from ftrain.state import STOP_SLOT, TrainState, donate, parts
 
@@ -119,6 +120,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
         self.check_finite_every_step = check_finite_every_step
+        self.phases = _phases.Phases()  # set by with_amp / with_accumulation / with_ddp
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
@@ -127,15 +129,7 @@ class TrainStep:
     # -- protocol ------------------------------------------------------------------------
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        if self.on_nonfinite == "raise":
-            health.check_finite(state)  # host sync: once per epoch
-        elif self.on_nonfinite == "skip":
-            bad = health.check_finite(state, raise_error=False)
-            if bad is not None:
-                health.log.warning("skipped updates with a non-finite loss, the first at "
-                                   "step %d", bad)
-                health.clear(state)
-        return state, {}
+        return _nonfinite_epoch_end(state, self.on_nonfinite)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -148,34 +142,72 @@ class TrainStep:
             return self._bound(state, binding, batch)
         return self._pure(state, batch)
 
-    def _forward_backward(self, state: TrainState, call: Callable[[], Any],
-                          generator: torch.Generator, rank: int,
-                          trainable: list[torch.Tensor] | None, prof: Any = None
-                          ) -> tuple[Any, Metrics]:
+    def _gradients(self, state: TrainState, batch: Any, call: Callable[[Any], Any],
+                   generator: torch.Generator, rank: int,
+                   inputs: list[torch.Tensor] | None, no_sync: Any,
+                   scale: dict[str, torch.Tensor] | None, prof: Any = None) -> Metrics:
+        """Forward and (scaled) backward over the batch's micro-batches; the metrics."""
+        phases = self.phases
+        acc = phases.accumulation
+        micro = [batch] if acc is None else acc.split_batch(batch, state.step)
+        weights = [1.0] if acc is None else acc.weights(micro)
+        last = len(micro) - 1
+        metrics: Metrics = {}
         saved = generator.get_state()
         generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
         try:
-            loss, metrics = split_loss(call(), f"step {state.step}")
-            if prof is not None:
-                prof.lap("forward")
-            if self.check_finite_every_step and not bool(torch.isfinite(loss)):  # host sync
-                raise health.NonFiniteLossError(
-                    f"the loss was {loss.item()} at step {state.step}")
-            if not loss.requires_grad:
-                raise LossError(f"step {state.step}: the loss does not require grad; no "
-                                "trainable parameter of the state was used to compute it")
-            if trainable is None:
-                loss.backward()
-            else:  # pure: gradients go to the copies only, nothing else is touched
-                loss.backward(inputs=trainable)
-            if prof is not None:
-                prof.lap("backward")
+            for i, (mb, w) in enumerate(zip(micro, weights)):
+                where = f"step {state.step}" if acc is None else \
+                    f"step {state.step}, micro-batch {i}"
+                # DDP: no gradient all-reduce until the last micro-batch
+                with no_sync() if no_sync is not None and i < last else _NULL:
+                    with _phases.autocast(phases, state.device):
+                        loss, m = split_loss(call(mb), where)
+                    if prof is not None:
+                        prof.lap("forward")
+                    if self.check_finite_every_step and not bool(torch.isfinite(loss)):
+                        raise health.NonFiniteLossError(  # host sync (opt-in)
+                            f"the loss was {loss.item()} at {where}")
+                    if not loss.requires_grad:
+                        raise LossError(f"{where}: the loss does not require grad; no "
+                                        "trainable parameter of the state was used to "
+                                        "compute it")
+                    scaled = loss if w == 1.0 else loss * w
+                    if scale is not None:
+                        scaled = scaled * scale["scale"]
+                    # pure: gradients go to the copies only, nothing else is touched
+                    scaled.backward(inputs=inputs)
+                    if prof is not None:
+                        prof.lap("backward")
+                if last == 0:
+                    metrics = m
+                else:
+                    _add_weighted(metrics, m, w, where)
         finally:
             generator.set_state(saved)
+        return metrics
+
+    def _update(self, state: TrainState, metrics: Metrics, trainable: list[Any],
+                leaves: list[torch.Tensor], opt_state: Any,
+                scale: dict[str, torch.Tensor] | None, explicit_sync: bool) -> None:
+        """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
+        world = self.phases.world
+        if explicit_sync and world > 1:
+            _phases.all_reduce_grads(leaves, world)
         found_inf = None
         if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
-            found_inf = (~torch.isfinite(loss.detach())).to(torch.float32)
-        return found_inf, metrics
+            found_inf = (~torch.isfinite(metrics["loss"])).to(torch.float32)
+        if scale is not None:
+            found_inf = _phases.combine(found_inf, _phases.unscale(leaves, scale))
+        if found_inf is not None:
+            _phases.agree(found_inf, world)
+        if self.want_grad_norm:
+            metrics["grad_norm"] = _grad_norm(leaves)
+        for part, optimizer, params in trainable:
+            _phases.apply_update(optimizer, params,
+                                 opt_state if part is None else opt_state[part], found_inf)
+        if scale is not None:
+            _phases.update_scale(self.phases, scale, found_inf)  # type: ignore[arg-type]
 
     def _bound(self, state: TrainState, binding: Any, batch: Any
                ) -> tuple[TrainState, Metrics]:
@@ -184,21 +216,26 @@ class TrainStep:
         prof = binding.profiler
         if prof is not None:
             prof.start()
-        found_inf, metrics = self._forward_backward(
-            state, lambda: self.loss_fn(binding.model_arg, batch), binding.generator,
-            binding.rank, None, prof)
-        if self.want_grad_norm:
-            metrics["grad_norm"] = _grad_norm(
-                [p for params in binding.trainable.values() for p in params.values()])
-        with torch.no_grad():
-            for part, params in binding.trainable.items():
-                optimizer = state.optimizer if part is None else state.optimizer[part]
-                if optimizer is not None:
-                    opt_state = state.opt_state if part is None else state.opt_state[part]
-                    optimizer.update(params, opt_state, found_inf)
-        for params in binding.trainable.values():
-            for p in params.values():
-                p.grad = None
+        scale = _phases.scaler(self.phases, state)
+        ddp = self.phases.ddp
+        module = ddp.module_for(binding) if ddp is not None else None
+        if module is None:
+            loss_fn, model = self.loss_fn, binding.model_arg
+
+            def call(mb: Any) -> Any:
+                return loss_fn(model, mb)
+            no_sync = None
+        else:  # DistributedDataParallel sees the forward and syncs during backward
+            def call(mb: Any) -> Any:
+                return module(self.loss_fn, mb)
+            no_sync = module.no_sync
+        metrics = self._gradients(state, batch, call, binding.generator, binding.rank, None,
+                                  no_sync, scale, prof)
+        trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
+                     for part, ps in binding.trainable.items()]
+        leaves = [p for _, _, ps in trainable for p in ps.values()]
+        self._update(state, metrics, trainable, leaves, state.opt_state, scale,
+                     explicit_sync=module is None)
         if prof is not None:
             prof.lap("optimizer")
         if self.on_nonfinite != "ignore":
@@ -237,23 +274,22 @@ class TrainStep:
         if not state.multi:
             params, buffers = params[None], buffers[None]
         opt_state = _clone_tree(state.opt_state)
-        leaves = [t for _, _, chosen in trainable for t in chosen.values()]
-        found_inf, metrics = self._forward_backward(
-            state,
-            lambda: _bind.pure_call(state, self.loss_fn, batch, params, buffers, True,
-                                    update_buffers=True),
-            _rng.generator_for(state.device), _rng.rank(), leaves)
-        if self.want_grad_norm:
-            metrics["grad_norm"] = _grad_norm(leaves)
-        with torch.no_grad():
-            for part, optimizer, chosen in trainable:
-                if optimizer is not None:
-                    optimizer.update(chosen, opt_state if part is None else opt_state[part],
-                                     found_inf)
-        for t in leaves:
-            t.grad = None
-            t.requires_grad_(False)
         slots = dict(state.slots)
+        amp = self.phases.amp
+        if amp is not None and amp.scaling:
+            slots[amp.name] = _clone_tree(slots[amp.name]) if amp.name in slots else \
+                amp.fresh_slot(state.device)
+        scale = slots[amp.name] if amp is not None and amp.scaling else None
+        leaves = [t for _, _, chosen in trainable for t in chosen.values()]
+
+        def call(mb: Any) -> Any:
+            return _bind.pure_call(state, self.loss_fn, mb, params, buffers, True,
+                                   update_buffers=True)
+        metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
+                                  _rng.rank(), leaves, None, scale)
+        self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
+        for t in leaves:
+            t.requires_grad_(False)
         if self.on_nonfinite != "ignore":
             record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
             record["policy"] = self.on_nonfinite
@@ -262,6 +298,33 @@ class TrainStep:
                             step=state.step + 1, slots=slots)
         new.__dict__["_binding"] = None
         return new, metrics
+
+
+_NULL = contextlib.nullcontext()
+
+
+def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
+    """Micro-batch metrics into the batch's: each weighted by its share of the samples."""
+    if total and total.keys() != metrics.keys():
+        raise LossError(f"{where}: the loss function returned metrics {sorted(metrics)}, "
+                        f"earlier micro-batches {sorted(total)}")
+    for k, v in metrics.items():
+        part = v.float() * weight
+        total[k] = part if k not in total else total[k] + part
+
+
+def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
+                         ) -> tuple[TrainState, Metrics]:
+    """A core step's epoch end: report a non-finite loss (host sync: once per epoch)."""
+    if on_nonfinite == "raise":
+        health.check_finite(state)
+    elif on_nonfinite == "skip":
+        bad = health.check_finite(state, raise_error=False)
+        if bad is not None:
+            health.log.warning("skipped updates with a non-finite loss, the first at "
+                               "step %d", bad)
+            health.clear(state)
+    return state, {}
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
