@@ -10,12 +10,14 @@ Example:
 """
 
 from ftrain import optim
+from ftrain._dist import PeerFailedError, local_device
+from ftrain._run import RunInfo, run_info
 from ftrain.accumulation import with_accumulation
 from ftrain.amp import loss_scale, with_amp
-from ftrain._run import RunInfo, run_info
 from ftrain.checkpoint import load, load_hparams, save
 from ftrain.checkpointing import checkpoints, with_checkpointing
 from ftrain.data import sample_seed
+from ftrain.ddp import with_ddp
 from ftrain.early_stop import early_stop
 from ftrain.errors import (
     CheckpointError,
@@ -47,11 +49,48 @@ from ftrain.validation import with_validation
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "DonatedStateError", "EvalStep",
-    "FTrainError", "LossError", "MonitorError", "NonFiniteLossError", "RunInfo", "StepError",
-    "TrainState", "TrainStep", "check_finite", "checkpoints", "early_stop", "eval_step",
-    "evaluate", "fit", "is_donated", "iterate", "load", "load_hparams", "loggers", "optim",
-    "predict", "request_stop", "run_info", "sample_seed", "save", "stop_reason", "train_step",
-    "with_checkpointing", "with_logging", "with_profiling", "with_validation",
-    "Manual", "loss_scale", "manual_step", "with_accumulation", "with_amp",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DonatedStateError",
+    "EvalStep",
+    "FTrainError",
+    "LossError",
+    "Manual",
+    "MonitorError",
+    "NonFiniteLossError",
+    "PeerFailedError",
+    "RunInfo",
+    "StepError",
+    "TrainState",
+    "TrainStep",
+    "check_finite",
+    "checkpoints",
+    "early_stop",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "is_donated",
+    "iterate",
+    "load",
+    "load_hparams",
+    "local_device",
+    "loggers",
+    "loss_scale",
+    "manual_step",
+    "optim",
+    "predict",
+    "request_stop",
+    "run_info",
+    "sample_seed",
+    "save",
+    "stop_reason",
+    "train_step",
+    "with_accumulation",
+    "with_amp",
+    "with_checkpointing",
+    "with_ddp",
+    "with_logging",
+    "with_profiling",
+    "with_validation",
 ]

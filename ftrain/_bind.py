@@ -107,6 +107,7 @@ class Binding:
         self.run: Any = None  # the loop's RunInfo
         self.latest: Any = None  # the newest state the core step produced (error recovery)
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
+        self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
 
     def set_mode(self, training: bool) -> None:
         if self.training is not training:

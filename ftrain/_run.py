@@ -23,6 +23,11 @@ class RunInfo:
         # Signals received while the loop runs (fit's SIGTERM handler appends to it); the
         # loop checks it at each step boundary (one list read).
         self.signals: list[str] = signals if signals is not None else []
+        # Set by with_ddp at init: this process's place in the run, and what to do when
+        # the loop fails (tell the peers, take the process group down).
+        self.rank = 0
+        self.world = 1
+        self.on_error: Any = None
 
     @property
     def epoch_length(self) -> int | None:

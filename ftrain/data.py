@@ -94,12 +94,8 @@ class _SkipBatches:
         return max(len(self.batch_sampler) - self.skip, 0)  # type: ignore[arg-type]
 
 
-def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
-    if isinstance(loader.dataset, IterableDataset) or (
-            loader.batch_sampler is None and loader.sampler is None):
-        return itertools.islice(loader, skip, None)  # must read and drop (documented)
-    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else \
-        loader.sampler
+def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    """A loader's settings other than dataset and sampling, to build a sibling loader."""
     kwargs: dict[str, Any] = dict(
         num_workers=loader.num_workers, collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory, timeout=loader.timeout,
@@ -108,16 +104,134 @@ def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
         generator=loader.generator, pin_memory_device=loader.pin_memory_device)
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
+    return kwargs
+
+
+def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
+    if isinstance(loader.dataset, IterableDataset) or (
+            loader.batch_sampler is None and loader.sampler is None):
+        return itertools.islice(loader, skip, None)  # must read and drop (documented)
+    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else \
+        loader.sampler
+    kwargs = _loader_kwargs(loader)
     skipped = _SkipBatches(index_sampler, skip)
     if loader.batch_sampler is not None:
         return DataLoader(loader.dataset, batch_sampler=skipped, **kwargs)
     return DataLoader(loader.dataset, sampler=skipped, batch_size=None, **kwargs)
 
 
+# -- sharding across ranks (with_ddp) ----------------------------------------------------
+
+class Interleaved:
+    """Batch `rank`, `rank + world`, ... of `data`: each rank takes whole batches in turn.
+
+    For training (`complete=True`) a last round with fewer than `world` batches is dropped,
+    so every rank runs the same number of steps (a rank with one step more would wait
+    forever in its gradient all-reduce). For evaluation every batch is kept.
+    """
+
+    def __init__(self, data: Any, rank: int, world: int, complete: bool) -> None:
+        self.data, self.rank, self.world, self.complete = data, rank, world, complete
+
+    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
+        group: list[Any] = []
+        for batch in source:
+            group.append(batch)
+            if len(group) == self.world:
+                yield group[self.rank]
+                group = []
+        if group and not self.complete and self.rank < len(group):
+            yield group[self.rank]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.batches(self.data)
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        if self.complete:
+            return n // self.world
+        return n // self.world + (1 if self.rank < n % self.world else 0)
+
+
+class _Strided:
+    """Every `world`-th index of a sampler's order from `rank` on (no padding)."""
+
+    def __init__(self, sampler: Iterable[int], rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.rank, None, self.world)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.world + (1 if self.rank < n % self.world else 0)
+
+
+def _plain_batching(loader: DataLoader) -> Any:
+    """The loader's sampler when it batches a map-style dataset with torch's BatchSampler
+    over a sequential or random sampler (what `batch_size=`/`shuffle=` build), else None."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    if type(loader.batch_sampler) is not BatchSampler:
+        return None
+    sampler = loader.batch_sampler.sampler
+    if type(sampler) is RandomSampler and not sampler.replacement and \
+            sampler._num_samples is None:
+        return sampler
+    return sampler if type(sampler) is SequentialSampler else None
+
+
+def shard(data: Any, rank: int, world: int, seed: int) -> Any:
+    """This rank's share of training data, every rank with the same number of batches.
+
+    A DataLoader over a map-style dataset gets a `DistributedSampler` (samples interleaved
+    by rank, shuffled by (seed, epoch) if the loader shuffled, padded to equal length as
+    torch does); a loader that already has one is kept. Other data (lists of batches,
+    iterable datasets, custom batch samplers) is shared out in whole batches.
+    """
+    if world <= 1:
+        return data
+    from torch.utils.data.distributed import DistributedSampler
+    if isinstance(data, DataLoader):
+        inner = getattr(data.batch_sampler, "sampler", data.sampler)
+        if isinstance(inner, DistributedSampler):
+            return data
+        sampler = _plain_batching(data)
+        if sampler is not None:
+            from torch.utils.data import RandomSampler
+            dist_sampler: DistributedSampler[Any] = DistributedSampler(
+                data.dataset, num_replicas=world, rank=rank,
+                shuffle=type(sampler) is RandomSampler,
+                seed=_rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF, drop_last=data.drop_last)
+            return DataLoader(data.dataset, batch_size=data.batch_size, sampler=dist_sampler,
+                              drop_last=data.drop_last, **_loader_kwargs(data))
+    if isinstance(data, Iterator):
+        raise DataError("with_ddp cannot share a one-shot iterator between ranks; pass a "
+                        "DataLoader or a list of batches")
+    return Interleaved(data, rank, world, complete=True)
+
+
+def shard_eval(data: Any, rank: int, world: int) -> Any:
+    """This rank's share of evaluation data: every sample on exactly one rank."""
+    if world <= 1:
+        return data
+    if isinstance(data, DataLoader):
+        sampler = _plain_batching(data)
+        if sampler is not None:
+            return DataLoader(data.dataset, batch_size=data.batch_size,
+                              sampler=_Strided(sampler, rank, world),  # type: ignore[arg-type]
+                              drop_last=data.drop_last, **_loader_kwargs(data))
+    return Interleaved(data, rank, world, complete=False)
+
+
 def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterable[Any]:
     """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
     global _epoch_base
     _epoch_base = _rng.mix(seed, epoch, _rng.SAMPLE)
+    if isinstance(data, Interleaved):
+        batches = data.batches(epoch_batches(data.data, seed=seed, epoch=epoch))
+        return itertools.islice(batches, skip, None) if skip else batches
     if isinstance(data, DataLoader):
         seed_epoch(data, seed, epoch)
         return _skipping_loader(data, skip) if skip else data

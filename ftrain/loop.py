@@ -28,7 +28,7 @@ import torch
 from ftrain import _bind
 from ftrain import data as _data
 from ftrain import step as _step
-from ftrain._run import RunInfo
+from ftrain._run import RunInfo, run_info
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
@@ -134,6 +134,11 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         state = _adopt(_step.init(step, state), pos, run, owner)
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
+        if run.world > 1:  # with_ddp: this rank's share of every epoch
+            data = _data.shard(data, run.rank, run.world, state.seed)
+            per_epoch = run.batches_per_epoch = _data.num_batches(data)
+            if not dev_run:
+                limit = run.limit_train_batches = _limit(limit_train_batches, per_epoch)
         finished = False
         while not finished:
             epoch = pos["epoch"]
@@ -241,6 +246,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if latest is not None and not isinstance(err, GeneratorExit):
             with contextlib.suppress(Exception):
                 err.state = latest  # type: ignore[attr-defined]  # the work done so far
+        if run.on_error is not None and not isinstance(err, GeneratorExit):
+            # with_ddp: show this rank's error, take the group down so peers stop too
+            replacement = run.on_error(err, latest.step if latest is not None else -1)
+            if replacement is not None:
+                if latest is not None:
+                    replacement.state = latest  # type: ignore[attr-defined]
+                raise replacement from err
         raise
     finally:
         state = _finish(step, state, owner, failed)
@@ -487,12 +499,16 @@ def _batches(data: Any, limit: int | None, what: str) -> Any:
 def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState, data: Any,
              *, limit_batches: int | None = None,
              batch_size: Callable[[Any], int] | None = None, progress: bool | str = False,
-             desc: str = "evaluation") -> dict[str, float]:
+             desc: str = "evaluation", distributed: bool | None = None) -> dict[str, float]:
     """Run `evaluator` over `data` and return each metric's mean weighted by batch size.
 
     Batch size is the first dimension of the batch's first tensor unless `batch_size`
     says otherwise. One host sync, at the end. The state is not changed. `progress`
     shows a transient bar (True: when stderr is a terminal; "always").
+
+    Under `with_ddp` (validation inside a data-parallel loop, or `distributed=True` on
+    every rank) each rank evaluates its share (every sample on exactly one rank) and the
+    weighted sums are all-reduced, so all ranks return the same numbers.
 
     Example:
         >>> import torch, ftrain as ft
@@ -506,6 +522,15 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         raise ConfigError(f"evaluate needs an evaluator (state, batch) -> metrics, got "
                           f"{type(evaluator).__name__}")
     state, own = _eval_state(state)
+    world = 1
+    if distributed is None:
+        run = run_info(state)
+        rank, world = (run.rank, run.world) if run is not None else (0, 1)
+    elif distributed:
+        from ftrain._dist import rank_world
+        rank, world = rank_world()
+    if world > 1:
+        data = _data.shard_eval(data, rank, world)
     device = state.device
     values: dict[str, list[torch.Tensor]] = {}
     weights: list[int] = []
@@ -544,9 +569,43 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
             bar.close()
         if own is not None:
             own.live = False
+    if world > 1:
+        return _reduce_across_ranks(values, weights, world)
     if not weights:
         raise DataError("the evaluation data produced no batches")
     return reduce_weighted(values, weights)
+
+
+def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[int],
+                         world: int) -> dict[str, float]:
+    """Weighted means over every rank's batches: sums and counts all-reduced (one sync)."""
+    import torch.distributed as dist
+
+    names = sorted(values)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, names)  # a rank without batches learns the names
+    known: list[str] = next((g for g in gathered if g), [])
+    if any(g and g != known for g in gathered):
+        raise ConfigError(f"ranks' evaluators returned different metrics: {gathered}")
+    if not known:
+        raise DataError("the evaluation data produced no batches on any rank")
+    device = next(iter(values.values()))[0].device if values else _collective_device()
+    w = torch.tensor(weights, dtype=torch.float64, device=device)
+    sums = [(torch.stack([v.detach().to(device, torch.float64) for v in values[k]]) * w).sum()
+            if k in values else torch.zeros((), dtype=torch.float64, device=device)
+            for k in known]
+    totals = torch.stack([*sums, w.sum()])
+    dist.all_reduce(totals)
+    host = totals.cpu().tolist()  # host sync here
+    return {k: host[i] / host[-1] for i, k in enumerate(known)}
+
+
+def _collective_device() -> torch.device:
+    """Where a rank without data puts its zeros: nccl reduces CUDA tensors only."""
+    import torch.distributed as dist
+
+    from ftrain._dist import local_device
+    return local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _stderr_is_terminal() -> bool:
