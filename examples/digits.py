@@ -3,10 +3,14 @@
     python examples/digits.py            # prints the autoencoder's test error and the
                                          # classifier's test accuracy (expect > 0.9)
     python examples/digits.py --resume   # continues an interrupted run exactly
+    python examples/digits.py --precision bf16            # mixed precision (autocast)
+    torchrun --nproc_per_node=2 examples/digits.py        # data parallel, 2 processes
     tensorboard --logdir ftrain_logs     # the runs' curves (one version_N per model)
 
 The classifier keeps its 3 best checkpoints by validation loss, stops early when the
 validation loss stops improving, and is tested with the best checkpoint's weights.
+Both stacks include `ft.with_ddp`, which does nothing on one process and makes the same
+script data-parallel under torchrun (each rank trains on its shard; rank 0 writes).
 
 The data ships inside scikit-learn; nothing is downloaded.
 """
@@ -74,30 +78,43 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--root-dir", default=".", help="where ftrain_logs/ is written")
     parser.add_argument("--progress", action="store_true", help="force the progress bar")
     parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
+    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32",
+                        help="32: float32; bf16 / 16: autocast (16 adds a loss scaler)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in <root-dir>/checkpoints")
     args = parser.parse_args(argv)
     progress = "always" if args.progress else True  # shown on a terminal by default
+    device = ft.local_device()  # cuda:<LOCAL_RANK> when there is a GPU, else the CPU
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
+
+    def scaled(step: ft.TrainStep) -> object:  # the inner layers: precision, data parallel
+        if args.precision != "32":
+            step = ft.with_amp(step, torch.bfloat16 if args.precision == "bf16"
+                               else torch.float16)
+        return ft.with_ddp(step)
 
     torch.manual_seed(args.seed)  # the models' initial weights
     data = digits_splits(args.seed)
     train = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True)
     val = DataLoader(data["val"], batch_size=256)
     test = DataLoader(data["test"], batch_size=256)
-    steps = args.epochs * len(train)
+    steps_per_epoch = -(-len(train) // world)  # each rank trains on its shard
+    steps = args.epochs * steps_per_epoch
 
     # Autoencoder: Adam with a constant learning rate; validated each epoch and logged to
     # TensorBoard (ft.fit's default logger) under <root-dir>/ftrain_logs/version_N.
-    step = ft.with_validation(ft.train_step(reconstruction_loss),
+    step = ft.with_validation(scaled(ft.train_step(reconstruction_loss)),
                               ft.eval_step(reconstruction_loss), val)
     state = ft.TrainState.create(autoencoder(), ft.optim.adam(args.lr), seed=args.seed)
+    state = state.to(device)
     state = ft.fit(step, state, train, epochs=args.epochs, root_dir=args.root_dir,
                    checkpoint=False, progress=progress, hparams={**vars(args), "model": "ae"})
     ae = ft.evaluate(ft.eval_step(reconstruction_loss), state, test)
-    print(f"autoencoder  test reconstruction MSE: {ae['loss']:.4f}")
+    say(f"autoencoder  test reconstruction MSE: {ae['loss']:.4f}")
 
     # Classifier: AdamW with warmup and cosine decay, no weight decay on biases.
-    schedule = ft.optim.schedules.warmup_cosine(args.lr, warmup_steps=len(train),
+    schedule = ft.optim.schedules.warmup_cosine(args.lr, warmup_steps=steps_per_epoch,
                                                 total_steps=steps)
     optimizer = ft.optim.chain(
         ft.optim.clip_grad_norm(1.0),
@@ -105,26 +122,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Validation each epoch -> logging -> top-3 checkpoints by val_loss -> early stopping.
     evaluator = ft.eval_step(classification_loss)
     ckpt_dir = os.path.join(args.root_dir, "checkpoints")
-    step = ft.with_validation(ft.train_step(classification_loss), evaluator, val)
+    step = ft.with_validation(scaled(ft.train_step(classification_loss)), evaluator, val)
     step = ft.with_logging(step, every_n_steps=10, prog_bar=["loss", "accuracy"], log_lr=True)
     step = ft.with_checkpointing(step, ckpt_dir, monitor="val_loss", mode="min",
                                  save_top_k=3, filename="{epoch:02d}-{val_loss:.4f}")
     step = ft.early_stop(step, monitor="val_loss", patience=args.patience, min_delta=2e-3)
-    template = ft.TrainState.create(classifier(), optimizer, seed=args.seed)
+    template = ft.TrainState.create(classifier(), optimizer, seed=args.seed).to(device)
     state = ft.fit(step, template.copy(), train, epochs=args.epochs, root_dir=args.root_dir,
                    progress=progress, hparams={**vars(args), "model": "classifier"},
                    resume="auto" if args.resume else None)
     if ft.stop_reason(state):
-        print(f"classifier   stopped at epoch {state.epoch}: {ft.stop_reason(state)}")
+        say(f"classifier   stopped at epoch {state.epoch}: {ft.stop_reason(state)}")
 
     # Test with the best checkpoint's weights (Lightning's trainer.test(ckpt_path="best")).
     best = ft.checkpoints(ckpt_dir).best
     best_state = ft.load(best, like=template)
     val_metrics = ft.evaluate(evaluator, best_state, val)
     test_metrics = ft.evaluate(evaluator, best_state, test)
-    print(f"classifier   best checkpoint: {os.path.basename(best)}")
-    print(f"classifier   val accuracy: {val_metrics['accuracy']:.4f}")
-    print(f"classifier   test accuracy: {test_metrics['accuracy']:.4f}")
+    say(f"classifier   best checkpoint: {os.path.basename(best)}")
+    say(f"classifier   val accuracy: {val_metrics['accuracy']:.4f}")
+    say(f"classifier   test accuracy: {test_metrics['accuracy']:.4f}")
     return {"ae_mse": ae["loss"], "test_accuracy": test_metrics["accuracy"]}
 
 

@@ -199,6 +199,12 @@ def _peer_failure(rank: int) -> str | None:
     return None
 
 
+def barrier() -> None:
+    """Wait for every rank (if the group is still up)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def check_same(values: Any, what: str) -> None:
     """All ranks hold equal `values` (a small picklable object), else an error on all."""
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -256,6 +256,10 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         raise
     finally:
         state = _finish(step, state, owner, failed)
+        if run.world > 1 and not failed:
+            # leave together: rank 0's last files are complete when any rank reads them
+            from ftrain._dist import barrier
+            barrier()
     return state
 
 
