@@ -97,6 +97,19 @@ def test_two_ranks_with_batch_b_equal_one_process_with_batch_2b(tmp_path, single
         ["0-8.ckpt", "checkpoints.json", "last.ckpt"]
 
 
+def test_accumulation_and_float16_scaling_under_two_ranks(tmp_path):
+    one = tmp_path / "one"
+    single = _run([sys.executable, str(SCRIPT), str(one), "accum", "8", "6"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    done = _run(_torchrun(tmp_path, "accum", "4", "6"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref, r0 = _load(one / "rank0.pt"), _load(tmp_path / "rank0.pt")
+    r1 = _load(tmp_path / "rank1.pt")
+    for name, value in ref["params"].items():  # float16 autocast: close, not bitwise
+        torch.testing.assert_close(r0["params"][name], value, rtol=1e-3, atol=1e-4)
+        assert torch.equal(r0["params"][name], r1["params"][name])
+
+
 def test_resume_under_two_ranks_continues_exactly(tmp_path):
     first = _run(_torchrun(tmp_path, "train", "4", "4"))
     assert first.returncode == 0, first.stderr[-3000:]

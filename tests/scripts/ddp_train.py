@@ -1,7 +1,7 @@
 """Trained by tests/test_ddp.py under torchrun (or as one process).
 
 usage: ddp_train.py OUT MODE [BATCH] [MAX_STEPS]
-MODE: train | fail | fail-caught | resume | mismatch
+MODE: train | accum | fail | fail-caught | resume | mismatch
 """
 
 import sys
@@ -40,6 +40,8 @@ def main() -> None:
             int(__import__("os").environ["RANK"]) == 1:
         state = state.replace(step=5)  # as if rank 1 had loaded another checkpoint
     step = ft.with_ddp(ft.train_step(loss_fn))
+    if mode == "accum":  # float16 scaling and 2 micro-batches: DDP syncs the last only
+        step = ft.with_accumulation(ft.with_amp(step, torch.float16), 2)
     step = ft.with_validation(step, ft.eval_step(loss_fn if mode == "x" else
                                                  lambda m, b: torch.nn.functional.cross_entropy(
                                                      m(b[0]), b[1])), data)
