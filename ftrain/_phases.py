@@ -32,9 +32,9 @@ class Phases:
     def claim(self, kind: str, layer: Any) -> None:
         current = getattr(self, kind)
         if current is not None and current is not layer:
-            raise ConfigError(f"this step already has a {kind} layer ({current!r}); a core "
-                              f"step takes one {kind} setting (build a new train_step for "
-                              "another stack)")
+            raise ConfigError(f"this core step's {kind} option is already set by "
+                              f"{current!r}; a core step takes one (build a new train_step "
+                              "for another stack)")
         setattr(self, kind, layer)
 
     @property

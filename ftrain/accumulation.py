@@ -65,6 +65,12 @@ class WithAccumulation(Combinator):
             raise ConfigError(f"with_accumulation: split must be a function batch -> list of "
                               f"micro-batches, got {type(split).__name__}")
         super().__init__(inner)
+        from ftrain.step import TrainStep
+        core = _step.core(inner)
+        if not isinstance(core, TrainStep):
+            raise ConfigError(f"with_accumulation splits batches for ft.train_step; the core "
+                              f"here is {core!r} (in a manual step call m.backward per "
+                              "micro-batch, then m.apply once)")
         self.micro_batches = micro_batches
         self.split = split
         phases_of(_step.core(inner), "with_accumulation").claim("accumulation", self)

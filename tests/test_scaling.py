@@ -146,7 +146,7 @@ def test_amp_errors_name_the_problem():
     with pytest.raises(ft.ConfigError, match="bfloat16 or torch.float16"):
         ft.with_amp(step, torch.float32)
     ft.with_amp(step)
-    with pytest.raises(ft.ConfigError, match="already has a amp layer"):
+    with pytest.raises(ft.ConfigError, match="amp option is already set"):
         ft.with_amp(step, torch.float16)
     with pytest.raises(ft.ConfigError, match="core step built by ft.train_step"):
         ft.with_amp(lambda s, b: (s, {}))
@@ -210,6 +210,8 @@ def test_accumulation_errors_name_the_problem():
     ragged = (torch.randn(8, 6), torch.randint(0, 3, (6,)))
     with pytest.raises(ft.DataError, match="different lengths"):
         ft.with_accumulation(ft.train_step(plain_classify), 2)(state, ragged)
+    with pytest.raises(ft.ConfigError, match="in a manual step call m.backward"):
+        ft.with_accumulation(ft.manual_step(lambda m, b: {}), 2)
     bad = ft.with_accumulation(ft.train_step(plain_classify), 2, split=lambda b: b[0])
     with pytest.raises(ft.DataError, match="non-empty list"):
         bad(state, make_batches(1)[0])
