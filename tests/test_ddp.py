@@ -87,6 +87,9 @@ def test_two_ranks_with_batch_b_equal_one_process_with_batch_2b(tmp_path, single
     for name, value in single["params"].items():
         torch.testing.assert_close(r0["params"][name], value, rtol=1e-5, atol=1e-6)
         assert torch.equal(r0["params"][name], r1["params"][name])  # ranks in lockstep
+    for name in r0["pure"]:  # direct calls all-reduce gradients too
+        assert torch.equal(r0["pure"][name], r1["pure"][name])
+        assert not torch.equal(r0["pure"][name], r0["params"][name])
     # the sharded evaluation counts every sample once: same as one process
     assert r0["val"] == r1["val"]
     assert r0["val"]["loss"] == pytest.approx(single["val"]["loss"], rel=1e-5)

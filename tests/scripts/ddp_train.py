@@ -59,7 +59,14 @@ def main() -> None:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     final = ft.evaluate(ft.eval_step(lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])),
                         state, data, distributed=torch.distributed.is_initialized())
-    torch.save({"params": state.params, "step": state.step, "val": final},
+    # a direct (pure) call under with_ddp all-reduces gradients explicitly: ranks with
+    # different batches still end with the same params
+    pure = ft.with_ddp(ft.train_step(lambda m, b: torch.nn.functional.cross_entropy(
+        m(b[0]), b[1])))
+    mine = (x[rank::2][:8], y[rank::2][:8])
+    after, _ = pure(state, mine)
+    torch.save({"params": state.params, "step": state.step, "val": final,
+                "pure": after.params},
                f"{out}/rank{rank}.pt")
     print(f"rank {rank} done at step {state.step}", flush=True)
 
