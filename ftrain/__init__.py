@@ -9,7 +9,7 @@ Example:
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import optim
+from ftrain import export, optim
 from ftrain._dist import PeerFailedError, local_device
 from ftrain._run import RunInfo, run_info
 from ftrain.accumulation import with_accumulation
@@ -30,6 +30,7 @@ from ftrain.errors import (
     NonFiniteLossError,
     StepError,
 )
+from ftrain.export import ExportError, bind
 from ftrain.health import check_finite
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
@@ -54,6 +55,7 @@ __all__ = [
     "DataError",
     "DonatedStateError",
     "EvalStep",
+    "ExportError",
     "FTrainError",
     "LossError",
     "Manual",
@@ -64,11 +66,13 @@ __all__ = [
     "StepError",
     "TrainState",
     "TrainStep",
+    "bind",
     "check_finite",
     "checkpoints",
     "early_stop",
     "eval_step",
     "evaluate",
+    "export",
     "fit",
     "is_donated",
     "iterate",

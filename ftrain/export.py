@@ -1,0 +1,206 @@
+"""From a trained state to a deployable model: `bind`, and `export.program / onnx /
+torchscript`.
+
+`ft.bind(state)` builds a plain `nn.Module` from the state's template carrying the state's
+params and buffers (sharing their storage), in eval mode, for ordinary PyTorch use. The
+exporters trace that module on an example input, after checking that the input fits.
+The ONNX exporter validates its file: it loads it in onnxruntime and compares the outputs
+with the PyTorch model's before returning.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftrain._bind import install
+from ftrain.errors import ConfigError, FTrainError
+from ftrain.state import TrainState
+
+
+class ExportError(FTrainError):
+    """An export failed, or its result disagrees with the PyTorch model."""
+
+
+def bind(state: TrainState, model: str | None = None) -> nn.Module:
+    """A plain `nn.Module` (eval mode) carrying `state`'s params and buffers.
+
+    The module is a new copy of the state's template; its tensors share storage with the
+    state (no copy: `state.copy()` first to keep them apart). For a multi-model state
+    name the model: `ft.bind(state, "G")`.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> module = ft.bind(state)
+        >>> module.training, module(torch.randn(4, 3)).shape
+        (False, torch.Size([4, 2]))
+    """
+    if not isinstance(state, TrainState):
+        raise ConfigError(f"bind expects a TrainState, got {type(state).__name__}")
+    params, buffers = state.params, state.buffers
+    if state.multi:
+        names = sorted(state.model)
+        if model is None:
+            raise ConfigError(f"this state holds several models {names}; name one: "
+                              f"ft.bind(state, {names[0]!r})")
+        if model not in state.model:
+            raise ConfigError(f"model {model!r} is not in this state; models: {names}")
+        template, params, buffers = state.model[model], params[model], buffers[model]
+    elif model is not None:
+        raise ConfigError(f"this state holds one model; bind(state) takes no name (got "
+                          f"{model!r})")
+    else:
+        template = state.model
+    module = copy.deepcopy(template)  # a meta skeleton: nothing is copied but structure
+    install(module, params, buffers, model)
+    return module.eval()
+
+
+def _args(example: Any) -> tuple[Any, ...]:
+    return tuple(example) if isinstance(example, tuple) else (example,)
+
+
+def _describe(args: tuple[Any, ...]) -> str:
+    return ", ".join(f"{a.dtype}{list(a.shape)}" if isinstance(a, torch.Tensor)
+                     else type(a).__name__ for a in args)
+
+
+def _checked(state: TrainState, example: Any, model: str | None
+             ) -> tuple[nn.Module, tuple[Any, ...], Any]:
+    """The bound module, the example as call arguments, and the module's output on it;
+    an example that does not fit the model is a ConfigError naming both."""
+    module = bind(state, model)
+    args = _args(example)
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except Exception as err:
+        raise ConfigError(f"the example input ({_describe(args)}) does not fit the model "
+                          f"{type(module).__name__}: {type(err).__name__}: {err}") from err
+    return module, args, out
+
+
+def program(state: TrainState, example: Any, *, model: str | None = None,
+            dynamic_batch: bool = True, strict: bool = False) -> torch.export.ExportedProgram:
+    """A `torch.export` program of the state's model, traced on `example` (a tensor or a
+    tuple of arguments); with `dynamic_batch` the first dimension of each tensor input may
+    vary.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> prog = ft.export.program(state, torch.randn(4, 3))
+        >>> prog.module()(torch.randn(7, 3)).shape
+        torch.Size([7, 2])
+    """
+    module, args, _ = _checked(state, example, model)
+    shapes = _dynamic_batch(args) if dynamic_batch else None
+    try:
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=strict)
+    except Exception as err:
+        raise ExportError(f"torch.export could not capture {type(module).__name__}: "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def _dynamic_batch(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                   for a in args)
+    return shapes if any(s is not None for s in shapes) else None
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def onnx(state: TrainState, example: Any, path: str | os.PathLike[str], *,
+         model: str | None = None, dynamic_batch: bool = True, opset: int | None = None,
+         rtol: float = 1e-4, atol: float = 1e-5,
+         input_names: Sequence[str] | None = None) -> str:
+    """Write the state's model as ONNX to `path`, validated in onnxruntime; the path.
+
+    The file is loaded in onnxruntime and its outputs on `example` compared with the
+    PyTorch model's (`rtol`, `atol`); a mismatch is an ExportError and leaves no file.
+    Needs the `export` extra (onnx, onnxscript, onnxruntime).
+
+    Example:
+        >>> import tempfile, torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> path = ft.export.onnx(state, torch.randn(4, 3), tempfile.mkdtemp() + "/m.onnx")
+    """
+    module, args, expected = _checked(state, example, model)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(tensors) != len(args):
+        raise ConfigError(f"onnx export takes tensor inputs only, got ({_describe(args)})")
+    names = list(input_names) if input_names is not None else \
+        [f"input_{i}" for i in range(len(args))]
+    path = os.fspath(path)
+    try:
+        torch.onnx.export(module, args, path, dynamo=True, input_names=names,
+                          dynamic_shapes=_dynamic_batch(args) if dynamic_batch else None,
+                          opset_version=opset, verbose=False)
+    except ImportError as err:
+        raise ConfigError("ONNX export needs the export extra: pip install "
+                          "'ftrain[export]' (onnx, onnxscript, onnxruntime)") from err
+    except Exception as err:
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: "
+                          f"{type(err).__name__}: {err}") from err
+    try:
+        check_onnx(path, args, _flat_outputs(expected), rtol=rtol, atol=atol)
+    except BaseException:
+        os.remove(path)
+        raise
+    return path
+
+
+def check_onnx(path: str, args: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+               *, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Run the ONNX file in onnxruntime on `args` and compare with `expected` outputs."""
+    try:
+        import numpy as np
+        import onnxruntime
+    except ImportError as err:
+        raise ConfigError("validating ONNX needs onnxruntime: pip install "
+                          "'ftrain[export]'") from err
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    got = session.run(None, feeds)
+    if len(got) != len(expected):
+        raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch "
+                          f"{len(expected)}")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        want = e.detach().cpu().numpy()
+        if g.shape != want.shape or not np.allclose(g, want, rtol=rtol, atol=atol):
+            worst = float(np.abs(g - want).max()) if g.shape == want.shape else float("nan")
+            raise ExportError(f"ONNX output {i} differs from PyTorch's (shape {g.shape} vs "
+                              f"{want.shape}, max abs difference {worst})")
+
+
+def torchscript(state: TrainState, example: Any, path: str | os.PathLike[str] | None = None,
+                *, model: str | None = None) -> torch.jit.ScriptModule:
+    """A TorchScript module of the state's model, traced on `example`; saved if `path`.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> scripted = ft.export.torchscript(state, torch.randn(4, 3))
+        >>> scripted(torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+    """
+    module, args, _ = _checked(state, example, model)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, args, check_trace=True)
+    except Exception as err:
+        raise ExportError(f"TorchScript tracing of {type(module).__name__} failed: "
+                          f"{type(err).__name__}: {err}") from err
+    if path is not None:
+        torch.jit.save(traced, os.fspath(path))
+    return traced
