@@ -17,6 +17,7 @@ from ftrain.amp import loss_scale, with_amp
 from ftrain.checkpoint import load, load_hparams, save
 from ftrain.checkpointing import checkpoints, with_checkpointing
 from ftrain.data import sample_seed
+from ftrain.data_module import Data
 from ftrain.ddp import with_ddp
 from ftrain.early_stop import early_stop
 from ftrain.errors import (
@@ -32,6 +33,7 @@ from ftrain.errors import (
 )
 from ftrain.export import ExportError, bind
 from ftrain.health import check_finite
+from ftrain.hooks import every
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
 from ftrain.manual import Manual, manual_step
@@ -52,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Data",
     "DataError",
     "DonatedStateError",
     "EvalStep",
@@ -72,6 +75,7 @@ __all__ = [
     "early_stop",
     "eval_step",
     "evaluate",
+    "every",
     "export",
     "fit",
     "is_donated",

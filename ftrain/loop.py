@@ -29,6 +29,7 @@ from ftrain import _bind
 from ftrain import data as _data
 from ftrain import step as _step
 from ftrain._run import RunInfo, run_info
+from ftrain.data_module import Data, resolve
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
@@ -107,8 +108,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         "(e.g. [(inputs, targets), ...]), not the dataset itself")
     _check_int("epochs", epochs, 0)
     _check_int("max_steps", max_steps, 0)
-    per_epoch = _data.num_batches(data)
-    limit = _limit(limit_train_batches, per_epoch)
+    bundle = data if isinstance(data, Data) else None
+    if bundle is not None:  # an ft.Data: its train split, built after init (with_ddp first)
+        if not bundle.has("train"):
+            raise DataError("this ft.Data has no 'train' split to train on")
+        data = []
+    per_epoch = _data.num_batches(data) if bundle is None else None
+    limit = _limit(limit_train_batches, per_epoch) if bundle is None else None
     dev_run = int(fast_dev_run)
     if dev_run < 0:
         raise ConfigError(f"fast_dev_run must be a bool or a number of batches, got "
@@ -134,8 +140,14 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         state = _adopt(_step.init(step, state), pos, run, owner)
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
+        if bundle is not None:
+            data = bundle.split("train")
+            if isinstance(data, torch.Tensor):
+                raise DataError("the ft.Data train split is a single tensor; give a "
+                                "DataLoader or a list of batches")
         if run.world > 1:  # with_ddp: this rank's share of every epoch
             data = _data.shard(data, run.rank, run.world, state.seed)
+        if bundle is not None or run.world > 1:
             per_epoch = run.batches_per_epoch = _data.num_batches(data)
             if not dev_run:
                 limit = run.limit_train_batches = _limit(limit_train_batches, per_epoch)
@@ -525,6 +537,7 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     if not callable(evaluator):
         raise ConfigError(f"evaluate needs an evaluator (state, batch) -> metrics, got "
                           f"{type(evaluator).__name__}")
+    data = resolve(data, "test", "val")
     state, own = _eval_state(state)
     world = 1
     if distributed is None:
@@ -651,6 +664,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         >>> [tuple(o.shape) for o in outs]
         [(4, 2), (2, 2)]
     """
+    data = resolve(data, "predict")
     state, own = _eval_state(state)
     binding = state.__dict__["_binding"]
     binding.set_mode(False)

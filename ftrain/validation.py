@@ -17,6 +17,7 @@ from ftrain import health
 from ftrain import step as _step
 from ftrain._run import run_info
 from ftrain.combinators import Combinator
+from ftrain.data_module import resolve
 from ftrain.errors import ConfigError
 from ftrain.state import LOOP_SLOT, TrainState
 
@@ -71,6 +72,7 @@ class WithValidation(Combinator):
         show = bool(run is not None and run.progress)
         out: dict[str, float] = {}
         for set_name, data in self.sets.items():
+            data = resolve(data, "val")  # an ft.Data: its val split
             values = evaluate(self.evaluator, state, data, limit_batches=limit,
                               progress=show, desc="validation" if set_name is None
                               else f"validation {set_name}")

@@ -1,0 +1,92 @@
+"""`ft.every`: run a function of yours every n steps or epochs (Lightning's callbacks).
+
+Anything a callback would do (print, adjust, save something of your own, look at the
+metrics) is a function `fn(state, metrics) -> state | None`; `every` calls it after every
+n-th step with that step's metrics, or at every n-th completed epoch with the epoch-end
+metrics. Returning a state replaces the loop's state (e.g. with a changed slot); None
+keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ftrain import step as _step
+from ftrain.combinators import Combinator
+from ftrain.errors import ConfigError
+from ftrain.state import LOOP_SLOT, TrainState
+
+Hook = Callable[[TrainState, dict[str, Any]], Any]
+
+
+class Every(Combinator):
+    """The combinator built by :func:`every`."""
+
+    def __init__(self, inner: Any, fn: Hook, every_n_steps: int | None,
+                 every_n_epochs: int | None) -> None:
+        super().__init__(inner)
+        if not callable(fn):
+            raise ConfigError(f"every needs a function fn(state, metrics), got "
+                              f"{type(fn).__name__}")
+        for label, value in (("every_n_steps", every_n_steps),
+                             ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ConfigError(f"{label} must be an int >= 1 or None, got {value!r}")
+        if every_n_steps is None and every_n_epochs is None:
+            raise ConfigError("every needs every_n_steps= or every_n_epochs=")
+        self.fn = fn
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return (f"every({name}, every_n_steps={self.every_n_steps}, "
+                f"every_n_epochs={self.every_n_epochs})")
+
+    def _call(self, state: TrainState, metrics: dict[str, Any]) -> TrainState:
+        out = self.fn(state, metrics)
+        if out is None:
+            return state
+        if not isinstance(out, TrainState):
+            raise ConfigError(f"{self!r}: fn must return a TrainState or None, got "
+                              f"{type(out).__name__}")
+        return out
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        state, metrics = self.inner(state, batch)
+        n = self.every_n_steps
+        if n is not None and state.step % n == 0:
+            state = self._call(state, metrics)
+        return state, metrics
+
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
+        state, metrics = _step.epoch_end(self.inner, state)
+        n = self.every_n_epochs
+        pos = state.slots.get(LOOP_SLOT)
+        if n is not None and pos is not None and pos["batch"] == 0 and pos["epoch"] % n == 0:
+            state = self._call(state, metrics)
+        return state, metrics
+
+
+def every(step: Any, fn: Hook, *, every_n_steps: int | None = None,
+          every_n_epochs: int | None = None) -> Every:
+    """Call `fn(state, metrics)` after every n-th step and/or every n-th completed epoch.
+
+    `state.step` (after the step) and `state.epoch` (completed epochs) say where the loop
+    is. `fn` may return a new state (kept) or None.
+
+    Example:
+        >>> import torch, ftrain as ft
+        >>> seen = []
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> step = ft.every(step, lambda s, m: seen.append(s.step), every_n_steps=2)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+        >>> state = ft.fit(step, state, data, epochs=1, logger=False, checkpoint=False,
+        ...                progress=False)
+        >>> seen
+        [2, 4]
+    """
+    return Every(step, fn, every_n_steps, every_n_epochs)
