@@ -148,6 +148,7 @@ class Binding:
         self.modules = {}
         self.model_arg = None
         self.trainable = {}
+        self.ddp = None  # frees DDP's reducer and its hold on the process group
         return _unbound(state)
 
 
