@@ -13,7 +13,6 @@ bound state (see ftrain._bind). Both give bitwise the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -149,51 +148,61 @@ class TrainStep:
                    inputs: list[torch.Tensor] | None, no_sync: Any,
                    scale: dict[str, torch.Tensor] | None, prof: Any = None) -> Metrics:
         """Forward and (scaled) backward over the batch's micro-batches; the metrics."""
-        phases = self.phases
-        acc = phases.accumulation
-        micro = [batch] if acc is None else acc.split_batch(batch, state.step)
-        weights = [1.0] if acc is None else acc.weights(micro)
-        last = len(micro) - 1
-        metrics: Metrics = {}
+        acc = self.phases.accumulation
         saved = generator.get_state()
         generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
         try:
+            if acc is None:  # the common case: one forward and backward
+                return self._micro(state, batch, 1.0, f"step {state.step}", call, inputs,
+                                   scale, prof)
+            micro = acc.split_batch(batch, state.step)
+            weights = acc.weights(micro)
+            last = len(micro) - 1
+            metrics: Metrics = {}
             for i, (mb, w) in enumerate(zip(micro, weights)):
-                where = f"step {state.step}" if acc is None else \
-                    f"step {state.step}, micro-batch {i}"
-                # DDP: no gradient all-reduce until the last micro-batch
-                with no_sync() if no_sync is not None and i < last else _NULL:
-                    with _phases.autocast(phases, state.device):
-                        loss, m = split_loss(call(mb), where)
-                    if prof is not None:
-                        prof.lap("forward")
-                    if self.check_finite_every_step and not bool(torch.isfinite(loss)):
-                        raise health.NonFiniteLossError(  # host sync (opt-in)
-                            f"the loss was {loss.item()} at {where}")
-                    if not loss.requires_grad:
-                        raise LossError(f"{where}: the loss does not require grad; no "
-                                        "trainable parameter of the state was used to "
-                                        "compute it")
-                    scaled = loss if w == 1.0 else loss * w
-                    if scale is not None:
-                        scaled = scaled * scale["scale"]
-                    # pure: gradients go to the copies only, nothing else is touched
-                    scaled.backward(inputs=inputs)
-                    if prof is not None:
-                        prof.lap("backward")
-                if last == 0:
-                    metrics = m
+                where = f"step {state.step}, micro-batch {i}"
+                if no_sync is not None and i < last:
+                    with no_sync():  # DDP: no gradient all-reduce until the last one
+                        m = self._micro(state, mb, w, where, call, inputs, scale, prof)
                 else:
-                    _add_weighted(metrics, m, w, where)
+                    m = self._micro(state, mb, w, where, call, inputs, scale, prof)
+                _add_weighted(metrics, m, w, where)
+            return metrics
         finally:
             generator.set_state(saved)
+
+    def _micro(self, state: TrainState, batch: Any, weight: float, where: str,
+               call: Callable[[Any], Any], inputs: list[torch.Tensor] | None,
+               scale: dict[str, torch.Tensor] | None, prof: Any) -> Metrics:
+        """One forward (under autocast with with_amp) and its scaled backward."""
+        if self.phases.amp is None:
+            out = call(batch)
+        else:
+            with _phases.autocast(self.phases, state.device):
+                out = call(batch)
+        loss, metrics = split_loss(out, where)
+        if prof is not None:
+            prof.lap("forward")
+        if self.check_finite_every_step and not bool(torch.isfinite(loss)):
+            raise health.NonFiniteLossError(  # host sync (opt-in)
+                f"the loss was {loss.item()} at {where}")
+        if not loss.requires_grad:
+            raise LossError(f"{where}: the loss does not require grad; no trainable "
+                            "parameter of the state was used to compute it")
+        scaled = loss if weight == 1.0 else loss * weight
+        if scale is not None:
+            scaled = scaled * scale["scale"]
+        scaled.backward(inputs=inputs)  # pure: gradients go to the copies only
+        if prof is not None:
+            prof.lap("backward")
         return metrics
 
     def _update(self, state: TrainState, metrics: Metrics, trainable: list[Any],
                 leaves: list[torch.Tensor], opt_state: Any,
                 scale: dict[str, torch.Tensor] | None, explicit_sync: bool) -> None:
         """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
-        world = self.phases.world
+        ddp = self.phases.ddp
+        world = 1 if ddp is None else ddp.world
         if explicit_sync and world > 1:
             _phases.all_reduce_grads(leaves, world)
         found_inf = None
@@ -300,9 +309,6 @@ class TrainStep:
                             step=state.step + 1, slots=slots)
         new.__dict__["_binding"] = None
         return new, metrics
-
-
-_NULL = contextlib.nullcontext()
 
 
 def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
