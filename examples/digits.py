@@ -4,6 +4,8 @@
                                          # classifier's test accuracy (expect > 0.9)
     python examples/digits.py --resume   # continues an interrupted run exactly
     python examples/digits.py --precision bf16            # mixed precision (autocast)
+    python examples/digits.py --config run.json --lr 1e-2  # a config file, then flags
+    python examples/digits.py --print-config              # the resolved configuration
     torchrun --nproc_per_node=2 examples/digits.py        # data parallel, 2 processes
     tensorboard --logdir ftrain_logs     # the runs' curves (one version_N per model)
 
@@ -12,14 +14,20 @@ validation loss stops improving, and is tested with the best checkpoint's weight
 Both stacks include `ft.with_ddp`, which does nothing on one process and makes the same
 script data-parallel under torchrun (each rank trains on its shard; rank 0 writes).
 
+The configuration is an attrs record (`Config`) that `ft.cli.parse` fills from its
+defaults, `--config` files and flags; it is stored in every checkpoint as hparams, so
+`ft.cli.from_dict(Config, ft.load_hparams(path), ignore=["model"])` rebuilds it.
+
 The data ships inside scikit-learn; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import pathlib
+from typing import Literal
 
+import attrs
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -69,20 +77,36 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     return F.cross_entropy(logits, y), {"accuracy": accuracy}
 
 
+# -- the configuration: one flag per field (--batch-size, --no-progress, ...) ---------------
+
+@attrs.frozen
+class Config:
+    """The run's settings; `ft.cli.parse(Config, argv)` fills them from the command line."""
+
+    epochs: int = attrs.field(default=20, validator=attrs.validators.ge(1), metadata={
+        "help": "training epochs (a total, as Lightning's max_epochs)"})
+    lr: float = attrs.field(default=3e-3, validator=attrs.validators.gt(0.0), metadata={
+        "help": "peak learning rate"})
+    batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1), metadata={
+        "help": "training batch size"})
+    seed: int = attrs.field(default=0, metadata={
+        "help": "seed of the split, the initial weights, shuffling and dropout"})
+    root_dir: pathlib.Path = attrs.field(default=pathlib.Path("."), metadata={
+        "help": "where ftrain_logs/ and checkpoints/ are written"})
+    precision: Literal["32", "bf16", "16"] = attrs.field(default="32", metadata={
+        "help": "32: float32; bf16 / 16: autocast (16 adds a loss scaler)"})
+    patience: int = attrs.field(default=2, metadata={
+        "help": "early-stopping patience, in validation checks"})
+    progress: bool = attrs.field(default=False, metadata={
+        "help": "always show the progress bar (else only on a terminal)"})
+    resume: bool = attrs.field(default=False, metadata={
+        "help": "continue from the newest checkpoint in <root-dir>/checkpoints"})
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root-dir", default=".", help="where ftrain_logs/ is written")
-    parser.add_argument("--progress", action="store_true", help="force the progress bar")
-    parser.add_argument("--patience", type=int, default=2, help="early-stopping patience")
-    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32",
-                        help="32: float32; bf16 / 16: autocast (16 adds a loss scaler)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in <root-dir>/checkpoints")
-    args = parser.parse_args(argv)
+    args = ft.cli.parse(Config, argv, description=__doc__)
+    hparams = ft.cli.to_dict(args)  # stored in every checkpoint and in TensorBoard's HPARAMS
+    root = os.fspath(args.root_dir)
     progress = "always" if args.progress else True  # shown on a terminal by default
     device = ft.local_device()  # cuda:<LOCAL_RANK> when there is a GPU, else the CPU
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started
@@ -108,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               ft.eval_step(reconstruction_loss), val)
     state = ft.TrainState.create(autoencoder(), ft.optim.adam(args.lr), seed=args.seed)
     state = state.to(device)
-    state = ft.fit(step, state, train, epochs=args.epochs, root_dir=args.root_dir,
-                   checkpoint=False, progress=progress, hparams={**vars(args), "model": "ae"})
+    state = ft.fit(step, state, train, epochs=args.epochs, root_dir=root,
+                   checkpoint=False, progress=progress, hparams={**hparams, "model": "ae"})
     ae = ft.evaluate(ft.eval_step(reconstruction_loss), state, test)
     say(f"autoencoder  test reconstruction MSE: {ae['loss']:.4f}")
 
@@ -121,15 +145,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ft.optim.adamw(schedule, weight_decay=1e-2, groups={"*.bias": {"weight_decay": 0.0}}))
     # Validation each epoch -> logging -> top-3 checkpoints by val_loss -> early stopping.
     evaluator = ft.eval_step(classification_loss)
-    ckpt_dir = os.path.join(args.root_dir, "checkpoints")
+    ckpt_dir = os.path.join(root, "checkpoints")
     step = ft.with_validation(scaled(ft.train_step(classification_loss)), evaluator, val)
     step = ft.with_logging(step, every_n_steps=10, prog_bar=["loss", "accuracy"], log_lr=True)
     step = ft.with_checkpointing(step, ckpt_dir, monitor="val_loss", mode="min",
                                  save_top_k=3, filename="{epoch:02d}-{val_loss:.4f}")
     step = ft.early_stop(step, monitor="val_loss", patience=args.patience, min_delta=2e-3)
     template = ft.TrainState.create(classifier(), optimizer, seed=args.seed).to(device)
-    state = ft.fit(step, template.copy(), train, epochs=args.epochs, root_dir=args.root_dir,
-                   progress=progress, hparams={**vars(args), "model": "classifier"},
+    state = ft.fit(step, template.copy(), train, epochs=args.epochs, root_dir=root,
+                   progress=progress, hparams={**hparams, "model": "classifier"},
                    resume="auto" if args.resume else None)
     if ft.stop_reason(state):
         say(f"classifier   stopped at epoch {state.epoch}: {ft.stop_reason(state)}")

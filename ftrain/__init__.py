@@ -9,7 +9,7 @@ Example:
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import export, optim
+from ftrain import cli, export, optim
 from ftrain._dist import PeerFailedError, local_device
 from ftrain._run import RunInfo, run_info
 from ftrain.accumulation import with_accumulation
@@ -72,6 +72,7 @@ __all__ = [
     "bind",
     "check_finite",
     "checkpoints",
+    "cli",
     "early_stop",
     "eval_step",
     "evaluate",
