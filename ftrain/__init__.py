@@ -3,13 +3,13 @@
 A loss function becomes a step, `step(state, batch) -> (state, metrics)`; combinators
 wrap steps; loops run them over data. State is a frozen record; nothing is inherited.
 
-Example:
+Examples:
     >>> import torch, ftrain as ft
     >>> state = ft.TrainState.create(torch.nn.Linear(4, 1), ft.optim.adamw(1e-3))
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import cli, export, optim
+from ftrain import cli, combinators, export, optim
 from ftrain._dist import PeerFailedError, local_device
 from ftrain._run import RunInfo, run_info
 from ftrain.accumulation import with_accumulation
@@ -73,6 +73,7 @@ __all__ = [
     "check_finite",
     "checkpoints",
     "cli",
+    "combinators",
     "early_stop",
     "eval_step",
     "evaluate",

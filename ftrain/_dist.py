@@ -55,7 +55,7 @@ def rank_world() -> tuple[int, int]:
 def local_device() -> torch.device:
     """This process's device: `cuda:<LOCAL_RANK>` when CUDA is available, else the CPU.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> ft.local_device().type in ("cpu", "cuda")
         True

@@ -1,7 +1,7 @@
 """The phases of one update, shared by `train_step` and hand-written (manual) steps.
 
 Inner combinators (`with_amp`, `with_accumulation`, `with_ddp`) do not wrap the
-computation; they set options on the core step (a :class:`Phases` record), and the core
+computation; they set options on the core step (a `Phases` record), and the core
 runs the phases in a fixed order whatever the wrapping order was:
 
     forward and loss under autocast -> (scaled) backward -> gradient sync across ranks

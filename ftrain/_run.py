@@ -41,7 +41,7 @@ class RunInfo:
 def run_info(state: Any) -> RunInfo | None:
     """The `RunInfo` of the loop running `state`, or None outside a loop.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> ft.run_info(ft.TrainState.create(torch.nn.Linear(1, 1))) is None
         True

@@ -31,7 +31,7 @@ def split_batch(batch: Any, n: int) -> list[Any]:
     Non-tensor leaves (and 0-d tensors) are shared by every part. A batch smaller than `n`
     gives as many parts as it has samples.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ftrain.accumulation import split_batch
         >>> parts = split_batch((torch.zeros(10, 3), torch.arange(10)), 4)
@@ -53,7 +53,7 @@ def split_batch(batch: Any, n: int) -> list[Any]:
 
 
 class WithAccumulation(Combinator):
-    """The layer :func:`with_accumulation` builds."""
+    """The layer `with_accumulation` builds."""
 
     def __init__(self, inner: Any, micro_batches: int,
                  split: Callable[[Any], list[Any]] | None) -> None:
@@ -104,7 +104,7 @@ def with_accumulation(step: Any, micro_batches: int, *,
     step on the whole batch (a mean loss assumed) while only one part's activations are in
     memory. Steps, schedules and logging count updates.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
         >>> step = ft.with_accumulation(step, 4)

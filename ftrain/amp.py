@@ -26,7 +26,7 @@ _SLOT_KEYS = {"scale": torch.float32, "growth_tracker": torch.int32, "skipped": 
 
 
 class WithAmp(Combinator):
-    """The layer :func:`with_amp` builds."""
+    """The layer `with_amp` builds."""
 
     def __init__(self, inner: Any, dtype: torch.dtype, *, init_scale: float,
                  growth_factor: float, backoff_factor: float, growth_interval: int,
@@ -96,7 +96,7 @@ def with_amp(step: Any, dtype: torch.dtype = torch.bfloat16, *, init_scale: floa
     `growth_interval` clean steps, as torch's GradScaler does. The layer sets an option on
     the core step (`train_step` or `manual_step`), so it may sit anywhere in the stack.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
         >>> step = ft.with_amp(step, torch.bfloat16)
@@ -112,7 +112,7 @@ def with_amp(step: Any, dtype: torch.dtype = torch.bfloat16, *, init_scale: floa
 def loss_scale(state: TrainState, name: str = "amp") -> float | None:
     """The float16 loss scale of `state` (host sync here), or None without a scaler.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> ft.loss_scale(ft.TrainState.create(torch.nn.Linear(1, 1))) is None
         True

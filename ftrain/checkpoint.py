@@ -117,7 +117,7 @@ def save(path: str | os.PathLike[str], state: TrainState,
          hparams: Mapping[str, Any] | None = None) -> str:
     """Write the whole state (and `hparams`) to `path` atomically; return the path.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.adam(1e-3))
         >>> path = ft.save(os.path.join(tempfile.mkdtemp(), "a.ckpt"), state, {"lr": 1e-3})
@@ -158,7 +158,7 @@ def read(path: str | os.PathLike[str], map_location: Any = None, *,
 def load_hparams(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The hyperparameters stored in a checkpoint ({} if none); tensors are not read.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1))
         >>> path = ft.save(os.path.join(tempfile.mkdtemp(), "m.ckpt"), state, {"width": 2})
@@ -228,7 +228,7 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
     `"opt_state"`, `"slots"`, `"step"` for whole fields. Tensors go to `map_location`
     (default: `like`'s device). `like`'s static fields (model, optimizer) are kept.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
         >>> path = ft.save(os.path.join(tempfile.mkdtemp(), "s.ckpt"), state.replace(step=7))

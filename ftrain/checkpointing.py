@@ -54,7 +54,7 @@ class CheckpointIndex:
 def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
     """Read the index of a checkpoint folder written by `with_checkpointing`.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, ftrain as ft
         >>> d = tempfile.mkdtemp()
         >>> step = ft.with_checkpointing(
@@ -136,7 +136,7 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 
 class WithCheckpointing(Combinator):
-    """The combinator built by :func:`with_checkpointing`."""
+    """The combinator built by `with_checkpointing`."""
 
     def __init__(self, inner: Any, dirpath: str | None = None, *,
                  every_n_steps: int | None = None, every_n_epochs: int | None = 1,
@@ -436,7 +436,7 @@ def with_checkpointing(step: Any, dirpath: str | os.PathLike[str] | None = None,
     `checkpoints.json` names best and last (`ft.checkpoints(dirpath)`). Its bookkeeping
     lives in the `"checkpointing"` slot, so a resumed run keeps its top k.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, ftrain as ft
         >>> loss = lambda m, b: m(b).pow(2).mean()
         >>> step = ft.with_checkpointing(ft.train_step(loss), tempfile.mkdtemp(),

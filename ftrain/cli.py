@@ -647,7 +647,7 @@ def parser(cls: type, *, description: str | None = None) -> argparse.ArgumentPar
     gives the converted values under the dotted names, defaults included, without
     reading `--config`).
 
-    Example:
+    Examples:
         >>> import attrs, ftrain as ft
         >>> @attrs.frozen
         ... class Config:
@@ -671,7 +671,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, *,
     exit with status 2 (argparse's way), naming the valid ones. The class's attrs
     validators run on the result. `--print-config` prints the result as JSON and exits 0.
 
-    Example:
+    Examples:
         >>> import attrs, ftrain as ft
         >>> from typing import Literal
         >>> @attrs.frozen
@@ -706,7 +706,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     """The config as JSON-compatible data (nested dicts; enums by value, paths as strings,
     tuples as lists): what `ft.fit(..., hparams=)` records in every checkpoint.
 
-    Example:
+    Examples:
         >>> import attrs, pathlib, ftrain as ft
         >>> @attrs.frozen
         ... class Config:
@@ -729,7 +729,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, ignore: Iterable[str] = 
     With `ft.load_hparams` this is Lightning's `load_from_checkpoint(path, **overrides)`:
     `ft.cli.from_dict(Config, {**ft.load_hparams(path), "lr": 0.1})`.
 
-    Example:
+    Examples:
         >>> import attrs, ftrain as ft
         >>> @attrs.frozen
         ... class Config:

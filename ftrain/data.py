@@ -41,7 +41,7 @@ def sample_seed(index: int) -> int:
     exactly as the uninterrupted run did (with the same `num_workers`). Randomness drawn
     from the worker's global generator is not exact across a mid-epoch resume.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> g = torch.Generator().manual_seed(ft.sample_seed(7))
         >>> noise = torch.randn(3, generator=g)

@@ -25,7 +25,7 @@ SPLITS = ("train", "val", "test", "predict")
 class Data:
     """Train/val/test/predict data (or factories) plus optional `prepare` and `setup`.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> calls = []
         >>> data = ft.Data(train=lambda: [(torch.randn(4, 3), torch.randn(4, 1))],

@@ -33,7 +33,7 @@ from ftrain.state import LOOP_SLOT, TrainState
 
 
 class WithDDP(Combinator):
-    """The layer :func:`with_ddp` builds."""
+    """The layer `with_ddp` builds."""
 
     def __init__(self, inner: Any, *, backend: str | None, timeout: datetime.timedelta,
                  find_unused_parameters: bool, sync_buffers: bool,
@@ -110,7 +110,7 @@ def with_ddp(step: Any, *, backend: str | None = None,
     `timeout` bounds every collective (torch's default is 30 minutes). The remaining
     arguments go to `DistributedDataParallel`. On one process the layer does nothing.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
         >>> step = ft.with_ddp(step)   # launch with: torchrun --nproc_per_node=2 train.py

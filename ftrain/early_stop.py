@@ -26,7 +26,7 @@ from ftrain.validation import WithValidation
 
 
 class EarlyStop(Combinator):
-    """The combinator built by :func:`early_stop`."""
+    """The combinator built by `early_stop`."""
 
     def __init__(self, inner: Any, monitor: str, *, patience: int = 3,
                  mode: Literal["min", "max"] = "min", min_delta: float = 0.0,
@@ -160,7 +160,7 @@ def early_stop(step: Any, monitor: str, patience: int = 3, mode: Literal["min", 
     says why. A monitored key never produced is an error at the first check, listing
     the keys that exist.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(2)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 class FTrainError(Exception):
     """Base class of every error ftrain raises on purpose.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> issubclass(ft.ConfigError, ft.FTrainError)
         True

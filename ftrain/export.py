@@ -34,7 +34,7 @@ def bind(state: TrainState, model: str | None = None) -> nn.Module:
     state (no copy: `state.copy()` first to keep them apart). For a multi-model state
     name the model: `ft.bind(state, "G")`.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> module = ft.bind(state)
@@ -92,7 +92,7 @@ def program(state: TrainState, example: Any, *, model: str | None = None,
     tuple of arguments); with `dynamic_batch` the first dimension of each tensor input may
     vary.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> prog = ft.export.program(state, torch.randn(4, 3))
@@ -130,7 +130,7 @@ def onnx(state: TrainState, example: Any, path: str | os.PathLike[str], *,
     PyTorch model's (`rtol`, `atol`); a mismatch is an ExportError and leaves no file.
     Needs the `export` extra (onnx, onnxscript, onnxruntime).
 
-    Example:
+    Examples:
         >>> import tempfile, torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> path = ft.export.onnx(state, torch.randn(4, 3), tempfile.mkdtemp() + "/m.onnx")
@@ -187,7 +187,7 @@ def torchscript(state: TrainState, example: Any, path: str | os.PathLike[str] | 
                 *, model: str | None = None) -> torch.jit.ScriptModule:
     """A TorchScript module of the state's model, traced on `example`; saved if `path`.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> scripted = ft.export.torchscript(state, torch.randn(4, 3))

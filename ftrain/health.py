@@ -66,7 +66,7 @@ def check_finite(state: Any, *, raise_error: bool = True) -> int | None:
 
     Host sync here. Returns the bad step (or None) when `raise_error` is False.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
         >>> ft.check_finite(state) is None

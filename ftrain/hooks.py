@@ -1,10 +1,11 @@
 """`ft.every`: run a function of yours every n steps or epochs (Lightning's callbacks).
 
 Anything a callback would do (print, adjust, save something of your own, look at the
-metrics) is a function `fn(state, metrics) -> state | None`; `every` calls it after every
-n-th step with that step's metrics, or at every n-th completed epoch with the epoch-end
-metrics. Returning a state replaces the loop's state (e.g. with a changed slot); None
-keeps it.
+metrics) is a function `fn(state, metrics)`; `every` calls it after every n-th step with
+that step's metrics, or at every n-th completed epoch with the epoch-end metrics. It
+returns None (nothing changes), a state (replaces the loop's state, e.g. with a changed
+slot) or `(state, {name: value})`: metrics added to that step's or epoch end's, so outer
+layers (logging, `early_stop`, `with_checkpointing(monitor=...)`) see them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ Hook = Callable[[TrainState, dict[str, Any]], Any]
 
 
 class Every(Combinator):
-    """The combinator built by :func:`every`."""
+    """The combinator built by `every`."""
 
     def __init__(self, inner: Any, fn: Hook, every_n_steps: int | None,
                  every_n_epochs: int | None) -> None:
@@ -45,20 +46,24 @@ class Every(Combinator):
         return (f"every({name}, every_n_steps={self.every_n_steps}, "
                 f"every_n_epochs={self.every_n_epochs})")
 
-    def _call(self, state: TrainState, metrics: dict[str, Any]) -> TrainState:
+    def _call(self, state: TrainState, metrics: dict[str, Any]
+              ) -> tuple[TrainState, dict[str, Any]]:
         out = self.fn(state, metrics)
         if out is None:
-            return state
-        if not isinstance(out, TrainState):
-            raise ConfigError(f"{self!r}: fn must return a TrainState or None, got "
-                              f"{type(out).__name__}")
-        return out
+            return state, metrics
+        if isinstance(out, TrainState):
+            return out, metrics
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState) \
+                and isinstance(out[1], dict):
+            return out[0], {**metrics, **out[1]}  # e.g. an epoch score for early_stop
+        raise ConfigError(f"{self!r}: fn must return None, a TrainState or (TrainState, "
+                          f"dict of metrics), got {type(out).__name__}")
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
         n = self.every_n_steps
         if n is not None and state.step % n == 0:
-            state = self._call(state, metrics)
+            state, metrics = self._call(state, metrics)
         return state, metrics
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
@@ -66,7 +71,7 @@ class Every(Combinator):
         n = self.every_n_epochs
         pos = state.slots.get(LOOP_SLOT)
         if n is not None and pos is not None and pos["batch"] == 0 and pos["epoch"] % n == 0:
-            state = self._call(state, metrics)
+            state, metrics = self._call(state, metrics)
         return state, metrics
 
 
@@ -75,9 +80,10 @@ def every(step: Any, fn: Hook, *, every_n_steps: int | None = None,
     """Call `fn(state, metrics)` after every n-th step and/or every n-th completed epoch.
 
     `state.step` (after the step) and `state.epoch` (completed epochs) say where the loop
-    is. `fn` may return a new state (kept) or None.
+    is. `fn` returns None, a new state (kept), or `(state, metrics)` to add metrics that
+    outer layers see (e.g. an epoch score to monitor).
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> seen = []
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))

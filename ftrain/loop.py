@@ -338,7 +338,7 @@ def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = Non
     `gen.send(changed_state)` continues the loop from a changed state. On the last batch of
     an epoch the metrics include what the step's `epoch_end` returned (e.g. validation).
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
@@ -381,7 +381,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     (`handle_sigterm=False` leaves signals alone). If training fails or is
     interrupted (Ctrl-C), the exception carries the state reached so far as `err.state`.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
@@ -526,7 +526,7 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     every rank) each rank evaluates its share (every sample on exactly one rank) and the
     weighted sums are all-reduced, so all ranks return the same numbers.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> evaluator = ft.eval_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1))
@@ -657,7 +657,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
     an (inputs, targets) pair); `fn(model, batch)` to choose. For a multi-model state
     name the model (`model="G"`) or give `fn`, which then receives the dict of models.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> outs = ft.predict(state, [torch.randn(4, 3), torch.randn(2, 3)])

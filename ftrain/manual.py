@@ -1,7 +1,7 @@
 """`manual_step`: a hand-written step that updates several models with several optimizers.
 
 A GAN updates the discriminator, then the generator, each from its own loss and with its
-own optimizer. `manual_step(fn)` gives `fn(m, batch)` a :class:`Manual` with the models
+own optimizer. `manual_step(fn)` gives `fn(m, batch)` a `Manual` with the models
 (bound to the state's tensors, train mode) and the same update phases `train_step` uses:
 `m.update(loss, "D")` runs the (scaled) backward into D's parameters only, the gradient
 sync across ranks, unscaling and the finite check, and D's optimizer chain. The result is
@@ -111,7 +111,7 @@ class Manual:
     def update(self, loss: torch.Tensor, model: str | None = None) -> None:
         """`backward(loss, model)` then `apply(model)`: one optimizer step for one model.
 
-        Example:
+        Examples:
             >>> import torch, ftrain as ft
             >>> def fn(m, batch):
             ...     loss = m.model(batch).pow(2).mean()
@@ -141,7 +141,7 @@ class Manual:
 
 
 class ManualStep:
-    """The step built by :func:`manual_step`."""
+    """The step built by `manual_step`."""
 
     inner = None
     want_grad_norm = False
@@ -219,7 +219,7 @@ def manual_step(fn: Callable[[Manual, Any], Any], *,
     optimizer step for one model (`m.backward` + `m.apply` to accumulate first). The
     state holds every model's optimizer state; the function returns the metrics.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> def gan(m, batch):
         ...     G, D = m.model["G"], m.model["D"]

@@ -78,7 +78,7 @@ def recorder_of(state: TrainState) -> Recorder | None:
 
 
 class WithProfiling(Combinator):
-    """The combinator built by :func:`with_profiling`."""
+    """The combinator built by `with_profiling`."""
 
     def __init__(self, inner: Any, kind: Kind = "simple", *, filename: str | None = None,
                  dirpath: str | None = None, file: Any = None, wait: int = 1, warmup: int = 1,
@@ -176,7 +176,7 @@ def with_profiling(step: Any, kind: Kind = "simple", *, filename: str | None = N
     `dirpath` (default `<root_dir>/ftrain_logs/profiler`) that TensorBoard opens,
     recording `active` steps after `wait` skipped and `warmup` warm-up steps.
 
-    Example:
+    Examples:
         >>> import io, torch, ftrain as ft
         >>> loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> out = io.StringIO()

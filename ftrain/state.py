@@ -59,10 +59,10 @@ def _trainable(template: nn.Module, params: Tensors) -> Tensors:
 class TrainState:
     """Params, buffers, optimizer state, step counter, seed and combinator slots.
 
-    Build one with :meth:`TrainState.create`; change one with :meth:`replace` (a new
+    Build one with `TrainState.create`; change one with `replace` (a new
     record; assigning a field raises). `step` counts step calls (iterations) on the host.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
         >>> sorted(state.params), state.step
@@ -92,7 +92,7 @@ class TrainState:
         `requires_grad=False` stay frozen (no gradient, no optimizer state). Pass dicts
         (`{"G": g, "D": d}` and `{"G": adam(...), "D": adam(...)}`) to train several models.
 
-        Example:
+        Examples:
             >>> import torch, ftrain as ft
             >>> nets = {"G": torch.nn.Linear(2, 2), "D": torch.nn.Linear(2, 1)}
             >>> opts = {"G": ft.optim.adam(1e-3), "D": ft.optim.adam(1e-3)}
@@ -141,7 +141,7 @@ class TrainState:
     def replace(self, **changes: Any) -> TrainState:
         """Return a new state with the given fields changed (the tensors are shared).
 
-        Example:
+        Examples:
             >>> import torch, ftrain as ft
             >>> s = ft.TrainState.create(torch.nn.Linear(2, 1))
             >>> s.replace(seed=3).seed, s.seed
@@ -163,7 +163,7 @@ class TrainState:
     def copy(self) -> TrainState:
         """A deep copy: new tensors, new dicts; the copy is independent of this state.
 
-        Example:
+        Examples:
             >>> import torch, ftrain as ft
             >>> s = ft.TrainState.create(torch.nn.Linear(2, 1))
             >>> c = s.copy(); _ = c.params["bias"].add_(1)
@@ -177,7 +177,7 @@ class TrainState:
 
         Only the device changes (dtypes stay, so the model skeleton still fits).
 
-        Example:
+        Examples:
             >>> import torch, ftrain as ft
             >>> ft.TrainState.create(torch.nn.Linear(2, 1)).to("cpu").device.type
             'cpu'

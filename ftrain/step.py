@@ -103,7 +103,7 @@ def _clone_tree(tree: Any) -> Any:
 
 
 class TrainStep:
-    """The core training step built by :func:`train_step`."""
+    """The core training step built by `train_step`."""
 
     inner = None
     # Set for one call by a logging layer at its interval: add the global gradient norm
@@ -355,7 +355,7 @@ def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
     `check_finite_every_step=True` checks each step (a host sync per step);
     `on_nonfinite="skip"` skips such updates on the device; `"ignore"` does nothing.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> def loss_fn(model, batch):
         ...     x, y = batch
@@ -371,7 +371,7 @@ def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
 
 
 class EvalStep:
-    """The evaluation step built by :func:`eval_step`: `(state, batch) -> metrics`."""
+    """The evaluation step built by `eval_step`: `(state, batch) -> metrics`."""
 
     inner = None
 
@@ -404,7 +404,7 @@ def eval_step(fn: LossFn) -> EvalStep:
     `fn` returns a 0-d tensor (reported as "loss"), `(loss, {name: metric})` or a dict
     of metrics.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> def metric_fn(model, batch):
         ...     x, y = batch
@@ -458,7 +458,7 @@ def core(step: Any) -> Any:
 def request_stop(state: TrainState, reason: str) -> TrainState:
     """Ask the loop to stop after this step (or epoch end); `reason` is logged.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> s = ft.request_stop(ft.TrainState.create(torch.nn.Linear(1, 1)), "done")
         >>> ft.stop_reason(s)

@@ -1,6 +1,6 @@
 """Helpers for unit-testing your own steps: purity, overfitting one batch, gradients.
 
-Example:
+Examples:
     >>> import torch, ftrain as ft
     >>> from ftrain import testing
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))

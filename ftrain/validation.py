@@ -25,7 +25,7 @@ Metrics = dict[str, Any]
 
 
 class WithValidation(Combinator):
-    """The combinator built by :func:`with_validation`."""
+    """The combinator built by `with_validation`."""
 
     def __init__(self, inner: Any, evaluator: Callable[[TrainState, Any], Metrics],
                  val_data: Any, *, every_n_epochs: int | None = 1,
@@ -136,7 +136,7 @@ def with_validation(step: Any, evaluator: Callable[[TrainState, Any], Metrics], 
     run; `sanity_steps` batches run before training starts (not logged, not counted).
     Validation also runs after the last epoch when `every_n_epochs` does not divide it.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]

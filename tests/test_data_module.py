@@ -93,12 +93,23 @@ def test_every_calls_the_hook_on_steps_and_epochs_and_can_change_the_state():
     assert final.slots["mine"] == 4
 
 
+def test_every_can_add_a_metric_that_early_stop_monitors():
+    def score(s, metrics):
+        return s, {"score": torch.tensor(1.0)}  # never improves after the first epoch
+
+    step = ft.every(ft.train_step(classify), score, every_n_epochs=1)
+    step = ft.early_stop(step, monitor="score", patience=2, mode="max")
+    final = ft.fit(step, state(), make_batches(2), epochs=10, logger=False, checkpoint=False,
+                   progress=False)
+    assert final.epoch == 3 and "score" in ft.stop_reason(final)
+
+
 def test_every_errors():
     with pytest.raises(ft.ConfigError, match="every_n_steps= or every_n_epochs="):
         ft.every(ft.train_step(classify), lambda s, m: None)
     with pytest.raises(ft.ConfigError, match="every_n_steps must be an int >= 1"):
         ft.every(ft.train_step(classify), lambda s, m: None, every_n_steps=0)
     bad = ft.every(ft.train_step(classify), lambda s, m: 42, every_n_steps=1)
-    with pytest.raises(ft.ConfigError, match="must return a TrainState or None"):
+    with pytest.raises(ft.ConfigError, match="must return None, a TrainState or"):
         ft.fit(bad, state(), make_batches(2), epochs=1, logger=False, checkpoint=False,
                progress=False)

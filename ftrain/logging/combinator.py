@@ -58,7 +58,7 @@ def _check_metrics(metrics: Any, step: int) -> None:
 
 
 class WithLogging(Combinator):
-    """The combinator built by :func:`with_logging`."""
+    """The combinator built by `with_logging`."""
 
     def __init__(self, inner: Any, loggers: Any = None, *, every_n_steps: int | None = 50,
                  prog_bar: bool | Sequence[str] = ("loss",), on_step: bool | Sequence[str] = True,
@@ -328,7 +328,7 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
     norm, both at the logging interval only. `hparams` (or `ft.fit(hparams=...)`) go to
     the loggers at the end with the final metrics (TensorBoard's HPARAMS tab).
 
-    Example:
+    Examples:
         >>> import tempfile, torch, ftrain as ft
         >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
         >>> csv = ft.loggers.CSV(tempfile.mkdtemp())

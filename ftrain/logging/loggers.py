@@ -115,7 +115,7 @@ class TensorBoard(_Versioned):
     `.experiment` is the `torch.utils.tensorboard.SummaryWriter`, for images, histograms,
     figures and anything else TensorBoard shows.
 
-    Example:
+    Examples:
         >>> import tempfile, ftrain as ft
         >>> logger = ft.loggers.TensorBoard(tempfile.mkdtemp())
         >>> logger.log_metrics({"loss": 0.5}, step=1)
@@ -181,7 +181,7 @@ class CSV(_Versioned):
     unwritten rows are held); a new metric name rewrites the file once with the wider
     header. Hyperparameters go to `hparams.json` beside it.
 
-    Example:
+    Examples:
         >>> import tempfile, ftrain as ft
         >>> logger = ft.loggers.CSV(tempfile.mkdtemp())
         >>> logger.log_metrics({"loss": 0.5}, step=1); logger.finalize()

@@ -1,6 +1,6 @@
 """Pure optimizers: `init(params) -> opt_state` and an in-place `update`, on torch's kernels.
 
-Example:
+Examples:
     >>> import ftrain as ft
     >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0),
     ...                      ft.optim.adamw(ft.optim.schedules.warmup_cosine(1e-3, 100, 1000)))

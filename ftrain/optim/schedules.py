@@ -4,7 +4,7 @@ Each schedule accepts a Python int (returns a float) or a 0-d tensor (returns a 
 tensor on the same device, computed without a host sync), so the optimizer can keep its
 count on the device and a compiled or CUDA-graph-captured step never recompiles.
 
-Example:
+Examples:
     >>> import torch
     >>> from ftrain.optim import schedules
     >>> s = schedules.warmup_cosine(1e-3, warmup_steps=10, total_steps=110)
@@ -49,7 +49,7 @@ def _positive(name: str, value: int) -> None:
 class constant:
     """`value` at every count.
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> schedules.constant(0.1)(123)
         0.1
@@ -67,7 +67,7 @@ class constant:
 class linear:
     """From `start` to `end` linearly over `steps` updates, then `end` (e.g. warmup).
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> schedules.linear(0.0, 1.0, steps=4)(1)
         0.25
@@ -89,7 +89,7 @@ class linear:
 class cosine_decay:
     """From `init` down to `alpha * init` along a half cosine over `decay_steps`.
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> schedules.cosine_decay(1.0, 10)(10)
         0.0
@@ -112,7 +112,7 @@ class cosine_decay:
 class step_decay:
     """`init * gamma ** (count // step_size)` (torch's StepLR).
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> schedules.step_decay(1.0, step_size=10, gamma=0.5)(25)
         0.25
@@ -136,7 +136,7 @@ class step_decay:
 class join:
     """Run `schedules[i]` from `boundaries[i-1]` on; each sees the count since its start.
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> s = schedules.join([schedules.constant(1.0), schedules.constant(0.1)], [100])
         >>> s(99), s(100)
@@ -176,7 +176,7 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, *, init: flo
                   end: float = 0.0) -> join:
     """Linear warmup from `init` to `peak`, then cosine decay to `end` at `total_steps`.
 
-    Example:
+    Examples:
         >>> from ftrain.optim import schedules
         >>> schedules.warmup_cosine(1.0, 10, 20)(5)
         0.5
