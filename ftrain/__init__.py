@@ -37,6 +37,14 @@ from ftrain.hooks import every
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
 from ftrain.manual import Manual, manual_step
+from ftrain.population import (
+    member,
+    population,
+    population_eval_step,
+    population_step,
+    split_members,
+    vmap,
+)
 from ftrain.profile import with_profiling
 from ftrain.state import TrainState, is_donated
 from ftrain.step import (
@@ -88,14 +96,20 @@ __all__ = [
     "loggers",
     "loss_scale",
     "manual_step",
+    "member",
     "optim",
+    "population",
+    "population_eval_step",
+    "population_step",
     "predict",
     "request_stop",
     "run_info",
     "sample_seed",
     "save",
+    "split_members",
     "stop_reason",
     "train_step",
+    "vmap",
     "with_accumulation",
     "with_amp",
     "with_checkpointing",

@@ -1,0 +1,161 @@
+"""Training a population with `ft.vmap` against sequential hand-written loops.
+
+Workload (the issue's target): 32 tiny MLPs (32-64-10, ReLU), batch 32, cross-entropy,
+Adam lr 1e-3, CPU, one thread (`torch.set_num_threads(1)`). One "epoch" is a list of E
+pre-made (x, y) batches (E = 200 by default, `--steps`); every variant does the same total
+work, 32 x E model updates:
+
+- `hand`: 32 sequential hand-written loops, one model after the other, each over the E
+  batches with `torch.optim.Adam(lr=1e-3)` (torch's default implementation for CPU
+  tensors): zero_grad; forward; loss; backward; step;
+- `pop eager`: `ft.fit(ft.vmap(ft.train_step(loss_fn)), pop, data, epochs=1, logger=False,
+  checkpoint=False, progress=False)` on a 32-member population (E population steps, each
+  training all 32 members: vmapped per-member gradients, batched Adam);
+- `pop compiled`: the same with `population_step(loss_fn, compile=True)`, whose kernel
+  (per-member loss and gradients, update of every member) is
+  `torch.compile(fullgraph=True)`-compiled; compilation happens in a warm-up call outside
+  the timing (its cost is printed separately);
+- `kernel eager` / `kernel compiled` (information): the step's kernel,
+  `step.kernel(pop)(params, buffers, opt_state, batch)`, called in a bare Python loop:
+  the population step without the loop's and the step's bookkeeping (metrics per
+  member, seeding, the state record), i.e. the least a population iteration costs.
+
+Each variant's whole call is timed (model and state construction excluded). Variants are
+interleaved in every round (the order rotates) after a warm-up round; the summary gives
+the median time per E steps and the ratios `hand / variant` as medians of the per-round
+ratios (paired, so slow drift of a shared machine cancels) with their range.
+
+Targets (issue 7): pop eager >= 8x hand, pop compiled >= 25x hand.
+
+Run: `python benchmarks/population.py` (about a minute) or `--quick` (a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ftrain as ft
+from ftrain.population import PopulationStep, population, population_step
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+MEMBERS = 32
+EAGER_TARGET = 8.0
+COMPILED_TARGET = 25.0
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def make_data(steps: int, batch: int = 32) -> list[Batch]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def hand(data: list[Batch]) -> float:
+    """32 sequential hand loops with torch.optim.Adam; returns the wall time."""
+    models = []
+    for seed in range(MEMBERS):
+        torch.manual_seed(seed)
+        models.append(make_model())
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+    start = time.perf_counter()
+    for model, opt in zip(models, opts):
+        for batch in data:
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+def make_population() -> ft.TrainState:
+    template = ft.TrainState.create(make_model(), ft.optim.adam(1e-3), seed=0)
+    return population(template, n=MEMBERS)
+
+
+def pop_run(step: Callable[..., object], pop: ft.TrainState, data: list[Batch]) -> float:
+    pop = pop.copy()  # same model and optimizer records: the step's (compiled) kernel is reused
+    start = time.perf_counter()
+    ft.fit(step, pop, data, epochs=1, logger=False, checkpoint=False, progress=False)
+    return time.perf_counter() - start
+
+
+def kernel_run(step: PopulationStep, pop: ft.TrainState, data: list[Batch]) -> float:
+    kernel = step.kernel(pop)
+    own = pop.copy()
+    params, buffers, opt_state = own.params, own.buffers, own.opt_state
+    start = time.perf_counter()
+    for batch in data:
+        kernel(params, buffers, opt_state, batch)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="batches per timed call (E)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: E=20, 3 rounds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 20, 3
+    torch.set_num_threads(1)
+    data = make_data(args.steps)
+    eager = population_step(loss_fn)
+    compiled = population_step(loss_fn, compile=True)
+    pop = make_population()
+    t0 = time.perf_counter()
+    pop_run(compiled, pop, data[:2])  # compiles the kernel (once per step object)
+    compile_s = time.perf_counter() - t0
+    variants: dict[str, Callable[[], float]] = {
+        "hand": lambda: hand(data),
+        "pop eager": lambda: pop_run(eager, pop, data),
+        "pop compiled": lambda: pop_run(compiled, pop, data),
+        "kernel eager": lambda: kernel_run(eager, pop, data),
+        "kernel compiled": lambda: kernel_run(compiled, pop, data),
+    }
+    names = list(variants)
+    for name in names:  # warm-up round
+        variants[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(variants[name]())
+    per_update = {n: statistics.median(t) / (args.steps * MEMBERS) for n, t in times.items()}
+    print(f"{MEMBERS} MLPs 32-64-10, batch 32, Adam, {args.steps} steps per call, "
+          f"{args.rounds} rounds, 1 thread, torch {torch.__version__}")
+    print(f"compiling the population kernel took {compile_s:.1f} s (once)")
+    print(f"{'variant':<16}{'median s/call':>14}{'us per model update':>22}")
+    for n in names:
+        print(f"{n:<16}{statistics.median(times[n]):>14.4f}{per_update[n] * 1e6:>22.2f}")
+    out: dict[str, float] = {"compile_s": compile_s}
+    targets = {"pop eager": EAGER_TARGET, "pop compiled": COMPILED_TARGET}
+    for n in names[1:]:
+        ratios = [h / v for h, v in zip(times["hand"], times[n])]
+        med = statistics.median(ratios)
+        out[n] = med
+        line = f"hand / {n}: {med:.1f}x (range {min(ratios):.1f}-{max(ratios):.1f})"
+        if n in targets:
+            verdict = "meets" if med >= targets[n] else "MISSES"
+            line += f"; target >= {targets[n]:.0f}x: {verdict}"
+        print(line)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
