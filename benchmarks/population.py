@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ftrain as ft
-from ftrain.population import PopulationStep, population, population_step
+from ftrain.populations import PopulationStep, population, population_step
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 MEMBERS = 32

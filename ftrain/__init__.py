@@ -16,6 +16,7 @@ from ftrain.accumulation import with_accumulation
 from ftrain.amp import loss_scale, with_amp
 from ftrain.checkpoint import load, load_hparams, save
 from ftrain.checkpointing import checkpoints, with_checkpointing
+from ftrain.compilation import compile
 from ftrain.data import sample_seed
 from ftrain.data_module import Data
 from ftrain.ddp import with_ddp
@@ -37,7 +38,7 @@ from ftrain.hooks import every
 from ftrain.logging import loggers, with_logging
 from ftrain.loop import evaluate, fit, iterate, predict
 from ftrain.manual import Manual, manual_step
-from ftrain.population import (
+from ftrain.populations import (
     member,
     population,
     population_eval_step,
@@ -82,6 +83,7 @@ __all__ = [
     "checkpoints",
     "cli",
     "combinators",
+    "compile",
     "early_stop",
     "eval_step",
     "evaluate",

@@ -108,6 +108,7 @@ class Binding:
         self.latest: Any = None  # the newest state the core step produced (error recovery)
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
         self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
+        self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
 
     def set_mode(self, training: bool) -> None:
         if self.training is not training:

@@ -538,7 +538,7 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         raise ConfigError(f"evaluate needs an evaluator (state, batch) -> metrics, got "
                           f"{type(evaluator).__name__}")
     data = resolve(data, "test", "val")
-    from ftrain.population import is_population
+    from ftrain.populations import is_population
     if isinstance(evaluator, _step.EvalStep) and is_population(state):
         raise ConfigError("this state is a population: evaluate its members with "
                           "ft.vmap(ft.eval_step(fn)), or one member with ft.member(pop, i)")

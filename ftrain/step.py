@@ -249,6 +249,11 @@ class TrainStep:
                      explicit_sync=module is None)
         if prof is not None:
             prof.lap("optimizer")
+        return self._advance(state, binding, metrics), metrics
+
+    def _advance(self, state: TrainState, binding: Any, metrics: Metrics) -> TrainState:
+        """A loop's step is done: note the loss for the non-finite check, take reassigned
+        buffers, return the next state (step + 1) and donate `state`."""
         if self.on_nonfinite != "ignore":
             binding.pending.append(metrics["loss"])
             binding.pending_steps.append(state.step)
@@ -260,13 +265,10 @@ class TrainStep:
         new.__dict__["step"] = state.step + 1
         binding.latest = new
         donate(state, "a training step")
-        return new, metrics
+        return new
 
     def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if state.optimizer is None or (state.multi and all(
-                o is None for o in state.optimizer.values())):
-            raise ConfigError("this state has no optimizer; create it with "
-                              "TrainState.create(model, optimizer)")
+        require_optimizer(state)
         params: dict[Any, Any] = {}
         buffers: dict[Any, Any] = {}
         trainable: list[tuple[Any, Any, dict[str, torch.Tensor]]] = []
@@ -301,6 +303,11 @@ class TrainStep:
         self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
         for t in leaves:
             t.requires_grad_(False)
+        return self._pure_result(state, metrics, params, buffers, opt_state, slots), metrics
+
+    def _pure_result(self, state: TrainState, metrics: Metrics, params: Any, buffers: Any,
+                     opt_state: Any, slots: dict[str, Any]) -> TrainState:
+        """A pure call's new state: the loss noted for the non-finite check, step + 1."""
         if self.on_nonfinite != "ignore":
             record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
             record["policy"] = self.on_nonfinite
@@ -308,7 +315,7 @@ class TrainStep:
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
                             step=state.step + 1, slots=slots)
         new.__dict__["_binding"] = None
-        return new, metrics
+        return new
 
 
 def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
@@ -319,6 +326,13 @@ def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -
     for k, v in metrics.items():
         part = v.float() * weight
         total[k] = part if k not in total else total[k] + part
+
+
+def require_optimizer(state: TrainState) -> None:
+    if state.optimizer is None or (state.multi and all(
+            o is None for o in state.optimizer.values())):
+        raise ConfigError("this state has no optimizer; create it with "
+                          "TrainState.create(model, optimizer)")
 
 
 def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,11 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return
     if rel not in NO_CODE:
         assert blocks, f"docs/{rel} has no ```python block (list it in NO_CODE if none fits)"
-    namespace: dict[str, object] = {"__name__": "__docs__"}
+    # An importable module, so torch.compile (which imports the module a traced function
+    # was defined in) captures functions defined on the page instead of falling back.
+    module = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, "__docs__", module)
+    namespace: dict[str, object] = module.__dict__
     for block in blocks:
         # Leading blank lines make tracebacks report the page's own line numbers.
         code = compile("\n" * (block.line - 1) + block.source, str(page), "exec")

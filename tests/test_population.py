@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 import ftrain as ft
-from ftrain.population import (
+from ftrain.populations import (
     PopulationStep,
     is_population,
     member,

@@ -3,10 +3,12 @@
 A *transform* has `init(params) -> state` and `apply(params, state, count, found_inf)`.
 `apply` reads each parameter's `.grad` (None: no gradient this step, left alone) and
 works in place on the tensors it is given: the step hands it copies in a pure call and
-the live tensors in a loop. An :class:`Optimizer` chains transforms and keeps the count of
+the live tensors in a loop. An `Optimizer` chains transforms and keeps the count of
 applied updates as a 0-d device tensor that schedules read, so a skipped update (found_inf
 set, e.g. an fp16 overflow) changes neither the params nor the schedule position, and the
-host never has to look.
+host never has to look. A transform may also have `apply_capturable(params, grads, state,
+count, found_inf) -> grads` (gradients given explicitly, everything on the device), which
+`Optimizer.update_capturable` chains for a compiled step.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Optimizer:
     `init(params)` returns `{"count": tensor(0), <transform name>: <its state>, ...}`;
     `update(params, opt_state, found_inf=None)` applies the chain in place.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
         >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.sgd(0.1))
         >>> w = torch.ones(2, requires_grad=True); w.grad = torch.full((2,), 10.0)
@@ -85,6 +87,41 @@ class Optimizer:
         else:  # skipped updates do not advance the schedule (no host sync)
             count.add_(1 - found_inf.to(torch.int64))
 
+    def update_capturable(self, params: Tensors, grads: Tensors, opt_state: dict[str, Any],
+                          found_inf: torch.Tensor | None = None) -> None:
+        """`update` for whole-step capture (`ft.compile`, CUDA graphs): same math, no host.
+
+        Gradients are given explicitly (`grads[name]` for each name of `params`; e.g. from
+        `torch.func.grad`) instead of read from `.grad`; learning rates, the count and the
+        skip decision stay device tensors, and a skipped update (`found_inf` set) is applied
+        with `torch.where`, never a Python branch on a value, so `torch.compile(fullgraph=True)`
+        traces it once. Params and `opt_state` are updated in place. Each transform needs an
+        `apply_capturable(params, grads, state, count, found_inf) -> grads` method.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.sgd(0.1))
+            >>> w = torch.ones(2)
+            >>> state = opt.init({"w": w})
+            >>> opt.update_capturable({"w": w}, {"w": torch.full((2,), 10.0)}, state)
+            >>> int(state["count"]), [round(v, 4) for v in w.tolist()]
+            (1, [0.9293, 0.9293])
+        """
+        count = opt_state["count"]
+        for key, t in zip(self.keys, self.transforms):
+            fn = getattr(t, "apply_capturable", None)
+            if fn is None:
+                raise ConfigError(
+                    f"optimizer transform {key!r} ({type(t).__name__}) has no capturable "
+                    "update (an apply_capturable(params, grads, state, count, found_inf) "
+                    "method), so it cannot run inside a compiled step")
+            grads = fn(params, grads, opt_state[key], count, found_inf)
+        with torch.no_grad():
+            if found_inf is None:
+                count.add_(1)
+            else:
+                count.add_(1 - found_inf.to(torch.int64))
+
     def learning_rates(self, opt_state: dict[str, Any]) -> dict[str, Any]:
         """The learning rate each transform would use now, by transform key (and group)."""
         out: dict[str, Any] = {}
@@ -99,7 +136,7 @@ class Optimizer:
 def chain(*parts: Any) -> Optimizer:
     """Run transforms in order, e.g. clip the gradient norm, then apply AdamW.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.adamw(1e-3))
         >>> opt.keys
@@ -198,6 +235,11 @@ def resolve_lr(lr: LR, count: torch.Tensor) -> Any:
             and value.dtype != torch.float32:
         value = value.to(torch.float32)
     return value
+
+
+def write(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:
+    """`dst.copy_(new)`, or keep `dst` where the 0-d bool `skip` is set (no host sync)."""
+    dst.copy_(new if skip is None else torch.where(skip, dst, new))
 
 
 def check_lr(lr: Any, what: str) -> None:

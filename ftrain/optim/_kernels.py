@@ -4,6 +4,10 @@ The math is torch's (`torch.optim.adam.adam`, `torch.optim.sgd.sgd` with foreach
 implementations); ftrain only keeps the state in a plain dict and the update count on the
 device. State layout mirrors `torch.optim` (per-parameter `step`, `exp_avg`, ...), so the
 numbers match the torch optimizers exactly when the same implementation is chosen.
+
+Each transform also has `apply_capturable`, the same math as device tensor ops on
+explicitly given gradients, with no host sync or value-dependent Python branch, for
+whole-step capture (`ft.compile`, CUDA graphs); see `Optimizer.update_capturable`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ftrain.optim._core import (
     check_lr,
     choose_impl,
     resolve_lr,
+    write,
 )
 
 
@@ -51,6 +56,14 @@ def _groups_to_update(transform: Any, params: Tensors, names: Any, count: torch.
             continue
         opts = transform.groups.settings(gi)
         yield group, ps, fused, foreach, opts, resolve_lr(opts["lr"], count)
+
+
+def _capture_groups(groups: Groups, params: Tensors, grads: Tensors, count: torch.Tensor
+                    ) -> Iterator[tuple[list[str], dict[str, Any], Any]]:
+    """Per parameter group with gradients: (names, settings, lr at `count`), for capture."""
+    for gi, names in groups.split([n for n in params if n in grads]).items():
+        opts = groups.settings(gi)
+        yield names, opts, resolve_lr(opts["lr"], count)
 
 
 @attrs.frozen(eq=False)
@@ -99,6 +112,43 @@ class _Adam:
                 beta1=beta1, beta2=beta2, lr=lr, weight_decay=opts["weight_decay"],
                 eps=opts["eps"], maximize=False)
 
+    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
+        """The update of `apply` (torch's Adam math) as device tensor ops: for capture."""
+        skip = None if found_inf is None else found_inf > 0
+        with torch.no_grad():
+            for names, opts, lr in _capture_groups(self.groups, params, grads, count):
+                beta1, beta2 = opts["betas"]
+                wd, eps = opts["weight_decay"], opts["eps"]
+                for n in names:
+                    p, g = params[n], grads[n]
+                    step_t = state["step"][n]
+                    step = step_t + 1
+                    new_p = p
+                    if wd != 0:
+                        if self.decoupled:
+                            new_p = p * (1 - lr * wd)
+                        else:
+                            g = g.add(p, alpha=wd)
+                    exp_avg = state["exp_avg"][n].lerp(g, 1 - beta1)
+                    exp_avg_sq = state["exp_avg_sq"][n].mul(beta2).addcmul(
+                        g, g, value=1 - beta2)
+                    s64 = step.to(torch.float64)
+                    step_size = lr / (1 - torch.pow(beta1, s64))
+                    bc2_sqrt = (1 - torch.pow(beta2, s64)).sqrt()
+                    if self.amsgrad:
+                        biggest = torch.maximum(state["max_exp_avg_sq"][n], exp_avg_sq)
+                        write(state["max_exp_avg_sq"][n], biggest, skip)
+                        denom = biggest.sqrt() / bc2_sqrt + eps
+                    else:
+                        denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+                    new_p = new_p - (exp_avg / denom) * step_size
+                    write(p, new_p.to(p.dtype), skip)
+                    write(state["exp_avg"][n], exp_avg, skip)
+                    write(state["exp_avg_sq"][n], exp_avg_sq, skip)
+                    write(step_t, step, skip)
+        return grads
+
     def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
         return _current_lrs(self.groups, count)
 
@@ -131,6 +181,25 @@ class _SGD:
                 found_inf=found_inf if fused else None,
                 weight_decay=opts["weight_decay"], momentum=opts["momentum"], lr=lr,
                 dampening=0.0, nesterov=opts["nesterov"], maximize=False)
+
+    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
+        """The update of `apply` (torch's SGD math) as device tensor ops: for capture."""
+        skip = None if found_inf is None else found_inf > 0
+        with torch.no_grad():
+            for names, opts, lr in _capture_groups(self.groups, params, grads, count):
+                momentum, wd = opts["momentum"], opts["weight_decay"]
+                for n in names:
+                    p, g = params[n], grads[n]
+                    if wd != 0:
+                        g = g.add(p, alpha=wd)
+                    if momentum:
+                        buf = state["momentum_buffer"][n]
+                        new_buf = buf.mul(momentum).add(g)
+                        write(buf, new_buf, skip)
+                        g = g.add(new_buf, alpha=momentum) if opts["nesterov"] else new_buf
+                    write(p, (p - g * lr).to(p.dtype), skip)
+        return grads
 
     def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
         return _current_lrs(self.groups, count)
@@ -182,7 +251,7 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     `lr` is a float or a schedule. `groups` maps name patterns to setting overrides.
     By default the fused kernel is used where the device has one, else foreach.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.adam(ft.optim.schedules.cosine_decay(1e-3, 1000))
         >>> sorted(opt.init({}))
@@ -198,7 +267,7 @@ def adamw(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           fused: bool | None = None, foreach: bool | None = None) -> Optimizer:
     """AdamW (decoupled weight decay), on torch's Adam kernels.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.adamw(1e-3, groups={"*.bias": {"weight_decay": 0.0}})
     """
@@ -211,7 +280,7 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
         fused: bool | None = None, foreach: bool | None = None) -> Optimizer:
     """SGD with optional (Nesterov) momentum and L2 weight decay, on torch's SGD kernels.
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.sgd(0.1, momentum=0.9, nesterov=True)
     """
@@ -242,11 +311,23 @@ class _ClipGradNorm:
         if with_grad:  # torch's clip: norm and scale on the device, no host sync
             torch.nn.utils.clip_grad_norm_(with_grad, self.max_norm, self.norm_type)
 
+    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
+        """torch's clip_grad_norm_ math on explicit gradients (returned scaled): for capture."""
+        names = [n for n in params if n in grads]
+        if not names:
+            return grads
+        with torch.no_grad():
+            norms = [torch.linalg.vector_norm(grads[n], self.norm_type) for n in names]
+            total = torch.linalg.vector_norm(torch.stack(norms), self.norm_type)
+            coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
+            return {**grads, **{n: grads[n] * coef.to(grads[n].dtype) for n in names}}
+
 
 def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> _ClipGradNorm:
     """Scale gradients so their global norm is at most `max_norm` (torch's clip_grad_norm_).
 
-    Example:
+    Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.sgd(0.1))
     """

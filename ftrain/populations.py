@@ -2,9 +2,9 @@
 
 `population(...)` stacks N states into one *population state*: an ordinary `TrainState`
 whose params, buffers and optimizer state have a leading member dimension N. Its `model`
-is a :class:`StackedModel` (the template's module tree with every tensor stacked), so the
+is a `StackedModel` (the template's module tree with every tensor stacked), so the
 loops bind it, `ft.save` / `ft.load` store it, and `ft.bind(pop)` runs every member at once.
-Its `optimizer` is a :class:`PopulationOptimizer`: the members' shared optimizer plus their
+Its `optimizer` is a `PopulationOptimizer`: the members' shared optimizer plus their
 own hyperparameters (learning rate, weight decay, momentum, eps, betas), which live as
 device tensors in `pop.opt_state["hparams"]`.
 
@@ -64,9 +64,9 @@ class StackedModel(nn.Module):
     checkpoint names its tensors as a single model's. Calling a bound copy (`ft.bind(pop)`)
     runs every member on the same inputs (vmap) and stacks the outputs along dim 0.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import population
+        >>> from ftrain.populations import population
         >>> pop = population(ft.TrainState.create(torch.nn.Linear(3, 2)), n=4)
         >>> pop.model.n, tuple(pop.params["weight"].shape)
         (4, (4, 2, 3))
@@ -147,9 +147,9 @@ class PopulationOptimizer:
     the hyperparameters each member has of its own (their values are device tensors in
     `pop.opt_state["hparams"]`; per-member learning-rate schedules are kept here).
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import population
+        >>> from ftrain.populations import population
         >>> pop = population(ft.TrainState.create(torch.nn.Linear(3, 2), ft.optim.adam(1e-3)),
         ...                  hparams={"lr": [1e-3, 1e-2]})
         >>> hparams = pop.opt_state["hparams"]
@@ -215,11 +215,11 @@ def _lr_value(opt: PopulationOptimizer, base_lr: Any, hps: Mapping[str, torch.Te
 # -- building a population -------------------------------------------------------------
 
 def is_population(state: Any) -> bool:
-    """True when `state` is a population state made by :func:`population`.
+    """True when `state` is a population state made by `population`.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import is_population, population
+        >>> from ftrain.populations import is_population, population
         >>> s = ft.TrainState.create(torch.nn.Linear(2, 1))
         >>> is_population(s), is_population(population(s, n=2))
         (False, True)
@@ -465,7 +465,7 @@ def population(source: TrainState | Sequence[TrainState] | Callable[[int], Train
                n: int | None = None, *, seeds: Sequence[int] | None = None,
                hparams: Mapping[str, Sequence[Any]] | None = None,
                seed: int | None = None) -> TrainState:
-    """Stack N members into one population state, trained together by :func:`vmap`.
+    """Stack N members into one population state, trained together by `vmap`.
 
     `source` is one of:
 
@@ -487,9 +487,9 @@ def population(source: TrainState | Sequence[TrainState] | Callable[[int], Train
     `seed` is the population's own seed (shuffling, the step's random stream); default:
     the template's seed or the first member's.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import population
+        >>> from ftrain.populations import population
         >>> template = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.adamw(1e-3))
         >>> pop = population(template, hparams={"lr": [1e-3, 3e-3, 1e-2]})
         >>> record = pop.slots["population"]
@@ -635,9 +635,9 @@ def member(pop: TrainState, i: int) -> TrainState:
     hyperparameters put in; its seed is member i's; its step and data position are the
     population's. It trains, saves, loads, binds and exports like any state.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import member, population
+        >>> from ftrain.populations import member, population
         >>> template = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
         >>> pop = population(template, hparams={"lr": [0.1, 0.2]})
         >>> m = member(pop, 1)
@@ -672,8 +672,8 @@ def split_members(results: Mapping[str, Any], n: int | None = None) -> list[dict
     `{"loss": mean, "loss/m0": a, "loss/m1": b}` becomes `[{"loss": a}, {"loss": b}]`;
     entries without a member suffix (the means) are left out.
 
-    Example:
-        >>> from ftrain.population import split_members
+    Examples:
+        >>> from ftrain.populations import split_members
         >>> split_members({"acc": 0.5, "acc/m0": 0.4, "acc/m1": 0.6})
         [{'acc': 0.4}, {'acc': 0.6}]
     """
@@ -981,7 +981,7 @@ def _check_batch(batch: Any, n: int, where: str) -> None:
 
 
 class PopulationStep:
-    """The step built by :func:`population_step` (or `vmap(train_step(loss_fn))`)."""
+    """The step built by `population_step` (or `vmap(train_step(loss_fn))`)."""
 
     inner = None
 
@@ -1024,8 +1024,8 @@ class PopulationStep:
         `torch.compile(fullgraph=True, **options)` (what `ft.compile` builds); `fallback`
         (default: this step's) runs it eagerly, with a warning, if it cannot be captured.
 
-        Example:
-            >>> from ftrain.population import population_step
+        Examples:
+            >>> from ftrain.populations import population_step
             >>> population_step(lambda m, b: m(b).sum()).compiled(mode="default")
             population_step(<lambda>, compiled)
         """
@@ -1158,9 +1158,9 @@ def population_step(loss_fn: Callable[[Any, Any], Any], *, per_member_batches: b
     `{"mode": "max-autotune"}`); a loss function that cannot be captured runs eagerly with
     a warning (`fallback=False` raises instead).
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import population, population_step
+        >>> from ftrain.populations import population, population_step
         >>> def loss_fn(model, batch):
         ...     x, y = batch
         ...     return torch.nn.functional.mse_loss(model(x), y)
@@ -1179,7 +1179,7 @@ def population_step(loss_fn: Callable[[Any, Any], Any], *, per_member_batches: b
 # -- evaluation ------------------------------------------------------------------------
 
 class PopulationEvalStep:
-    """The evaluation step built by :func:`population_eval_step`."""
+    """The evaluation step built by `population_eval_step`."""
 
     inner = None
 
@@ -1232,11 +1232,11 @@ def population_eval_step(fn: Callable[[Any, Any], Any], *, per_member_batches: b
     `fn(model, batch)` is the ordinary metric function (one member's model). Metrics:
     each one's mean over members and member i's as `"<name>/m<i>"`, so
     `ft.evaluate(population_eval_step(fn), pop, data)` reports every member and
-    :func:`split_members` turns that into one dict per member.
+    `split_members` turns that into one dict per member.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import population, population_eval_step, split_members
+        >>> from ftrain.populations import population, population_eval_step, split_members
         >>> pop = population(ft.TrainState.create(torch.nn.Linear(3, 1)), n=2)
         >>> evaluator = population_eval_step(
         ...     lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
@@ -1250,15 +1250,15 @@ def population_eval_step(fn: Callable[[Any, Any], Any], *, per_member_batches: b
 
 def vmap(step: Any, **options: Any) -> PopulationStep | PopulationEvalStep:
     """Turn a core step into its population version: `ft.train_step(loss_fn)` into
-    :func:`population_step`, `ft.eval_step(fn)` into :func:`population_eval_step`.
+    `population_step`, `ft.eval_step(fn)` into `population_eval_step`.
 
     `options` are those functions' keywords (`per_member_batches`, `member_metrics`, ...);
     a train step's `on_nonfinite` and `check_finite_every_step` carry over. Outer
     combinators (logging, validation, checkpoints, early stopping) wrap the result.
 
-    Example:
+    Examples:
         >>> import torch, ftrain as ft
-        >>> from ftrain.population import vmap
+        >>> from ftrain.populations import vmap
         >>> vmap(ft.train_step(lambda m, b: m(b).sum()))
         population_step(<lambda>)
     """
