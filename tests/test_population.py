@@ -408,3 +408,11 @@ def test_sweep_example_finds_a_good_learning_rate(capsys):
     assert results["best_lr"] > 1e-3 and results["test_accuracy"] > 0.85, out
     assert results["val_accuracy"][0] < results["val_accuracy"][results["best"]] - 0.2, out
     assert f"best member: {results['best']}" in out and "test accuracy" in out
+
+
+def test_ft_compile_compiles_a_population_step_inside_a_stack():
+    core = population_step(mse_like)
+    stack = ft.compile(ft.with_logging(core, []), mode="max-autotune-no-cudagraphs")
+    assert stack.inner is not core and stack.inner.compile_options["fullgraph"] is True
+    assert stack.inner.compile_options["mode"] == "max-autotune-no-cudagraphs"
+    assert repr(stack.inner) == "population_step(mse_like, compiled)"
