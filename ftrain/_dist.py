@@ -199,6 +199,11 @@ def _peer_failure(rank: int) -> str | None:
     return None
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective live: nccl reduces CUDA tensors only."""
+    return local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     """Wait for every rank (if the group is still up)."""
     if dist.is_available() and dist.is_initialized():
@@ -237,12 +242,14 @@ def reduce_values(values: Sequence[torch.Tensor], how: Sequence[str], world: int
     all-reduce per kind of reduction. Every rank must call it at the same point."""
     if world <= 1 or not values:
         return list(values)
+    device = collective_device()
     out = list(values)
     for op in ("SUM", "MAX", "MIN"):
         idx = [i for i, h in enumerate(how) if _OPS.get(h, "SUM") == op]
         if not idx:
             continue
-        stacked = torch.stack([values[i].detach().to(torch.float64).reshape(()) for i in idx])
+        stacked = torch.stack([values[i].detach().to(device, torch.float64).reshape(())
+                               for i in idx])
         dist.all_reduce(stacked, op=getattr(dist.ReduceOp, op))
         for j, i in enumerate(idx):
             mean = how[i] in ("mean", "last")

@@ -87,6 +87,17 @@ def all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
     `train_step` lets DistributedDataParallel do it during backward instead)."""
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    if not params:
+        return
+    # Ranks may have used different parameters (a branch taken on one rank only): agree
+    # on which have a gradient anywhere, give the others zeros, so every rank reduces the
+    # same list. One small all-reduce and a host read of it (sync here).
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                           device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, present.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
     for group in _by_dtype(grads(params)):
         flat = _flatten_dense_tensors(group)
         dist.all_reduce(flat)

@@ -217,10 +217,14 @@ def shard_eval(data: Any, rank: int, world: int) -> Any:
     if world <= 1:
         return data
     if isinstance(data, DataLoader):
-        sampler = _plain_batching(data)
-        if sampler is not None:
+        from torch.utils.data.distributed import DistributedSampler
+        if isinstance(getattr(data.batch_sampler, "sampler", data.sampler),
+                      DistributedSampler):
+            return data  # already this rank's share (its padding may repeat samples)
+        if _plain_batching(data) is not None:  # order does not matter for evaluation
+            every = range(len(data.dataset))  # type: ignore[arg-type]
             return DataLoader(data.dataset, batch_size=data.batch_size,
-                              sampler=_Strided(sampler, rank, world),  # type: ignore[arg-type]
+                              sampler=_Strided(every, rank, world),  # type: ignore[arg-type]
                               drop_last=data.drop_last, **_loader_kwargs(data))
     return Interleaved(data, rank, world, complete=False)
 

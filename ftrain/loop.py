@@ -267,7 +267,12 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 raise replacement from err
         raise
     finally:
-        state = _finish(step, state, owner, failed)
+        try:
+            state = _finish(step, state, owner, failed)
+        except BaseException as err:  # e.g. a logger's finalize: peers must not wait
+            if run.on_error is not None and not failed:
+                run.on_error(err, -1)
+            raise
         if run.world > 1 and not failed:
             # leave together: rank 0's last files are complete when any rank reads them
             from ftrain._dist import barrier
@@ -610,7 +615,8 @@ def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[in
         raise ConfigError(f"ranks' evaluators returned different metrics: {gathered}")
     if not known:
         raise DataError("the evaluation data produced no batches on any rank")
-    device = next(iter(values.values()))[0].device if values else _collective_device()
+    from ftrain._dist import collective_device
+    device = collective_device()
     w = torch.tensor(weights, dtype=torch.float64, device=device)
     sums = [(torch.stack([v.detach().to(device, torch.float64) for v in values[k]]) * w).sum()
             if k in values else torch.zeros((), dtype=torch.float64, device=device)
@@ -619,14 +625,6 @@ def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[in
     dist.all_reduce(totals)
     host = totals.cpu().tolist()  # host sync here
     return {k: host[i] / host[-1] for i, k in enumerate(known)}
-
-
-def _collective_device() -> torch.device:
-    """Where a rank without data puts its zeros: nccl reduces CUDA tensors only."""
-    import torch.distributed as dist
-
-    from ftrain._dist import local_device
-    return local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _stderr_is_terminal() -> bool:

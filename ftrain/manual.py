@@ -105,7 +105,8 @@ class Manual:
         opt_state = state.opt_state if part is None else state.opt_state[part]
         if optimizer is None:
             raise ConfigError(f"m.apply: model {part!r} has no optimizer in this state")
-        _phases.apply_update(optimizer, params, opt_state, found_inf)
+        with torch.autocast(state.device.type, enabled=False):  # updates in full precision
+            _phases.apply_update(optimizer, params, opt_state, found_inf)
         self.found_inf = _phases.combine(self.found_inf, found_inf)
 
     def update(self, loss: torch.Tensor, model: str | None = None) -> None:

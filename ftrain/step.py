@@ -352,7 +352,7 @@ def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device if params else None)
     return torch.nn.utils.get_total_norm(grads).detach()
 
 

@@ -89,6 +89,8 @@ def test_two_ranks_with_batch_b_equal_one_process_with_batch_2b(tmp_path, single
         assert torch.equal(r0["params"][name], r1["params"][name])  # ranks in lockstep
     for name in r0["pure"]:  # direct calls all-reduce gradients too
         assert torch.equal(r0["pure"][name], r1["pure"][name])
+        # also when the ranks used different parameters
+        assert torch.equal(r0["branch"][name], r1["branch"][name])
         assert not torch.equal(r0["pure"][name], r0["params"][name])
     # the sharded evaluation counts every sample once: same as one process
     assert r0["val"] == r1["val"]

@@ -376,6 +376,15 @@ def test_lists_are_dealt_out_whole_and_evaluation_keeps_every_sample():
         ft_data.shard(iter(data), 0, 2, seed=0)
 
 
+def test_evaluation_keeps_a_loader_that_already_has_a_distributed_sampler():
+    from torch.utils.data.distributed import DistributedSampler
+    ds = TensorDataset(torch.arange(8.0).unsqueeze(1), torch.zeros(8))
+    loader = DataLoader(ds, batch_size=2,
+                        sampler=DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False))
+    assert ft_data.shard_eval(loader, 1, 2) is loader
+    assert ft_data.shard(loader, 1, 2, seed=0) is loader
+
+
 def test_make_dataset_loader_shards_keep_loader_settings():
     loader = DataLoader(make_dataset(), batch_size=10, drop_last=True)
     sharded = ft_data.shard(loader, 0, 2, seed=0)
