@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ftrain.errors import ConfigError
+from ftrain.state import clone_tree
 
 
 class Phases:
@@ -59,15 +60,21 @@ def autocast(phases: Phases, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=amp.dtype)
 
 
-def scaler(phases: Phases, state: Any) -> dict[str, torch.Tensor] | None:
-    """The float16 loss scaler's slot of `state` (created on first use), or None."""
+def scaler(phases: Phases, state: Any, slots: dict[str, Any] | None = None
+           ) -> dict[str, torch.Tensor] | None:
+    """The float16 loss scaler's slot of `state` (created on first use), or None.
+
+    A pure call passes its new `slots`: a copy of the slot goes there, the state's stays.
+    """
     amp = phases.amp
     if amp is None or not amp.scaling:
         return None
     slot = state.slots.get(amp.name)
     if slot is None:
         slot = amp.fresh_slot(state.device)
-        state.slots[amp.name] = slot
+    elif slots is not None:
+        slot = clone_tree(slot)
+    (state.slots if slots is None else slots)[amp.name] = slot
     return slot  # type: ignore[no-any-return]
 
 

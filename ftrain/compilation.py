@@ -37,7 +37,7 @@ import torch
 from ftrain import _bind, _phases, _rng
 from ftrain.combinators import layers
 from ftrain.errors import ConfigError, NonFiniteLossError
-from ftrain.state import TrainState, parts
+from ftrain.state import TrainState, clone_tree, parts
 from ftrain.step import (
     TrainStep,
     _add_weighted,
@@ -160,9 +160,8 @@ class CompiledStep(TrainStep):
             _check_state(state, "a training step")
         if self.fallback_reason is not None:
             return TrainStep.__call__(self, state, batch)
-        binding = state.__dict__["_binding"]
-        bound = binding is not None and binding.in_step and binding.live and \
-            binding.params is state.params
+        binding = _bind.stepping(state)
+        bound = binding is not None
         world = self.phases.world
         if world > 1:
             return self._give_up(f"with_ddp across {world} processes: DistributedDataParallel "
@@ -204,12 +203,8 @@ class CompiledStep(TrainStep):
 
     def _run_bound(self, state: TrainState, binding: Any, batch: Any
                    ) -> tuple[TrainState, Metrics]:
-        binding.set_mode(True)
-        binding.nonfinite_policy = self.on_nonfinite
-        prof = binding.profiler
-        if prof is not None:
-            prof.start()
-        scale = _phases.scaler(self.phases, state) if self.phases.amp is not None else None
+        prof = self._begin(binding)
+        scale = _phases.scaler(self.phases, state)
         # The loop's state flattened into the compiled function's inputs once per run:
         # kept on the binding, so it goes when the run ends.
         cache = binding.compiled_inputs
@@ -234,16 +229,11 @@ class CompiledStep(TrainStep):
 
     def _run_pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
-        params = _clone(state.params)
-        buffers = _clone(state.buffers)
-        opt_state = _clone(state.opt_state)
+        params = clone_tree(state.params)
+        buffers = clone_tree(state.buffers)
+        opt_state = clone_tree(state.opt_state)
         slots = dict(state.slots)
-        amp = self.phases.amp
-        scale = None
-        if amp is not None and amp.scaling:
-            slots[amp.name] = _clone(slots[amp.name]) if amp.name in slots else \
-                amp.fresh_slot(state.device)
-            scale = slots[amp.name]
+        scale = _phases.scaler(self.phases, state, slots)
         args = self._flatten(state, params, buffers, opt_state)
         device = state.device
         mode = _GRAPH_MODES.get(self.mode, self.mode) if _graphs(self.mode, device) \
@@ -536,11 +526,6 @@ def _update_scale(amp: Any, slot: dict[str, torch.Tensor], found_inf: torch.Tens
 def _graphs(mode: str, device: torch.device) -> bool:
     """Whether this mode replays CUDA graphs on this device."""
     return mode in _GRAPH_MODES and device.type == "cuda"
-
-
-def _clone(tree: Any) -> Any:
-    return torch.utils._pytree.tree_map(
-        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 class _Compiled:

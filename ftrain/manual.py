@@ -167,9 +167,8 @@ class ManualStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if type(state) is not TrainState:
             _check_state(state, "a manual step")
-        binding = state.__dict__["_binding"]
-        if binding is not None and binding.in_step and binding.live and \
-                binding.params is state.params:
+        binding = _bind.stepping(state)
+        if binding is not None:
             new, metrics = self._run(state, binding, batch)
             binding.latest = new
             donate(state, "a manual step")

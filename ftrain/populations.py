@@ -41,7 +41,7 @@ from ftrain import _bind, _rng, health
 from ftrain.errors import ConfigError, DataError, NonFiniteLossError
 from ftrain.optim._core import Groups, Optimizer, fused_devices
 from ftrain.optim._kernels import _SGD, _Adam, _ClipGradNorm
-from ftrain.state import LOOP_SLOT, TrainState, donate
+from ftrain.state import LOOP_SLOT, TrainState, clone_tree, donate
 
 SLOT = "population"
 log = logging.getLogger("ftrain")
@@ -967,11 +967,6 @@ def _member_metrics(values: Mapping[str, torch.Tensor], per_member: bool) -> Met
     return out
 
 
-def _clone(tree: Any) -> Any:
-    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
-                           tree)
-
-
 def _check_batch(batch: Any, n: int, where: str) -> None:
     for leaf in pytree.tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != n):
@@ -1085,16 +1080,14 @@ class PopulationStep:
         plan = self.plan(state)
         if self.per_member_batches:
             _check_batch(batch, state.model.n, f"step {state.step}")
-        binding = state.__dict__["_binding"]
-        bound = binding is not None and binding.in_step and binding.live and \
-            binding.params is state.params
-        if bound:  # a loop's donated state: update its live tensors in place
+        binding = _bind.stepping(state)
+        if binding is not None:  # a loop's donated state: update its live tensors in place
             params, buffers, opt_state = state.params, state.buffers, state.opt_state
             generator, rank = binding.generator, binding.rank
             binding.nonfinite_policy = self.on_nonfinite
         else:  # a direct call is pure: work on copies
-            params, buffers, opt_state = (_clone(state.params), _clone(state.buffers),
-                                          _clone(state.opt_state))
+            params, buffers, opt_state = (clone_tree(state.params), clone_tree(state.buffers),
+                                          clone_tree(state.opt_state))
             generator, rank = _rng.generator_for(state.device), _rng.rank()
         saved = generator.get_state()
         generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
@@ -1109,7 +1102,7 @@ class PopulationStep:
         metrics = _member_metrics(values, self.member_metrics)
         slots = state.slots
         if self.on_nonfinite != "ignore":
-            if bound:
+            if binding is not None:
                 binding.pending.append(metrics["loss"])
                 binding.pending_steps.append(state.step)
                 if len(binding.pending) >= health.FOLD_EVERY:
@@ -1121,7 +1114,7 @@ class PopulationStep:
                 slots[health.SLOT] = record
         new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
                             step=state.step + 1, slots=slots)
-        if bound:
+        if binding is not None:
             binding.latest = new
             donate(state, "a population step")
         else:

@@ -55,6 +55,12 @@ def _trainable(template: nn.Module, params: Tensors) -> Tensors:
     return {n: t for n, t in params.items() if template.get_parameter(n).requires_grad}
 
 
+
+def clone_tree(tree: Any) -> Any:
+    """A copy of a pytree with every tensor cloned (detached): a pure call's inputs."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
+                           tree)
+
 @attrs.frozen(eq=False, slots=False)
 class TrainState:
     """Params, buffers, optimizer state, step counter, seed and combinator slots.

@@ -17,11 +17,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ftrain import _bind, _phases, _rng, health
 from ftrain.errors import ConfigError, LossError
-from ftrain.state import STOP_SLOT, TrainState, donate, parts
+from ftrain.state import STOP_SLOT, TrainState, clone_tree, donate, parts
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Any], Any]
@@ -98,10 +97,6 @@ def _check_state(state: Any, what: str) -> None:
                           f"{type(state).__name__}")
 
 
-def _clone_tree(tree: Any) -> Any:
-    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
 class TrainStep:
     """The core training step built by `train_step`."""
 
@@ -137,9 +132,8 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if type(state) is not TrainState:
             _check_state(state, "a training step")
-        binding = state.__dict__["_binding"]
-        if binding is not None and binding.in_step and binding.live and \
-                binding.params is state.params:
+        binding = _bind.stepping(state)
+        if binding is not None:
             return self._bound(state, binding, batch)
         return self._pure(state, batch)
 
@@ -220,13 +214,18 @@ class TrainStep:
         if scale is not None:
             _phases.update_scale(self.phases, scale, found_inf)  # type: ignore[arg-type]
 
-    def _bound(self, state: TrainState, binding: Any, batch: Any
-               ) -> tuple[TrainState, Metrics]:
+    def _begin(self, binding: Any) -> Any:
+        """A bound step starts: train mode, this step's non-finite policy, the profiler."""
         binding.set_mode(True)
         binding.nonfinite_policy = self.on_nonfinite
         prof = binding.profiler
         if prof is not None:
             prof.start()
+        return prof
+
+    def _bound(self, state: TrainState, binding: Any, batch: Any
+               ) -> tuple[TrainState, Metrics]:
+        prof = self._begin(binding)
         scale = _phases.scaler(self.phases, state)
         ddp = self.phases.ddp
         module = ddp.module_for(binding) if ddp is not None else None
@@ -286,13 +285,9 @@ class TrainStep:
             trainable.append((part, optimizer, chosen))
         if not state.multi:
             params, buffers = params[None], buffers[None]
-        opt_state = _clone_tree(state.opt_state)
+        opt_state = clone_tree(state.opt_state)
         slots = dict(state.slots)
-        amp = self.phases.amp
-        if amp is not None and amp.scaling:
-            slots[amp.name] = _clone_tree(slots[amp.name]) if amp.name in slots else \
-                amp.fresh_slot(state.device)
-        scale = slots[amp.name] if amp is not None and amp.scaling else None
+        scale = _phases.scaler(self.phases, state, slots)
         leaves = [t for _, _, chosen in trainable for t in chosen.values()]
 
         def call(mb: Any) -> Any:
