@@ -92,6 +92,8 @@ class Binding:
                 self.buffer_slots.append((owner._buffers, leaf, bname, buffers))
         self.model_arg: Any = (self.modules[None] if None in self.modules
                                else {n: m for n, m in self.modules.items()})
+        # every trainable parameter, flat: what gradient sync, unscaling and norms walk
+        self.leaves = [p for ps in self.trainable.values() for p in ps.values()]
         self.training: bool | None = None
         self.set_mode(training)
         self.generator = _rng.generator_for(state.device)
@@ -149,6 +151,7 @@ class Binding:
         self.modules = {}
         self.model_arg = None
         self.trainable = {}
+        self.leaves = []
         self.ddp = None  # frees DDP's reducer and its hold on the process group
         return _unbound(state)
 

@@ -21,6 +21,7 @@ rejected by one of the class's attrs validators, and every error of `from_dict` 
 
 import argparse
 import ast
+import contextlib
 import difflib
 import enum
 import inspect
@@ -172,10 +173,8 @@ def _hints(cls: type) -> tuple[dict[str, Any], Exception | None]:
                    if isinstance(v, types.ModuleType) and v.__name__ == cls.__module__]
         for globalns, localns in scopes:
             if cls in (globalns.get(cls.__name__), (localns or {}).get(cls.__name__)):
-                try:
+                with contextlib.suppress(Exception):  # not resolvable here: look further up
                     return typing.get_type_hints(cls, globalns, localns), None
-                except Exception:
-                    pass
         frame = frame.f_back  # type: ignore[assignment]
     return {}, first
 
@@ -257,25 +256,22 @@ def _from_text(text: Any, spec: _Spec) -> Any:
         items = spec.items * len(values) if spec.variadic else spec.items
         return spec.container(_from_text(v, s) for v, s in zip(values, items))
     kind = spec.kind
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "path":
-            return spec.py(text)
-    except ValueError:
-        pass
-    else:
-        if kind == "str":
-            return text
-        if kind == "bool" and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        for option in spec.options():
-            if text in (str(_plain(option, "")), _shown(option)) or (
-                    isinstance(option, enum.Enum) and text == option.name):
-                return option
-    raise _Invalid(f"expected {spec.describe()}, got {text!r}")
+    invalid = _Invalid(f"expected {spec.describe()}, got {text!r}")
+    if kind in ("int", "float", "path"):
+        convert = {"int": int, "float": float}.get(kind, spec.py)
+        try:
+            return convert(text)
+        except ValueError:
+            raise invalid from None
+    if kind == "str":
+        return text
+    if kind == "bool" and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    for option in spec.options():
+        if text in (str(_plain(option, "")), _shown(option)) or (
+                isinstance(option, enum.Enum) and text == option.name):
+            return option
+    raise invalid
 
 
 def _from_value(value: Any, spec: _Spec, where: str) -> Any:

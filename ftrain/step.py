@@ -243,8 +243,7 @@ class TrainStep:
                                   no_sync, scale, prof)
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
-        leaves = [p for _, _, ps in trainable for p in ps.values()]
-        self._update(state, metrics, trainable, leaves, state.opt_state, scale,
+        self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
                      explicit_sync=module is None)
         if prof is not None:
             prof.lap("optimizer")
