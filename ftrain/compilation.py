@@ -42,6 +42,8 @@ from ftrain.step import (
     TrainStep,
     _add_weighted,
     _check_state,
+    advance,
+    pure_result,
     require_optimizer,
     split_loss,
 )
@@ -225,7 +227,7 @@ class CompiledStep(TrainStep):
                                 cache[7], cache[5])
         if prof is not None:
             prof.lap("compiled step")
-        return self._advance(state, binding, metrics), metrics
+        return advance(state, binding, metrics, self.on_nonfinite), metrics
 
     def _run_pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
@@ -240,7 +242,8 @@ class CompiledStep(TrainStep):
             else self.mode
         metrics = self._execute(state, args, batch, scale, _rng.generator_for(device),
                                 _rng.rank(), device, False, mode)
-        return self._pure_result(state, metrics, params, buffers, opt_state, slots), metrics
+        return pure_result(state, metrics, params, buffers, opt_state, slots,
+                           self.on_nonfinite), metrics
 
     # -- the compiled iteration ----------------------------------------------------------
 

@@ -37,11 +37,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ftrain import _bind, _rng, health
+from ftrain import _bind, _rng
 from ftrain.errors import ConfigError, DataError, NonFiniteLossError
 from ftrain.optim._core import Groups, Optimizer, fused_devices
 from ftrain.optim._kernels import _SGD, _Adam, _ClipGradNorm
-from ftrain.state import LOOP_SLOT, TrainState, clone_tree, donate
+from ftrain.state import LOOP_SLOT, TrainState, clone_tree
+from ftrain.step import _nonfinite_epoch_end, advance, pure_result
 
 SLOT = "population"
 log = logging.getLogger("ftrain")
@@ -1072,7 +1073,6 @@ class PopulationStep:
         return state
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        from ftrain.step import _nonfinite_epoch_end
         return _nonfinite_epoch_end(state, self.on_nonfinite)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -1100,26 +1100,11 @@ class PopulationStep:
             raise NonFiniteLossError(f"the loss of member(s) {bad} was not finite at step "
                                      f"{state.step}")
         metrics = _member_metrics(values, self.member_metrics)
-        slots = state.slots
-        if self.on_nonfinite != "ignore":
-            if binding is not None:
-                binding.pending.append(metrics["loss"])
-                binding.pending_steps.append(state.step)
-                if len(binding.pending) >= health.FOLD_EVERY:
-                    health.pending_record(state)
-            else:
-                slots = dict(slots)
-                record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
-                record["policy"] = self.on_nonfinite
-                slots[health.SLOT] = record
-        new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
-                            step=state.step + 1, slots=slots)
-        if binding is not None:
-            binding.latest = new
-            donate(state, "a population step")
-        else:
-            new.__dict__["_binding"] = None
-        return new, metrics
+        if binding is not None:  # updated in place
+            return advance(state, binding, metrics, self.on_nonfinite, "a population step"), \
+                metrics
+        return pure_result(state, metrics, params, buffers, opt_state, dict(state.slots),
+                           self.on_nonfinite), metrics
 
 
 def _compile_failure(err: BaseException) -> str:

@@ -247,23 +247,7 @@ class TrainStep:
                      explicit_sync=module is None)
         if prof is not None:
             prof.lap("optimizer")
-        return self._advance(state, binding, metrics), metrics
-
-    def _advance(self, state: TrainState, binding: Any, metrics: Metrics) -> TrainState:
-        """A loop's step is done: note the loss for the non-finite check, take reassigned
-        buffers, return the next state (step + 1) and donate `state`."""
-        if self.on_nonfinite != "ignore":
-            binding.pending.append(metrics["loss"])
-            binding.pending_steps.append(state.step)
-            if len(binding.pending) >= health.FOLD_EVERY:
-                health.pending_record(state)
-        if binding.buffer_slots:
-            binding.sync_buffers()
-        new = state.replace()
-        new.__dict__["step"] = state.step + 1
-        binding.latest = new
-        donate(state, "a training step")
-        return new
+        return advance(state, binding, metrics, self.on_nonfinite), metrics
 
     def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
@@ -297,20 +281,8 @@ class TrainStep:
         self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
         for t in leaves:
             t.requires_grad_(False)
-        return self._pure_result(state, metrics, params, buffers, opt_state, slots), metrics
-
-    def _pure_result(self, state: TrainState, metrics: Metrics, params: Any, buffers: Any,
-                     opt_state: Any, slots: dict[str, Any]) -> TrainState:
-        """A pure call's new state: the loss noted for the non-finite check, step + 1."""
-        if self.on_nonfinite != "ignore":
-            record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
-            record["policy"] = self.on_nonfinite
-            slots[health.SLOT] = record
-        new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
-                            step=state.step + 1, slots=slots)
-        new.__dict__["_binding"] = None
-        return new
-
+        return pure_result(state, metrics, params, buffers, opt_state, slots,
+                           self.on_nonfinite), metrics
 
 def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
     """Micro-batch metrics into the batch's: each weighted by its share of the samples."""
@@ -320,6 +292,37 @@ def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -
     for k, v in metrics.items():
         part = v.float() * weight
         total[k] = part if k not in total else total[k] + part
+
+
+def advance(state: TrainState, binding: Any, metrics: Metrics, on_nonfinite: str,
+            what: str = "a training step") -> TrainState:
+    """A loop's step is done: note the loss for the non-finite check, take reassigned
+    buffers, return the next state (step + 1) and donate `state`."""
+    if on_nonfinite != "ignore":
+        binding.pending.append(metrics["loss"])
+        binding.pending_steps.append(state.step)
+        if len(binding.pending) >= health.FOLD_EVERY:
+            health.pending_record(state)
+    if binding.buffer_slots:
+        binding.sync_buffers()
+    new = state.replace()
+    new.__dict__["step"] = state.step + 1
+    binding.latest = new
+    donate(state, what)
+    return new
+
+
+def pure_result(state: TrainState, metrics: Metrics, params: Any, buffers: Any,
+                opt_state: Any, slots: dict[str, Any], on_nonfinite: str) -> TrainState:
+    """A pure call's new state: the loss noted for the non-finite check, step + 1."""
+    if on_nonfinite != "ignore":
+        record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
+        record["policy"] = on_nonfinite
+        slots[health.SLOT] = record
+    new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
+                        step=state.step + 1, slots=slots)
+    new.__dict__["_binding"] = None
+    return new
 
 
 def require_optimizer(state: TrainState) -> None:
