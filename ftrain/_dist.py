@@ -14,12 +14,13 @@ import logging
 import os
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ftrain._run import run_info
 from ftrain.errors import FTrainError
 
 log = logging.getLogger("ftrain")
@@ -115,12 +116,12 @@ def _watch_peers(rank: int) -> None:
     def watch() -> None:
         while not stop.wait(_POLL_S):  # one store round-trip per poll
             try:
-                if not store.check([_FAILED_KEY]):
-                    continue
-                text = store.get(_FAILED_KEY).decode()
+                text = _reported(store)
             except Exception:  # the store went away: the job is over
                 return
-            if text.startswith(f"rank {rank} ") or stop.wait(PEER_GRACE_S):
+            if text is None:
+                continue
+            if _own(text, rank) or stop.wait(PEER_GRACE_S):
                 return
             log.error("rank %d: %s; this rank was blocked and exits now", rank, text)
             for handler in logging.getLogger().handlers + log.handlers:
@@ -186,17 +187,25 @@ def _take_down() -> None:
     _created = False
 
 
+def _reported(store: Any) -> str | None:
+    """The failure a rank reported to the store, or None (raises if the store is gone)."""
+    return store.get(_FAILED_KEY).decode() if store.check([_FAILED_KEY]) else None
+
+
+def _own(text: str, rank: int) -> bool:
+    return text.startswith(f"rank {rank} ")
+
+
 def _peer_failure(rank: int) -> str | None:
+    """Another rank's reported failure, or None."""
     store = _store_client()
     if store is None:
         return None
     try:
-        if store.check([_FAILED_KEY]):
-            text = store.get(_FAILED_KEY).decode()
-            return None if text.startswith(f"rank {rank} ") else text
+        text = _reported(store)
     except Exception:
         return None
-    return None
+    return None if text is None or _own(text, rank) else text
 
 
 def collective_device() -> torch.device:
@@ -231,6 +240,22 @@ def broadcast(tensors: list[torch.Tensor], src: int = 0) -> None:
     for group in groups.values():
         dist._broadcast_coalesced(dist.group.WORLD, group,  # type: ignore[arg-type]
                                   256 * 1024 * 1024, src)
+
+
+def across_ranks(state: Any, values: list[Any], how: Mapping[str, str] | None = None,
+                 names: list[str] | None = None) -> list[Any]:
+    """Under with_ddp, the values reduced across ranks (mean unless `how` names sum, max
+    or min); every rank calls this at the same step. Unchanged on one process."""
+    run = run_info(state)
+    if run is None or run.world <= 1:
+        return values
+    idx = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    kinds = [(how or {}).get(names[i], "mean") if names is not None else "mean" for i in idx]
+    reduced = reduce_values([values[i] for i in idx], kinds, run.world)
+    out = list(values)
+    for i, v in zip(idx, reduced):
+        out[i] = v
+    return out
 
 
 _OPS = {"mean": "SUM", "sum": "SUM", "max": "MAX", "min": "MIN", "last": "SUM"}

@@ -11,11 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch
-
 from ftrain import step as _step
-from ftrain._dist import reduce_values
-from ftrain._run import run_info
+from ftrain._dist import across_ranks
 from ftrain._sync import to_host
 from ftrain.combinators import Combinator, find
 from ftrain.errors import ConfigError, MonitorError
@@ -111,12 +108,9 @@ class EarlyStop(Combinator):
                                f"metrics at this check: {sorted(metrics)} (epoch reductions "
                                "like 'loss_epoch' come from a with_logging layer inside "
                                "early_stop)")
-        monitored = [metrics[self.monitor]]
-        run = run_info(state)
-        if run is not None and run.world > 1 and isinstance(monitored[0], torch.Tensor):
-            # every rank decides on the same value (a per-step metric differs by rank)
-            monitored = reduce_values(monitored, ["mean"], run.world)
-        value = to_host(monitored)[0]  # host sync: a check decides here
+        # every rank decides on the same value (a per-step metric differs by rank);
+        # host sync: a check decides here
+        value = to_host(across_ranks(state, [metrics[self.monitor]]))[0]
         slot = dict(state.slots[self.name])
         slot["seen"] = self._checks(state)
         reason = None

@@ -19,7 +19,7 @@ import torch
 
 from ftrain import _bind, _rng, health
 from ftrain import step as _step
-from ftrain._dist import reduce_values
+from ftrain._dist import across_ranks
 from ftrain._run import run_info
 from ftrain._sync import to_host
 from ftrain.combinators import Combinator
@@ -222,7 +222,7 @@ class WithLogging(Combinator):
     def _log(self, state: TrainState, values: Mapping[str, Any], step: int,
              record: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         names = list(values)
-        tensors = _across_ranks(state, list(values.values()), {})
+        tensors = across_ranks(state, list(values.values()), {})
         if record is not None:
             tensors.append(record["step"])
         host = to_host(tensors) if tensors else []  # host sync here
@@ -256,7 +256,7 @@ class WithLogging(Combinator):
         out = {**metrics, **epoch_values}
         # every rank returns (and logs) the run's values, so outer layers agree
         how = {f"{k}_epoch": v for k, v in self.reduce.items() if isinstance(v, str)}
-        out = dict(zip(out, _across_ranks(state, list(out.values()), how, list(out))))
+        out = dict(zip(out, across_ranks(state, list(out.values()), how, list(out))))
         ended = pos["epoch"] - 1 if pos is not None and pos["batch"] == 0 else (
             pos["epoch"] if pos is not None else 0)
         floats = to_host(list(out.values())) if out else []  # host sync here
@@ -288,22 +288,6 @@ class WithLogging(Combinator):
                     logger.log_hparams(hparams, self.final)
                 logger.finalize()
             self._ready = False
-
-
-def _across_ranks(state: TrainState, values: list[Any], how: Mapping[str, str],
-                  names: list[str] | None = None) -> list[Any]:
-    """Under with_ddp, the values reduced across ranks (mean unless `how` names sum, max
-    or min); every rank calls this at the same step. Unchanged on one process."""
-    run = run_info(state)
-    if run is None or run.world <= 1:
-        return values
-    idx = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    kinds = [how.get(names[i], "mean") if names is not None else "mean" for i in idx]
-    reduced = reduce_values([values[i] for i in idx], kinds, run.world)
-    out = list(values)
-    for i, v in zip(idx, reduced):
-        out[i] = v
-    return out
 
 
 def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 50,
