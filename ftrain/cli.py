@@ -512,7 +512,7 @@ def _read_file(path: str) -> Any:
 def _yaml_loader(yaml: Any) -> Any:
     """PyYAML's SafeLoader, also reading YAML 1.2 floats such as 1e-3 (1.1 reads a str)."""
     class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
-        pass
+        """A private copy, so adding a resolver leaves PyYAML's SafeLoader alone."""
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",

@@ -58,6 +58,12 @@ def _limit(limit: int | float | None, per_epoch: int | None) -> int | None:
     return limit
 
 
+def _check_not_tensor(data: Any, what: str) -> None:
+    if isinstance(data, torch.Tensor):
+        raise DataError(f"{what} is a single tensor; pass a DataLoader or a list of batches "
+                        "(e.g. [(inputs, targets), ...]), not the dataset itself")
+
+
 def _check_state(state: Any, where: str) -> None:
     if is_donated(state):
         _ = state.params  # raises DonatedStateError naming the loop that took it
@@ -103,9 +109,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if not callable(step):
         raise ConfigError(f"{caller} needs a step (state, batch) -> (state, metrics), got "
                           f"{type(step).__name__}")
-    if isinstance(data, torch.Tensor):
-        raise DataError("data is a single tensor; pass a DataLoader or a list of batches "
-                        "(e.g. [(inputs, targets), ...]), not the dataset itself")
+    _check_not_tensor(data, "data")
     _check_int("epochs", epochs, 0)
     _check_int("max_steps", max_steps, 0)
     bundle = data if isinstance(data, Data) else None
@@ -142,9 +146,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             donate(source, caller)
         if bundle is not None:
             data = bundle.split("train")
-            if isinstance(data, torch.Tensor):
-                raise DataError("the ft.Data train split is a single tensor; give a "
-                                "DataLoader or a list of batches")
+            _check_not_tensor(data, "the ft.Data train split")
         if run.world > 1:  # with_ddp: this rank's share of every epoch
             data = _data.shard(data, run.rank, run.world, state.seed)
         if bundle is not None or run.world > 1:
