@@ -19,7 +19,14 @@ import torch
 from ftrain import _bind, _phases, _rng, health
 from ftrain.errors import ConfigError, LossError
 from ftrain.state import TrainState, donate
-from ftrain.step import NonFinite, _check_state, _grad_norm, _nonfinite_epoch_end, eval_metrics
+from ftrain.step import (
+    NonFinite,
+    _check_state,
+    _grad_norm,
+    _nonfinite_epoch_end,
+    check_core_args,
+    eval_metrics,
+)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -148,12 +155,7 @@ class ManualStep:
     want_grad_norm = False
 
     def __init__(self, fn: Callable[[Manual, Any], Any], on_nonfinite: NonFinite) -> None:
-        if not callable(fn):
-            raise ConfigError(f"manual_step needs a callable fn(m, batch), got "
-                              f"{type(fn).__name__}")
-        if on_nonfinite not in ("raise", "skip", "ignore"):
-            raise ConfigError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got "
-                              f"{on_nonfinite!r}")
+        check_core_args(fn, "manual_step needs a callable fn(m, batch)", on_nonfinite)
         self.fn = fn
         self.on_nonfinite = on_nonfinite
         self.phases = _phases.Phases()

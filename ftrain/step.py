@@ -107,12 +107,8 @@ class TrainStep:
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
                  check_finite_every_step: bool = False) -> None:
-        if not callable(loss_fn):
-            raise ConfigError(f"train_step needs a callable loss_fn(model, batch), got "
-                              f"{type(loss_fn).__name__}")
-        if on_nonfinite not in ("raise", "skip", "ignore"):
-            raise ConfigError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got "
-                              f"{on_nonfinite!r}")
+        check_core_args(loss_fn, "train_step needs a callable loss_fn(model, batch)",
+                        on_nonfinite)
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
         self.check_finite_every_step = check_finite_every_step
@@ -323,6 +319,15 @@ def pure_result(state: TrainState, metrics: Metrics, params: Any, buffers: Any,
                         step=state.step + 1, slots=slots)
     new.__dict__["_binding"] = None
     return new
+
+
+def check_core_args(fn: Any, needs: str, on_nonfinite: Any) -> None:
+    """The arguments every core step takes: a function, and a non-finite policy."""
+    if not callable(fn):
+        raise ConfigError(f"{needs}, got {type(fn).__name__}")
+    if on_nonfinite not in ("raise", "skip", "ignore"):
+        raise ConfigError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got "
+                          f"{on_nonfinite!r}")
 
 
 def require_optimizer(state: TrainState) -> None:
