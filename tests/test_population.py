@@ -157,6 +157,49 @@ def test_batchnorm_statistics_follow_their_own_runs_and_dropout_members_differ()
     assert torch.equal(same.params["fc1.weight"][0], same.params["fc1.weight"][1])
 
 
+class Tied(nn.Module):
+    """A tied weight (dec.weight is enc.weight) and a submodule used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.dec = nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.block(self.dec(self.enc(x)))))
+
+
+def test_tied_weights_and_shared_modules_follow_their_own_runs():
+    data = make_batches(6)
+    pop = population(ft.TrainState.create(Tied(), ft.optim.adam(1e-2), seed=0), n=2)
+    assert "dec.weight" not in pop.params  # named once, as in a single model's state
+    pop = ft.fit(population_step(mse_like), pop, data, epochs=1, **QUIET)
+    for i in range(2):
+        assert_states_close(member(pop, i),
+                            separate_run(Tied, ft.optim.adam(1e-2), i, data))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: _weight_norm
+def test_parametrized_modules_train_from_a_factory_and_reseeding_them_is_refused():
+    def normed() -> nn.Module:
+        return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)),
+                             nn.ReLU(), nn.Linear(8, 3))
+
+    def make(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(normed(), ft.optim.adam(1e-2), seed=seed)
+
+    data = make_batches(6)
+    pop = ft.fit(population_step(mse_like), population(make, n=2), data, epochs=1, **QUIET)
+    for i in range(2):
+        assert_states_close(member(pop, i), separate_run(normed, ft.optim.adam(1e-2), i, data))
+    with pytest.raises(ft.ConfigError, match="parametrized module"):
+        population(make(0), n=2)
+
+
 def test_per_member_batches():
     data = make_batches(24)
     stacked = [(torch.stack([data[i][0], data[i + 8][0], data[i + 16][0]]),
@@ -309,6 +352,28 @@ def test_compiled_kernel_matches_eager():
     assert_states_close(compiled, eager, atol=1e-6)
     assert repr(population_step(mse_like).compiled(backend="aot_eager")) == \
         "population_step(mse_like, compiled)"
+
+
+def test_inductor_kernel_with_schedules_matches_eager_in_one_graph():
+    """The real compiler (Inductor, whose per-member factors are computed once and
+    returned, and whose step metrics come out of the graph): equal to eager, one graph
+    over two epochs, with every member's metrics."""
+    from torch._dynamo.utils import counters
+
+    data = make_batches(6)
+    warm = ft.optim.schedules.warmup_cosine
+    pop = population(ft.TrainState.create(mlp(), ft.optim.adam(1e-2), seed=0),
+                     hparams={"lr": [warm(1e-2, 3, 12), warm(3e-2, 5, 12)]})
+    eager = ft.fit(population_step(mse_like), pop.copy(), data, epochs=2, **QUIET)
+    graphs = counters["stats"]["unique_graphs"]
+    step = population_step(mse_like, compile=True)
+    seen = []
+    compiled = ft.fit(ft.every(step, lambda s, m: seen.append(sorted(m)), every_n_steps=1),
+                      pop.copy(), data, epochs=2, **QUIET)
+    assert step.fallback_reason is None
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompiles
+    assert_states_close(compiled, eager, atol=1e-6)
+    assert len(seen) == 12 and all(m == ["loss", "loss/m0", "loss/m1"] for m in seen)
 
 
 def test_a_loss_that_cannot_be_captured_runs_eagerly_or_raises(caplog):
