@@ -9,8 +9,9 @@ own hyperparameters (learning rate, weight decay, momentum, eps, betas), which l
 device tensors in `pop.opt_state["hparams"]`.
 
 `vmap(train_step(loss_fn))` (or `population_step(loss_fn)`) trains all members in one
-step: per-member losses and gradients (eagerly a vmapped `functional_call` forward and one
-autograd backward; compiled, `torch.func.vmap(torch.func.grad_and_value(...))`), then
+step: per-member losses and gradients (eagerly a vmapped forward of the template with the
+members' tensors in its slots, and one autograd backward; compiled,
+`torch.func.vmap(torch.func.grad_and_value(...))`), then
 Adam / AdamW / SGD (and gradient clipping) with each member's hyperparameters, the same
 math as torch's kernels (batched tensor ops; torch's fused Adam kernel makes the moments
 where the device has one). The step is a plain `(state, batch) -> (state, metrics)`
