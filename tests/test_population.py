@@ -376,6 +376,25 @@ def test_inductor_kernel_with_schedules_matches_eager_in_one_graph():
     assert len(seen) == 12 and all(m == ["loss", "loss/m0", "loss/m1"] for m in seen)
 
 
+def test_a_compiled_population_still_guards_what_the_loss_function_reads():
+    """The compiled kernel drops dynamo's guards on the plan's own immutable parts; what
+    the user's loss function reads must still be checked (a change recompiles)."""
+    factor = {"w": 1.0}
+
+    def weighted(model, batch):
+        return mse_like(model, batch) * factor["w"]
+
+    step = population_step(weighted, compile={"backend": "aot_eager"})
+    pop = population(ft.TrainState.create(mlp(), ft.optim.sgd(0.1), seed=0), n=2)
+    batch = make_batches(1)[0]
+    moved, first = step(pop, batch)
+    factor["w"] = 0.0
+    still, second = step(pop, batch)
+    assert first["loss"] > 0 and second["loss"] == 0
+    assert not torch.equal(moved.params["0.weight"], pop.params["0.weight"])
+    assert torch.equal(still.params["0.weight"], pop.params["0.weight"])  # zero gradients
+
+
 def test_a_loss_that_cannot_be_captured_runs_eagerly_or_raises(caplog):
     def breaking(model, batch):
         torch._dynamo.graph_break()  # fine eagerly, not in one graph
