@@ -51,16 +51,22 @@ class Slots:
 
     def put(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Put `tensors` (by name; every slot's) in the slots; returns what they held."""
+        new = [tensors[name] for _, _, name in self.places]  # a missing name changes nothing
         old: list[torch.Tensor] = []
-        for store, key, name in self.places:
+        for (store, key, _), t in zip(self.places, new):
             old.append(store[key])  # type: ignore[arg-type]
-            store[key] = tensors[name]
+            store[key] = t
         return old
 
-    def current(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors the slots hold now, by name (a forward may reassign buffers)."""
-        now = {name: store[key] for store, key, name in self.places}
-        return {n: now[n] for n in names}  # type: ignore[misc]
+    def current(self, names: list[str], given: Mapping[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """The tensors the slots hold now, by name: a tensor the forward put in a slot in
+        place of the `given` one (a module may reassign a buffer), else the given one."""
+        now = {name: given[name] for name in names}
+        for store, key, name in self.places:
+            if name in now and store[key] is not given[name]:
+                now[name] = store[key]  # type: ignore[assignment]
+        return now
 
     def restore(self, old: list[torch.Tensor]) -> None:
         """Put back what `put` returned."""

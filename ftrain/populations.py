@@ -13,8 +13,8 @@ step: per-member losses and gradients (eagerly a vmapped forward of the template
 members' tensors in its slots, and one autograd backward; compiled,
 `torch.func.vmap(torch.func.grad_and_value(...))`), then
 Adam / AdamW / SGD (and gradient clipping) with each member's hyperparameters, the same
-math as torch's kernels (batched tensor ops; torch's fused Adam kernel makes the moments
-where the device has one). The step is a plain `(state, batch) -> (state, metrics)`
+math as torch's kernels (batched tensor ops; torch's fused Adam kernel where the device
+has one). The step is a plain `(state, batch) -> (state, metrics)`
 function, so `ft.fit`, `ft.iterate` and the outer combinators (logging, validation,
 checkpoints, early stopping) drive it.
 Its metrics are 0-d tensors: `"loss"` is the mean over members and `"loss/m3"` member 3's.
@@ -53,8 +53,10 @@ HPARAMS = "hparams"
 Metrics = dict[str, torch.Tensor]
 Randomness = Literal["different", "same"]
 Leaves = list[torch.Tensor] | tuple[torch.Tensor, ...]
-# a kernel body's results: [N] metrics, (means, members' values), per-member factors
-Body = tuple[Metrics, tuple[Metrics, dict[str, tuple[torch.Tensor, ...]]], list[torch.Tensor]]
+# a kernel body's results: [N] metrics, (means, members' values) when compiled, and the
+# per-member factors of the update
+Body = tuple[Metrics, tuple[Metrics, dict[str, tuple[torch.Tensor, ...]]] | None,
+             list[torch.Tensor]]
 
 # Hyperparameters a member may have of its own, and the optimizers that take them.
 _KNOWN = ("lr", "weight_decay", "momentum", "eps", "betas")
@@ -347,6 +349,13 @@ def _hparam_tensors(hparams: Mapping[str, list[Any]], device: torch.device
 
 def _materialize(template: nn.Module, state: TrainState, seed: int) -> tuple[dict, dict]:
     """Member params drawn by re-running the modules' reset_parameters under `seed`."""
+    names = [n for n, _ in template.named_parameters(remove_duplicate=False)]
+    if len(names) != len(dict(template.named_parameters())):
+        # which module's initialization a tied tensor keeps depends on the direction of the
+        # tie (a = b or b = a), which the finished model no longer shows
+        raise ConfigError("ft.population cannot re-initialize a model with tied weights "
+                          "from a seed; pass a factory (lambda seed: "
+                          "TrainState.create(make_model(seed), ...)) or a list of states")
     if any(parametrize.is_parametrized(m) for m in template.modules()):
         # reset_parameters() would initialize the computed tensor, not the stored originals
         raise ConfigError("ft.population cannot re-initialize a parametrized module (e.g. "
@@ -386,14 +395,10 @@ def _materialize(template: nn.Module, state: TrainState, seed: int) -> tuple[dic
     finally:
         generator.set_state(saved)
     device = state.device
-    # by the template's names: to_empty() unties tied tensors (each slot gets its own), and
-    # a tied tensor is named once, as its first slot (whose reset ran first, as in __init__)
-    params = {n: module.get_parameter(n).detach().to(device)
-              for n, _ in template.named_parameters()}
+    params = {n: p.detach().to(device) for n, p in module.named_parameters()}
     buffers = {n: (b.detach().to(device) if id(b) in covered
                    else state.buffers[n].detach().clone())
-               for n in (n for n, _ in template.named_buffers())
-               for b in (module.get_buffer(n),)}
+               for n, b in module.named_buffers()}
     return params, buffers
 
 
@@ -753,12 +758,16 @@ class _Plan:
         self.in_dims = (0, 0, 0, 0 if step.per_member_batches else None)
         self.randomness = step.randomness
         self.compiled = step.compile_options is not None
+        # a CUDA graph's outputs are overwritten by its next replay: such a kernel's
+        # results are copied (as ft.compile's are)
+        from ftrain.compilation import _graphs
+        mode = (step.compile_options or {}).get("mode") or "default"
+        self.graphs = self.compiled and _graphs(mode, state.device)
         self.forward_fn = torch.func.vmap(self.member_loss, in_dims=self.in_dims,
                                           randomness=step.randomness)
         self._body: Callable[..., Body] = self._step
         if step.compile_options is not None:
-            self._body = torch.compile(self._step, **_skip_owned_guards(step.compile_options,
-                                                                        self))
+            self._body = torch.compile(self._step, **step.compile_options)
 
     def member_loss(self, trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
                     buffers: dict[str, torch.Tensor], batch: Any) -> Any:
@@ -774,7 +783,7 @@ class _Plan:
             old = self.slots.put(tensors)
             try:
                 out = self.loss_fn(self.template, batch)
-                new_buffers = self.slots.current(self.buffer_names)
+                new_buffers = self.slots.current(self.buffer_names, buffers)
             finally:
                 self.slots.restore(old)
         loss, metrics = _split(out)
@@ -788,14 +797,23 @@ class _Plan:
     def kernel(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                opt_state: dict[str, Any], batch: Any) -> Metrics:
         """One training step of every member, in place on the given tensors."""
-        return self._body(params, buffers, opt_state, batch)[0]
+        return self.run(params, buffers, opt_state, batch, step_metrics=False)[0]
 
     def run(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-            opt_state: dict[str, Any], batch: Any) -> tuple[Metrics, Metrics]:
+            opt_state: dict[str, Any], batch: Any, step_metrics: bool = True
+            ) -> tuple[Metrics, Metrics]:
         """`kernel`'s [N] metrics, and the step's metrics: their means and, with
-        `member_metrics`, `name/m{i}` per member."""
-        values, (means, members), _ = self._body(params, buffers, opt_state, batch)
-        return values, _member_metrics(means, members)
+        `member_metrics`, `name/m{i}` per member (compiled, made in the graph)."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        values, summary, _ = self._body(params, buffers, opt_state, batch)
+        if self.graphs:
+            values = {k: v.clone() for k, v in values.items()}
+            summary = None  # views of the graph's outputs: made again from the copies
+        if not step_metrics:
+            return values, {}
+        return values, _member_metrics(*(summary or _member_values(values,
+                                                                   self.member_metrics)))
 
     def fits(self, state: TrainState) -> bool:
         return state.model is self.model and state.optimizer is self.optimizer
@@ -830,7 +848,8 @@ class _Plan:
                 target = buffers[k]
                 if torch.compiler.is_compiling() or v.data_ptr() != target.data_ptr():
                     target.copy_(v)
-        return metrics, _member_values(metrics, self.member_metrics), factors
+        summary = _member_values(metrics, self.member_metrics) if self.compiled else None
+        return metrics, summary, factors
 
     def _update(self, ps: list[torch.Tensor], gs: Leaves,
                 opt_state: dict[str, Any], leaves: _Factors) -> None:
@@ -957,38 +976,6 @@ class _Plan:
                 torch._foreach_add_(ps, gs, alpha=-lr)
 
 
-# what a plan reads from itself while compiled: settings fixed when it is built
-_PLAN_OWNS = ("template", "slots", "apply", "popt", "groups", "trainable", "frozen",
-              "buffer_names", "member_metrics", "compiled", "in_dims", "randomness")
-
-
-def _skip_owned_guards(options: Mapping[str, Any], plan: _Plan) -> dict[str, Any]:
-    """torch.compile options that also drop dynamo's guards on what `plan` owns and never
-    changes after it is built (its private template module and slots, its optimizer
-    settings): measured ~20-30 us of guard checks per call on the benchmark's 32 MLPs.
-    Guards on the inputs, the user's loss function and globals stay (the optimizer record
-    is frozen; a schedule must be a function of the step). Not with a `mode` other than
-    "default" (torch takes a mode or options; "default" is no options)."""
-    if options.get("mode", "default") != "default":
-        return dict(options)
-    options = {k: v for k, v in options.items() if k != "mode"}
-    roots = tuple(f"self.{name}" for name in _PLAN_OWNS)
-    extra = dict(options.get("options") or {})
-    theirs = extra.get("guard_filter_fn")
-
-    def keep(entries: list[Any]) -> list[bool]:
-        # dynamo names a guard by the path it read the value through (`self` is the plan)
-        out = [not (e.name in roots or e.name.startswith(tuple(r + c for r in roots
-                                                                for c in ".[")))
-               for e in entries]
-        if theirs is not None:
-            out = [a and bool(b) for a, b in zip(out, theirs(entries))]
-        return out
-
-    extra["guard_filter_fn"] = keep
-    return {**options, "options": extra}
-
-
 class _Factors:
     """Per-member [N] factors as views that broadcast against each [N, ...] leaf (in the
     leaf's dtype; a float stays a float), each factor kept in `keep` to be returned."""
@@ -1053,13 +1040,16 @@ def _member_values(values: Mapping[str, torch.Tensor], per_member: bool
 
 def _member_metrics(means: Metrics, members: Mapping[str, tuple[torch.Tensor, ...]]
                     ) -> Metrics:
-    """The step's metrics: the means, then `name/m{i}` for each member's value."""
-    out = dict(means)
-    for name, values in members.items():
-        keys = _KEYS.get((name, len(values)))
-        if keys is None:
-            keys = _KEYS[(name, len(values))] = [f"{name}/m{i}" for i in range(len(values))]
-        out.update(zip(keys, values))
+    """The step's metrics: each mean, followed by `name/m{i}` for each member's value."""
+    out: Metrics = {}
+    for name, mean in means.items():
+        out[name] = mean
+        values = members.get(name)
+        if values is not None:
+            keys = _KEYS.get((name, len(values)))
+            if keys is None:
+                keys = _KEYS[(name, len(values))] = [f"{name}/m{i}" for i in range(len(values))]
+            out.update(zip(keys, values))
     return out
 
 

@@ -173,13 +173,44 @@ class Tied(nn.Module):
 
 
 def test_tied_weights_and_shared_modules_follow_their_own_runs():
+    def make(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(Tied(), ft.optim.adam(1e-2), seed=seed)
+
     data = make_batches(6)
-    pop = population(ft.TrainState.create(Tied(), ft.optim.adam(1e-2), seed=0), n=2)
+    pop = population(make, n=2)
     assert "dec.weight" not in pop.params  # named once, as in a single model's state
     pop = ft.fit(population_step(mse_like), pop, data, epochs=1, **QUIET)
     for i in range(2):
         assert_states_close(member(pop, i),
                             separate_run(Tied, ft.optim.adam(1e-2), i, data))
+    # which init a tied tensor keeps depends on the tie's direction: not re-seedable
+    with pytest.raises(ft.ConfigError, match="tied weights"):
+        population(make(0), n=2)
+
+
+def test_slots_swap_tensors_in_and_out():
+    from ftrain._swap import Slots
+
+    bn = nn.BatchNorm1d(3)
+    slots = Slots(bn)
+
+    def held() -> dict[str, torch.Tensor]:
+        return {**dict(bn.named_parameters()), **dict(bn.named_buffers())}
+
+    before = held()
+    given = {k: torch.full_like(v, 2.0) for k, v in before.items()}
+    with pytest.raises(KeyError):  # a missing name changes nothing
+        slots.put({k: v for k, v in given.items() if k != "bias"})
+    assert all(held()[k] is v for k, v in before.items())
+    old = slots.put(given)
+    assert bn.weight is given["weight"]
+    bn.running_mean = torch.ones(3)  # a forward may reassign a buffer
+    now = slots.current(["running_mean", "running_var"], given)
+    assert torch.equal(now["running_mean"], torch.ones(3))
+    assert now["running_var"] is given["running_var"]
+    slots.restore(old)
+    assert all(held()[k] is v for k, v in before.items())
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: _weight_norm
@@ -374,11 +405,19 @@ def test_inductor_kernel_with_schedules_matches_eager_in_one_graph():
     assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompiles
     assert_states_close(compiled, eager, atol=1e-6)
     assert len(seen) == 12 and all(m == ["loss", "loss/m0", "loss/m1"] for m in seen)
+    # with more metrics: each mean followed by its members, eager and compiled alike
+    def with_acc(model, batch):
+        out = model(batch[0])
+        return F.cross_entropy(out, batch[1]), {"acc": (out.argmax(1) == batch[1]).float()
+                                                .mean()}
+    for compile in (False, {"backend": "aot_eager"}):
+        _, metrics = population_step(with_acc, compile=compile)(compiled, data[0])
+        assert list(metrics) == ["loss", "loss/m0", "loss/m1", "acc", "acc/m0", "acc/m1"]
 
 
 def test_a_compiled_population_still_guards_what_the_loss_function_reads():
-    """The compiled kernel drops dynamo's guards on the plan's own immutable parts; what
-    the user's loss function reads must still be checked (a change recompiles)."""
+    """What the user's loss function reads is checked by the compiled kernel's guards: a
+    change recompiles rather than replaying a stale graph."""
     factor = {"w": 1.0}
 
     def weighted(model, batch):
@@ -393,6 +432,20 @@ def test_a_compiled_population_still_guards_what_the_loss_function_reads():
     assert first["loss"] > 0 and second["loss"] == 0
     assert not torch.equal(moved.params["0.weight"], pop.params["0.weight"])
     assert torch.equal(still.params["0.weight"], pop.params["0.weight"])  # zero gradients
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_population_metrics_survive_the_next_replay():
+    data = [(x.cuda(), y.cuda()) for x, y in make_batches(4)]
+    pop = population(ft.TrainState.create(mlp().cuda(), ft.optim.adam(1e-2), seed=0), n=2)
+    step = population_step(mse_like, compile={"mode": "reduce-overhead"})
+    kept = []
+    ft.fit(ft.every(step, lambda s, m: kept.append({k: (v, v.clone()) for k, v in m.items()}),
+                    every_n_steps=1), pop, data, epochs=1, **QUIET)
+    assert len(kept) == 4
+    for metrics in kept:  # each step's values, read after later replays, are its own
+        assert all(torch.equal(v, copy) for v, copy in metrics.values())
+    assert not torch.equal(kept[0]["loss"][0], kept[-1]["loss"][0])
 
 
 def test_a_loss_that_cannot_be_captured_runs_eagerly_or_raises(caplog):
