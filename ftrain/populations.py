@@ -820,17 +820,18 @@ class _Plan:
 
     def _step(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
               opt_state: dict[str, Any], batch: Any) -> Body:
-        """The kernel's body: its [N] metrics, the step's metrics (`_member_metrics`; in the
-        graph when compiled: eager ops after a compiled step run on cold caches, measured
-        ~25 us for a mean and ~30 us to unbind 32 members), and the
-        per-member factors of the update (returned so that a compiled graph computes each
+        """The kernel's body: its [N] metrics; when compiled, the step's metrics
+        (`_member_values`, made in the graph: eager ops after a compiled step run on cold
+        caches, measured ~25 us for a mean and ~30 us to unbind 32 members), else None; and
+        the per-member factors of the update (returned so that a compiled graph computes each
         member's factor once: Inductor otherwise inlines e.g. the bias corrections' `pow`
         into every element's update, measured 219 -> 78 us per Adam update of the
         benchmark's 32 MLPs)."""
         frozen = {k: params[k] for k in self.frozen}
         if self.compiled:  # torch.func all the way: traceable as one graph
             trainable = {k: params[k] for k in self.trainable}
-            # built here, in the traced code: dynamo then guards none of its settings
+            # built in the traced code: dynamo traces the construction instead of
+            # guarding the closures of a stored wrapper (fewer guards to check per call)
             grad_fn = torch.func.vmap(
                 torch.func.grad_and_value(self.member_loss, has_aux=True),
                 in_dims=self.in_dims, randomness=self.randomness)
