@@ -755,16 +755,18 @@ class _Plan:
             self.slots: Slots | None = Slots(self.template)
         except ValueError:  # parametrized modules: functional_call resolves them
             self.slots, self.apply = None, _bind._Apply(self.template)
-        self.in_dims = (0, 0, 0, 0 if step.per_member_batches else None)
-        self.randomness = step.randomness
+        in_dims = (0, 0, 0, 0 if step.per_member_batches else None)
         self.compiled = step.compile_options is not None
         # a CUDA graph's outputs are overwritten by its next replay: such a kernel's
         # results are copied (as ft.compile's are)
         from ftrain.compilation import _graphs
         mode = (step.compile_options or {}).get("mode") or "default"
         self.graphs = self.compiled and _graphs(mode, state.device)
-        self.forward_fn = torch.func.vmap(self.member_loss, in_dims=self.in_dims,
+        self.forward_fn = torch.func.vmap(self.member_loss, in_dims=in_dims,
                                           randomness=step.randomness)
+        self.grad_fn = torch.func.vmap(
+            torch.func.grad_and_value(self.member_loss, has_aux=True),
+            in_dims=in_dims, randomness=step.randomness)
         self._body: Callable[..., Body] = self._step
         if step.compile_options is not None:
             self._body = torch.compile(self._step, **step.compile_options)
@@ -830,12 +832,8 @@ class _Plan:
         frozen = {k: params[k] for k in self.frozen}
         if self.compiled:  # torch.func all the way: traceable as one graph
             trainable = {k: params[k] for k in self.trainable}
-            # built in the traced code: dynamo traces the construction instead of
-            # guarding the closures of a stored wrapper (fewer guards to check per call)
-            grad_fn = torch.func.vmap(
-                torch.func.grad_and_value(self.member_loss, has_aux=True),
-                in_dims=self.in_dims, randomness=self.randomness)
-            grads, (_, (metrics, new_buffers)) = grad_fn(trainable, frozen, buffers, batch)
+            grads, (_, (metrics, new_buffers)) = self.grad_fn(trainable, frozen, buffers,
+                                                              batch)
             gs: Leaves = [grads[k] for k in self.trainable]
         else:  # eager: a vmapped forward and plain autograd (faster than torch.func.grad)
             trainable = {k: (t if t.requires_grad else t.detach().requires_grad_())
