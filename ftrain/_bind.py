@@ -178,7 +178,7 @@ def stepping(state: TrainState) -> Binding | None:
     """The binding of a loop that is calling a step on `state` right now (the step then
     runs bound, in place), or None: a direct call, which is pure."""
     b = state.__dict__["_binding"]
-    return b if b is not None and b.in_step and b.live and b.params is state.params else None
+    return b if b is not None and b.in_step and b.fits(state) else None
 
 
 class _Apply(nn.Module):

@@ -114,10 +114,17 @@ def all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
 
 
 def unscale(params: list[torch.Tensor], slot: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Divide gradients by the loss scale in place; 1.0 when any is inf or NaN (device)."""
+    """Divide the params' gradients by the loss scale in place; 1.0 when any is inf or NaN
+    (device)."""
+    return unscale_grads(grads(params), slot)
+
+
+def unscale_grads(gradients: list[torch.Tensor], slot: dict[str, torch.Tensor]
+                  ) -> torch.Tensor:
+    """`unscale` on gradient tensors themselves (a compiled step's, which are no `.grad`)."""
     found_inf = torch.zeros((), dtype=torch.float32, device=slot["scale"].device)
     inv_scale = slot["scale"].double().reciprocal().float()
-    for group in _by_dtype(grads(params)):
+    for group in _by_dtype(gradients):
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
     return found_inf
 
@@ -130,6 +137,23 @@ def agree(found_inf: torch.Tensor, world: int) -> torch.Tensor:
     return found_inf
 
 
+def prepare(phases: Phases, leaves: list[torch.Tensor], loss_bad: torch.Tensor | None,
+            scale: dict[str, torch.Tensor] | None, sync: bool) -> torch.Tensor | None:
+    """The phases before an update: gradient sync across ranks (if `sync`; DDP's backward
+    did it otherwise), then unscaling. Returns the update's `found_inf` (None: nothing can
+    skip it), the same on every rank: `loss_bad`, a rank's own non-finite-loss flag, is
+    agreed by all; the unscale check needs no agreement, as it reads gradients that are
+    identical on every rank after their sync (as torch's GradScaler relies on)."""
+    world = phases.world
+    if sync and world > 1:
+        all_reduce_grads(leaves, world)
+    if loss_bad is not None:
+        agree(loss_bad, world)
+    if scale is None:
+        return loss_bad
+    return combine(loss_bad, unscale(leaves, scale))
+
+
 def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -138,10 +162,9 @@ def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | No
     return torch.maximum(a, b)
 
 
-def update_scale(phases: Phases, slot: dict[str, torch.Tensor],
-                 found_inf: torch.Tensor) -> None:
-    """Back the scale off after an overflow, grow it after `growth_interval` clean steps."""
-    amp = phases.amp
+def update_scale(amp: Any, slot: dict[str, torch.Tensor], found_inf: torch.Tensor) -> None:
+    """Back the scale off after an overflow, grow it after `growth_interval` clean steps
+    (`amp`: the `with_amp` layer's settings)."""
     torch._amp_update_scale_(slot["scale"], slot["growth_tracker"], found_inf,
                              amp.growth_factor, amp.backoff_factor, amp.growth_interval)
     slot["skipped"].add_(found_inf.to(torch.int64))

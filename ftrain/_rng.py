@@ -29,6 +29,37 @@ def generator_for(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+class step_seeded:
+    """Within the block, `generator` draws from a seed of (seed, step, rank): a step's
+    randomness (dropout masks, ...) is the same on a rerun or a resume. The generator's
+    own state is put back afterwards (a class, not @contextmanager: ~1 us less per step).
+
+    Examples:
+        >>> import torch
+        >>> from ftrain._rng import step_seeded
+        >>> g = torch.default_generator
+        >>> with step_seeded(g, 0, 5, 0):
+        ...     a = torch.rand(2)
+        >>> with step_seeded(g, 0, 5, 0):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+    """
+
+    __slots__ = ("generator", "saved", "seed")
+
+    def __init__(self, generator: torch.Generator, seed: int, step: int, rank: int) -> None:
+        self.generator = generator
+        self.seed = mix(seed, step, rank, STEP)
+
+    def __enter__(self) -> None:
+        self.saved = self.generator.get_state()
+        self.generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self.generator.set_state(self.saved)
+
+
 def rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

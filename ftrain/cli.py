@@ -258,9 +258,8 @@ def _from_text(text: Any, spec: _Spec) -> Any:
     kind = spec.kind
     invalid = _Invalid(f"expected {spec.describe()}, got {text!r}")
     if kind in ("int", "float", "path"):
-        convert = {"int": int, "float": float}.get(kind, spec.py)
         try:
-            return convert(text)
+            return spec.py(text)
         except ValueError:
             raise invalid from None
     if kind == "str":
@@ -342,7 +341,12 @@ def _plain(value: Any, where: str) -> Any:
 
 def _key(field: attrs.Attribute) -> str:
     """The name `__init__` takes for `field` (attrs drops a leading underscore)."""
-    return str(getattr(field, "alias", None) or field.name.lstrip("_"))
+    return str(field.alias)
+
+
+def _flag(dotted: str) -> str:
+    """The command-line flag of a (dotted) field name: `--model.hidden-size`."""
+    return "--" + dotted.replace("_", "-")
 
 
 def _shown(value: Any) -> str:
@@ -580,7 +584,7 @@ def _add_fields(cls: type, parser: argparse.ArgumentParser, group: Any, prefix: 
     nested = []
     for key, field, spec in _fields(cls):
         dotted = prefix + key
-        flag = "--" + ".".join(part.replace("_", "-") for part in dotted.split("."))
+        flag = _flag(dotted)
         if not prefix and key in _RESERVED:
             raise ConfigError(f"field {cls.__name__}.{key} clashes with the {flag} option "
                               "every ft.cli parser has; rename the field")
@@ -689,7 +693,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, *,
     try:
         config = _instantiate(cls, tree)
     except _Missing as err:
-        flags = ["--" + k.replace("_", "-") for k in err.keys]
+        flags = [_flag(k) for k in err.keys]
         p.error(f"no value for {', '.join(flags)} (no default): give "
                 f"{'it' if len(flags) == 1 else 'them'} as a flag or in a --config file")
     if print_config:

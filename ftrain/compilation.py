@@ -24,6 +24,7 @@ warning and runs the eager step from then on, `fallback=False` raises `ConfigErr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -227,7 +228,7 @@ class CompiledStep(TrainStep):
                                 cache[7], cache[5])
         if prof is not None:
             prof.lap("compiled step")
-        return advance(state, binding, metrics, self.on_nonfinite), metrics
+        return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics
 
     def _run_pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
@@ -255,16 +256,11 @@ class CompiledStep(TrainStep):
         # Seed from (seed, step, rank) as the eager step does; skipped when no compiled
         # graph of this iteration draws random numbers (checked at compile time).
         seeded = compiled.random or compiled.graphs == 0
-        if seeded:
-            saved = generator.get_state()
-            generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
-        try:
+        with _rng.step_seeded(generator, state.seed, state.step, rank) if seeded else \
+                contextlib.nullcontext():
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             metrics = fn(*args, batch, scale)
-        finally:
-            if seeded:
-                generator.set_state(saved)
         if graphs:  # a CUDA graph's outputs are overwritten by its next replay
             metrics = {k: v.clone() for k, v in metrics.items()}
         if self.check_finite_every_step and not bool(torch.isfinite(metrics["loss"])):
@@ -485,12 +481,9 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
         found_inf = None
         if skip_nonfinite:
             found_inf = (~torch.isfinite(metrics["loss"])).to(torch.float32)
-        if scale is not None:
-            inv = scale["scale"].double().reciprocal().float()
-            grads = {n: g * inv for n, g in grads.items()}
-            bad = torch.stack([~torch.isfinite(g).all() for g in grads.values()]).any()
-            bad = bad.to(torch.float32)
-            found_inf = bad if found_inf is None else torch.maximum(found_inf, bad)
+        if scale is not None:  # in place on this iteration's own gradient tensors
+            found_inf = _phases.combine(found_inf,
+                                        _phases.unscale_grads(list(grads.values()), scale))
         if want_grad_norm:
             metrics["grad_norm"] = _total_norm(list(grads.values()), device)
         for (_, names), optimizer, opt_state in zip(layout, optimizers, opt_states):
@@ -499,7 +492,7 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
             optimizer.update_capturable({n: train[f] for f, n in names},
                                         {n: grads[f] for f, n in names}, opt_state, found_inf)
         if scale is not None:
-            _update_scale(amp, scale, found_inf)  # type: ignore[arg-type]
+            _phases.update_scale(amp, scale, found_inf)  # type: ignore[arg-type]
         return metrics
 
     return iteration
@@ -508,22 +501,7 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
 def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
-def _update_scale(amp: Any, slot: dict[str, torch.Tensor], found_inf: torch.Tensor) -> None:
-    """torch's `_amp_update_scale_` as tensor ops: back off on overflow, grow after
-    `growth_interval` clean steps (unless the grown scale is not finite)."""
-    scale, tracker = slot["scale"], slot["growth_tracker"]
-    inf = found_inf > 0
-    successful = tracker + 1
-    grow = (~inf) & (successful >= amp.growth_interval)
-    grown = scale * amp.growth_factor
-    new_scale = torch.where(inf, scale * amp.backoff_factor,
-                            torch.where(grow & torch.isfinite(grown), grown, scale))
-    scale.copy_(new_scale)
-    tracker.copy_(torch.where(inf | grow, torch.zeros_like(tracker), successful))
-    slot["skipped"].add_(found_inf.to(torch.int64))
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def _graphs(mode: str, device: torch.device) -> bool:

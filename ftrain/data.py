@@ -148,23 +148,7 @@ class Interleaved:
 
     def __len__(self) -> int:
         n = len(self.data)
-        if self.complete:
-            return n // self.world
-        return n // self.world + (1 if self.rank < n % self.world else 0)
-
-
-class _Strided:
-    """Every `world`-th index of a sampler's order from `rank` on (no padding)."""
-
-    def __init__(self, sampler: Iterable[int], rank: int, world: int) -> None:
-        self.sampler, self.rank, self.world = sampler, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.rank, None, self.world)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.world + (1 if self.rank < n % self.world else 0)
+        return n // self.world if self.complete else len(range(self.rank, n, self.world))
 
 
 def _plain_batching(loader: DataLoader) -> Any:
@@ -222,9 +206,8 @@ def shard_eval(data: Any, rank: int, world: int) -> Any:
                       DistributedSampler):
             return data  # already this rank's share (its padding may repeat samples)
         if _plain_batching(data) is not None:  # order does not matter for evaluation
-            every = range(len(data.dataset))  # type: ignore[arg-type]
-            return DataLoader(data.dataset, batch_size=data.batch_size,
-                              sampler=_Strided(every, rank, world),  # type: ignore[arg-type]
+            mine = range(rank, len(data.dataset), world)  # type: ignore[arg-type]
+            return DataLoader(data.dataset, batch_size=data.batch_size, sampler=mine,
                               drop_last=data.drop_last, **_loader_kwargs(data))
     return Interleaved(data, rank, world, complete=False)
 
@@ -233,9 +216,9 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterabl
     """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
     global _epoch_base
     _epoch_base = _rng.mix(seed, epoch, _rng.SAMPLE)
-    if isinstance(data, Interleaved):
-        batches = data.batches(epoch_batches(data.data, seed=seed, epoch=epoch))
-        return itertools.islice(batches, skip, None) if skip else batches
+    if isinstance(data, Interleaved):  # skipping whole rounds keeps the ranks' turns
+        return data.batches(epoch_batches(data.data, seed=seed, epoch=epoch,
+                                          skip=skip * data.world))
     if isinstance(data, DataLoader):
         seed_epoch(data, seed, epoch)
         return _skipping_loader(data, skip) if skip else data

@@ -70,6 +70,16 @@ class Data:
         """Whether the split `name` was given."""
         return getattr(self, name) is not None
 
+    def given(self) -> list[str]:
+        """The splits given, in order.
+
+        Examples:
+            >>> import ftrain as ft
+            >>> ft.Data(train=[1], test=[2]).given()
+            ['train', 'test']
+        """
+        return [s for s in SPLITS if self.has(s)]
+
     def split(self, name: str) -> Any:
         """The data of split `name` ("train", "val", "test" or "predict"), built once."""
         if name not in SPLITS:
@@ -78,8 +88,7 @@ class Data:
             return self._built[name]
         value = getattr(self, name)
         if value is None:
-            given = [s for s in SPLITS if getattr(self, s) is not None]
-            raise DataError(f"this ft.Data has no {name!r} split; it has {given}")
+            raise DataError(f"this ft.Data has no {name!r} split; it has {self.given()}")
         self._hooks()
         if callable(value) and not hasattr(value, "__iter__"):
             value = value()
@@ -96,6 +105,5 @@ def resolve(data: Any, *names: str) -> Any:
     for name in names:
         if data.has(name):
             return data.split(name)
-    given = [s for s in SPLITS if data.has(s)]
     raise DataError(f"this ft.Data has no {' or '.join(map(repr, names))} split; it has "
-                    f"{given}")
+                    f"{data.given()}")

@@ -82,11 +82,11 @@ class WithDDP(Combinator):
         or None on a single process."""
         if self.world <= 1:
             return None
-        ddp = getattr(binding, "ddp", None)
+        ddp = binding.ddp
         if ddp is None:
             from torch.nn.parallel import DistributedDataParallel
             apply = _Apply(binding.model_arg)
-            device = next(iter(next(iter(binding.trainable.values())).values())).device
+            device = binding.leaves[0].device
             ddp = DistributedDataParallel(
                 apply, device_ids=[device] if device.type == "cuda" else None,
                 init_sync=False,  # init already broadcast rank 0's state

@@ -46,3 +46,18 @@ class MonitorError(FTrainError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """An optional count argument: None or an int >= `minimum`, else a ConfigError.
+
+    Examples:
+        >>> from ftrain.errors import check_int
+        >>> check_int("every_n_steps", 0, 1)
+        Traceback (most recent call last):
+        ...
+        ftrain.errors.ConfigError: every_n_steps must be an int >= 1 or None, got 0
+    """
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < minimum):
+        raise ConfigError(f"{name} must be an int >= {minimum} or None, got {value!r}")

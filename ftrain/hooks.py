@@ -15,7 +15,7 @@ from typing import Any
 
 from ftrain import step as _step
 from ftrain.combinators import Combinator
-from ftrain.errors import ConfigError
+from ftrain.errors import ConfigError, check_int
 from ftrain.state import LOOP_SLOT, TrainState
 
 Hook = Callable[[TrainState, dict[str, Any]], Any]
@@ -30,11 +30,8 @@ class Every(Combinator):
         if not callable(fn):
             raise ConfigError(f"every needs a function fn(state, metrics), got "
                               f"{type(fn).__name__}")
-        for label, value in (("every_n_steps", every_n_steps),
-                             ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
-                raise ConfigError(f"{label} must be an int >= 1 or None, got {value!r}")
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("every_n_epochs", every_n_epochs, 1)
         if every_n_steps is None and every_n_epochs is None:
             raise ConfigError("every needs every_n_steps= or every_n_epochs=")
         self.fn = fn

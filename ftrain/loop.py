@@ -30,18 +30,12 @@ from ftrain import data as _data
 from ftrain import step as _step
 from ftrain._run import RunInfo, run_info
 from ftrain.data_module import Data, resolve
-from ftrain.errors import ConfigError, DataError, FTrainError, StepError
+from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
 log = logging.getLogger("ftrain")
 _END = object()
 Metrics = dict[str, torch.Tensor]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < minimum):
-        raise ConfigError(f"{name} must be an int >= {minimum} or None, got {value!r}")
 
 
 def _limit(limit: int | float | None, per_epoch: int | None) -> int | None:
@@ -54,7 +48,7 @@ def _limit(limit: int | float | None, per_epoch: int | None) -> int | None:
             raise ConfigError("limit_train_batches as a fraction needs data with a length; "
                               "give a number of batches instead")
         return max(1, math.floor(per_epoch * limit))
-    _check_int("limit_train_batches", limit, 1)
+    check_int("limit_train_batches", limit, 1)
     return limit
 
 
@@ -110,8 +104,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         raise ConfigError(f"{caller} needs a step (state, batch) -> (state, metrics), got "
                           f"{type(step).__name__}")
     _check_not_tensor(data, "data")
-    _check_int("epochs", epochs, 0)
-    _check_int("max_steps", max_steps, 0)
+    check_int("epochs", epochs, 0)
+    check_int("max_steps", max_steps, 0)
     bundle = data if isinstance(data, Data) else None
     if bundle is not None:  # an ft.Data: its train split, built after init (with_ddp first)
         if not bundle.has("train"):
@@ -511,7 +505,7 @@ def _eval_state(state: TrainState) -> tuple[TrainState, _bind.Binding | None]:
 
 
 def _batches(data: Any, limit: int | None, what: str) -> Any:
-    _check_int(f"{what} limit_batches", limit, 1)
+    check_int(f"{what} limit_batches", limit, 1)
     if not isinstance(data, Iterable):
         raise DataError(f"{what} data must be a DataLoader or an iterable of batches, got "
                         f"{type(data).__name__}")

@@ -18,12 +18,13 @@ import torch
 
 from ftrain import _bind, _phases, _rng, health
 from ftrain.errors import ConfigError, LossError
-from ftrain.state import TrainState, donate
+from ftrain.state import TrainState
 from ftrain.step import (
     NonFinite,
     _check_state,
     _grad_norm,
     _nonfinite_epoch_end,
+    advance,
     check_core_args,
     eval_metrics,
 )
@@ -91,19 +92,12 @@ class Manual:
         losses = self._pending.pop(part, None)
         if losses is None:
             raise ConfigError(f"m.apply({part!r}) without a m.backward for it first")
-        phases = self._core.phases
         params = self._binding.trainable[part]
         leaves = list(params.values())
-        world = phases.world
-        if world > 1:
-            _phases.all_reduce_grads(leaves, world)
-        found_inf = None
+        loss_bad = None
         if self._core.on_nonfinite == "skip":
-            found_inf = (~torch.isfinite(torch.stack(losses)).all()).to(torch.float32)
-        if self._scale is not None:
-            found_inf = _phases.combine(found_inf, _phases.unscale(leaves, self._scale))
-        if found_inf is not None:
-            _phases.agree(found_inf, world)
+            loss_bad = (~torch.isfinite(torch.stack(losses)).all()).to(torch.float32)
+        found_inf = _phases.prepare(self._core.phases, leaves, loss_bad, self._scale, True)
         if self._core.want_grad_norm:
             self.metrics["grad_norm" if part is None else f"grad_norm/{part}"] = \
                 _grad_norm(leaves)
@@ -141,11 +135,10 @@ class Manual:
                     p.grad = None
             raise ConfigError(f"step {self.state.step}: m.backward for {names} was not "
                               "followed by m.apply; gradients would leak into the next step")
-        if self._scale is not None and self.found_inf is not None:
-            _phases.update_scale(self._core.phases, self._scale, self.found_inf)
-        elif self._scale is not None:  # no update at all: nothing overflowed
-            _phases.update_scale(self._core.phases, self._scale,
-                                 torch.zeros((), device=self._scale["scale"].device))
+        if self._scale is not None:  # no update at all (found_inf None): nothing overflowed
+            found_inf = self.found_inf if self.found_inf is not None else torch.zeros(
+                (), device=self._scale["scale"].device)
+            _phases.update_scale(self._core.phases.amp, self._scale, found_inf)
 
 
 class ManualStep:
@@ -171,10 +164,7 @@ class ManualStep:
             _check_state(state, "a manual step")
         binding = _bind.stepping(state)
         if binding is not None:
-            new, metrics = self._run(state, binding, batch)
-            binding.latest = new
-            donate(state, "a manual step")
-            return new, metrics
+            return self._run(state, binding, batch)
         # pure: the same code on a bound copy, which is then released
         work = _bind.bound(state.copy(), training=True)
         tmp = work.__dict__["_binding"]
@@ -192,25 +182,13 @@ class ManualStep:
         binding.set_mode(True)
         binding.nonfinite_policy = self.on_nonfinite
         m = Manual(self, state, binding)
-        generator = binding.generator
-        saved = generator.get_state()
-        generator.manual_seed(_rng.mix(state.seed, state.step, binding.rank, _rng.STEP))
-        try:
-            with _phases.autocast(self.phases, state.device):
-                out = self.fn(m, batch)
-        finally:
-            generator.set_state(saved)
+        with _rng.step_seeded(binding.generator, state.seed, state.step, binding.rank), \
+                _phases.autocast(self.phases, state.device):
+            out = self.fn(m, batch)
         m.finish()
         metrics = eval_metrics(out, f"manual step {state.step}", state.device)
         metrics.update(m.metrics)
-        if self.on_nonfinite != "ignore" and m.losses:
-            binding.pending.extend(m.losses)
-            binding.pending_steps.extend([state.step] * len(m.losses))
-        if binding.buffer_slots:
-            binding.sync_buffers()
-        new = state.replace()
-        new.__dict__["step"] = state.step + 1
-        return new, metrics
+        return advance(state, binding, m.losses, self.on_nonfinite, "a manual step"), metrics
 
 
 def manual_step(fn: Callable[[Manual, Any], Any], *,

@@ -1173,19 +1173,16 @@ class PopulationStep:
             params, buffers, opt_state = (clone_tree(state.params), clone_tree(state.buffers),
                                           clone_tree(state.opt_state))
             generator, rank = _rng.generator_for(state.device), _rng.rank()
-        saved = generator.get_state()
-        generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
-        try:
+        with _rng.step_seeded(generator, state.seed, state.step, rank):
             values, metrics = self._run(plan, params, buffers, opt_state, batch)
-        finally:
-            generator.set_state(saved)
         if self.check_finite_every_step and not bool(torch.isfinite(values["loss"]).all()):
             bad = (~torch.isfinite(values["loss"])).nonzero().flatten().tolist()
             raise NonFiniteLossError(f"the loss of member(s) {bad} was not finite at step "
                                      f"{state.step}")
         if binding is not None:  # updated in place
-            return advance(state, binding, metrics, self.on_nonfinite, "a population step"), \
-                metrics
+            new = advance(state, binding, [metrics["loss"]], self.on_nonfinite,
+                          "a population step")
+            return new, metrics
         return pure_result(state, metrics, params, buffers, opt_state, dict(state.slots),
                            self.on_nonfinite), metrics
 

@@ -139,9 +139,7 @@ class TrainStep:
                    scale: dict[str, torch.Tensor] | None, prof: Any = None) -> Metrics:
         """Forward and (scaled) backward over the batch's micro-batches; the metrics."""
         acc = self.phases.accumulation
-        saved = generator.get_state()
-        generator.manual_seed(_rng.mix(state.seed, state.step, rank, _rng.STEP))
-        try:
+        with _rng.step_seeded(generator, state.seed, state.step, rank):
             if acc is None:  # the common case: one forward and backward
                 return self._micro(state, batch, 1.0, f"step {state.step}", call, inputs,
                                    scale, prof)
@@ -158,8 +156,6 @@ class TrainStep:
                     m = self._micro(state, mb, w, where, call, inputs, scale, prof)
                 _add_weighted(metrics, m, w, where)
             return metrics
-        finally:
-            generator.set_state(saved)
 
     def _micro(self, state: TrainState, batch: Any, weight: float, where: str,
                call: Callable[[Any], Any], inputs: list[torch.Tensor] | None,
@@ -191,24 +187,17 @@ class TrainStep:
                 leaves: list[torch.Tensor], opt_state: Any,
                 scale: dict[str, torch.Tensor] | None, explicit_sync: bool) -> None:
         """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
-        ddp = self.phases.ddp
-        world = 1 if ddp is None else ddp.world
-        if explicit_sync and world > 1:
-            _phases.all_reduce_grads(leaves, world)
-        found_inf = None
+        loss_bad = None
         if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
-            found_inf = (~torch.isfinite(metrics["loss"])).to(torch.float32)
-        if scale is not None:
-            found_inf = _phases.combine(found_inf, _phases.unscale(leaves, scale))
-        if found_inf is not None:
-            _phases.agree(found_inf, world)
+            loss_bad = (~torch.isfinite(metrics["loss"])).to(torch.float32)
+        found_inf = _phases.prepare(self.phases, leaves, loss_bad, scale, explicit_sync)
         if self.want_grad_norm:
             metrics["grad_norm"] = _grad_norm(leaves)
         for part, optimizer, params in trainable:
             _phases.apply_update(optimizer, params,
                                  opt_state if part is None else opt_state[part], found_inf)
         if scale is not None:
-            _phases.update_scale(self.phases, scale, found_inf)  # type: ignore[arg-type]
+            _phases.update_scale(self.phases.amp, scale, found_inf)  # type: ignore[arg-type]
 
     def _begin(self, binding: Any) -> Any:
         """A bound step starts: train mode, this step's non-finite policy, the profiler."""
@@ -243,7 +232,7 @@ class TrainStep:
                      explicit_sync=module is None)
         if prof is not None:
             prof.lap("optimizer")
-        return advance(state, binding, metrics, self.on_nonfinite), metrics
+        return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics
 
     def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
@@ -290,13 +279,13 @@ def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -
         total[k] = part if k not in total else total[k] + part
 
 
-def advance(state: TrainState, binding: Any, metrics: Metrics, on_nonfinite: str,
+def advance(state: TrainState, binding: Any, losses: list[torch.Tensor], on_nonfinite: str,
             what: str = "a training step") -> TrainState:
-    """A loop's step is done: note the loss for the non-finite check, take reassigned
+    """A loop's step is done: note its `losses` for the non-finite check, take reassigned
     buffers, return the next state (step + 1) and donate `state`."""
-    if on_nonfinite != "ignore":
-        binding.pending.append(metrics["loss"])
-        binding.pending_steps.append(state.step)
+    if on_nonfinite != "ignore" and losses:
+        binding.pending.extend(losses)
+        binding.pending_steps.extend([state.step] * len(losses))
         if len(binding.pending) >= health.FOLD_EVERY:
             health.pending_record(state)
     if binding.buffer_slots:
@@ -352,7 +341,7 @@ def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = _phases.grads(params)
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
     return torch.nn.utils.get_total_norm(grads).detach()

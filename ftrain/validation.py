@@ -18,7 +18,7 @@ from ftrain import step as _step
 from ftrain._run import run_info
 from ftrain.combinators import Combinator
 from ftrain.data_module import resolve
-from ftrain.errors import ConfigError
+from ftrain.errors import ConfigError, check_int
 from ftrain.state import LOOP_SLOT, TrainState
 
 Metrics = dict[str, Any]
@@ -41,9 +41,7 @@ class WithValidation(Combinator):
                                   ("every_n_steps", every_n_steps, 1),
                                   ("sanity_steps", sanity_steps, 0),
                                   ("limit_val_batches", limit_val_batches, 1)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < low):
-                raise ConfigError(f"{label} must be an int >= {low} or None, got {value!r}")
+            check_int(label, value, low)
         if every_n_epochs is None and every_n_steps is None:
             raise ConfigError("with_validation needs every_n_epochs= or every_n_steps=")
         self.evaluator = evaluator

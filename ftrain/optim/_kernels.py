@@ -318,8 +318,7 @@ class _ClipGradNorm:
         if not names:
             return grads
         with torch.no_grad():
-            norms = [torch.linalg.vector_norm(grads[n], self.norm_type) for n in names]
-            total = torch.linalg.vector_norm(torch.stack(norms), self.norm_type)
+            total = torch.nn.utils.get_total_norm([grads[n] for n in names], self.norm_type)
             coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
             return {**grads, **{n: grads[n] * coef.to(grads[n].dtype) for n in names}}
 
