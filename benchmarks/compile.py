@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import loss_fn, sync
 from torch import nn
 
 import ftrain as ft
@@ -58,16 +59,6 @@ def make_data(n: int, device: torch.device) -> list[Batch]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(32, 32, generator=g).to(device),
              torch.randint(0, 10, (32,), generator=g).to(device)) for _ in range(n)]
-
-
-def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- variants: objects with run(data) -> seconds, keeping their state between calls -------

@@ -68,7 +68,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from _common import loss_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -95,11 +95,6 @@ def make_dataset(samples: int) -> TensorDataset:
     x = torch.randn(samples, FEATURES, generator=g)
     y = torch.randint(0, CLASSES, (samples,), generator=g)
     return TensorDataset(x, y)
-
-
-def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 # -- the variants: each runs `epochs` epochs from scratch and returns its step count --------

@@ -85,6 +85,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import Batches, sync
+from _common import loss_fn as mlp_loss
 from torch import nn
 
 import ftrain as ft
@@ -193,17 +195,7 @@ def mlp_data(n: int, batch: int, device: torch.device) -> list[Batch]:
     return out
 
 
-def mlp_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
 # -- helpers ----------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def error_record(err: BaseException) -> dict[str, Any]:
     """An error for the JSON: its message, the messages of its causes and contexts (the
@@ -429,20 +421,6 @@ def hand_variant(cfg: Config, data: list[Batch], device: torch.device, dtype: to
             raise RuntimeError(f"hand loop ran {steps} steps")
         return elapsed
     return run
-
-
-class Batches:
-    """A list of batches seen as one iterable (Lightning takes a bare list for several
-    dataloaders)."""
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Any:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def lightning_variant(cfg: Config, data: list[Batch], device: torch.device) -> Variant:

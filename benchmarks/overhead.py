@@ -67,7 +67,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from _common import Batches, loss_fn
 from torch import nn
 
 import ftrain as ft
@@ -99,11 +99,6 @@ def make_data(n: int, batch: int, features: int) -> list[Batch]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(batch, features, generator=g),
              torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
-
-
-def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 # -- the training variants: each returns the wall time of one whole training call --------
@@ -158,20 +153,6 @@ def ft_fit(make_model: Callable[[], nn.Module], data: list[Batch], epochs: int =
         ft.fit(step, state, data, epochs=epochs, root_dir=run_dir, progress="always",
                checkpoint=checkpoint)
         return time.perf_counter() - start
-
-
-class Batches:
-    """A list of batches seen as one iterable (Lightning takes a bare list for several
-    dataloaders); iterating it costs what iterating the list costs."""
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Any:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def lightning_runner(root: str) -> Callable[[list[Batch], int], float] | None:

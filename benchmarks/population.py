@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from _common import loss_fn
 from torch import nn
 
 import ftrain as ft
@@ -70,11 +70,6 @@ def make_data(steps: int, batch: int = 32) -> list[Batch]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(batch, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
             for _ in range(steps)]
-
-
-def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def hand(data: list[Batch], threads: int | None = None) -> float:
