@@ -85,7 +85,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import Batches, sync
+from _common import GPT, Batches, sync
 from _common import loss_fn as mlp_loss
 from torch import nn
 
@@ -119,46 +119,9 @@ SMOKE = Config(vocab=256, seq=32, d=64, heads=4, layers=2, batch=4, epoch_batche
 
 # -- the GPT-style model ------------------------------------------------------------------
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.out = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab, cfg.d)
-        self.pos = nn.Embedding(cfg.seq, cfg.d)
-        self.blocks = nn.ModuleList(Block(cfg.d, cfg.heads) for _ in range(cfg.layers))
-        self.ln = nn.LayerNorm(cfg.d)
-        self.head = nn.Linear(cfg.d, cfg.vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok(idx) + self.pos(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
-
-
 def make_gpt(cfg: Config) -> GPT:
     torch.manual_seed(0)  # every variant starts from the same weights
-    return GPT(cfg)
+    return GPT(cfg.vocab, cfg.seq, cfg.d, cfg.layers, cfg.heads)
 
 
 def gpt_data(cfg: Config, device: torch.device) -> list[Batch]:
