@@ -153,7 +153,8 @@ def teardown() -> None:
         # references) needs the GIL. Exiting right after it, the worker could still be
         # waiting for the GIL when the interpreter finalizes, which aborts the process
         # ("terminate called without an active exception": 3 of ~300 torchrun exits
-        # here; core dump: ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> take_gil). Sleeping releases the GIL while the interpreter is still alive.
+        # here; core dump: ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> take_gil).
+        # Sleeping releases the GIL while the interpreter is still alive.
         time.sleep(_DRAIN_S)
         dist.destroy_process_group()
     _created = False
