@@ -11,7 +11,8 @@ class RunInfo:
     def __init__(self, epochs: int | None, max_steps: int | None, limit: int | None,
                  fast_dev_run: int, batches_per_epoch: int | None, *,
                  progress: bool | str = False, root_dir: str | None = None,
-                 hparams: Any = None, signals: list[str] | None = None) -> None:
+                 hparams: Any = None, signals: list[str] | None = None,
+                 checkpoint_dir: str | None = None) -> None:
         self.epochs = epochs
         self.max_steps = max_steps
         self.limit_train_batches = limit
@@ -20,6 +21,8 @@ class RunInfo:
         self.progress = progress
         self.root_dir = root_dir
         self.hparams = hparams
+        # The run folder `resume="auto"` continues (a checkpointing layer writes there).
+        self.checkpoint_dir = checkpoint_dir
         # Signals received while the loop runs (fit's SIGTERM handler appends to it); the
         # loop checks it at each step boundary (one list read).
         self.signals: list[str] = signals if signals is not None else []

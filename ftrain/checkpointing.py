@@ -11,31 +11,38 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import string
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import attrs
 import torch
 
-from ftrain import _rng, health
+from ftrain import _folders, _rng, health
 from ftrain import step as _step
-from ftrain._run import run_info
+from ftrain._folders import SUFFIX, TMP_PREFIX
+from ftrain._run import RunInfo, run_info
 from ftrain._sync import to_host
-from ftrain.checkpoint import TMP_PREFIX, atomic_write, fsync_dir, payload, read
+from ftrain.checkpoint import atomic_write, fsync_dir, payload, read
 from ftrain.combinators import Combinator
 from ftrain.errors import CheckpointError, ConfigError, MonitorError
 from ftrain.state import LOOP_SLOT, TrainState
 
+log = logging.getLogger("ftrain")
 INDEX = "checkpoints.json"
 LAST = "last.ckpt"
-SUFFIX = ".ckpt"
 Mode = Literal["min", "max"]
+_INDEX_LIMIT = 16 * 1024 * 1024  # an index of thousands of entries is well under this
+_MAX_ENTRIES = 100_000
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @attrs.frozen
@@ -51,8 +58,36 @@ class CheckpointIndex:
     saved: list[dict[str, Any]]
 
 
+def _read_index(dirpath: str) -> dict[str, Any] | None:
+    """The index of `dirpath` as checked plain data, None if there is none; anything in
+    it that is not what a checkpointing layer writes is a CheckpointError."""
+    path = os.path.join(dirpath, INDEX)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_INDEX_LIMIT + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise CheckpointError(f"cannot read the checkpoint index {path!r}: {err}") from err
+    if len(raw) > _INDEX_LIMIT:
+        raise CheckpointError(f"{path!r} is over {_INDEX_LIMIT} bytes: not an index this "
+                              "library wrote")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path!r} is not a valid index: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path!r} is not a valid index: expected a JSON object, "
+                              f"found {type(data).__name__}")
+    return check_slot(data, f"the index {path!r}")
+
+
 def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
     """Read the index of a checkpoint folder written by `with_checkpointing`.
+
+    Given a folder of runs (`<root_dir>/checkpoints`, which holds one `version_N` folder
+    per run), it reads the newest run's index. File names in the index are checked: each
+    must be a bare name inside the folder.
 
     Examples:
         >>> import tempfile, torch, ftrain as ft
@@ -66,54 +101,136 @@ def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
         ('1.ckpt', 'last.ckpt')
     """
     dirpath = os.fspath(dirpath)
-    path = os.path.join(dirpath, INDEX)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint index {INDEX} in {dirpath!r}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path!r} is not a valid index: {err}") from err
+    data = _read_index(dirpath)
+    if data is None:
+        for _, run in _folders.versions(dirpath):
+            data = _read_index(run)
+            if data is not None:
+                dirpath = run
+                break
+    if data is None:
+        raise CheckpointError(f"no checkpoint index {INDEX} in {dirpath!r} (nor in a "
+                              "version_N run folder inside it)")
 
     def full(name: str | None) -> str | None:
         return os.path.join(dirpath, name) if name else None
 
     return CheckpointIndex(
-        dirpath=dirpath, best=full(data.get("best")), last=full(data.get("last")),
-        monitor=data.get("monitor"), mode=data.get("mode", "min"),
-        best_score=data.get("best_score"),
-        saved=[{**s, "path": full(s["file"])} for s in data.get("saved", [])])
+        dirpath=dirpath, best=full(data["best"]), last=full(data["last"]),
+        monitor=data["monitor"], mode=data["mode"], best_score=data["best_score"],
+        saved=[{**s, "path": full(s["file"])} for s in data["saved"]])
 
 
 def latest_valid(dirpath: str) -> str | None:
-    """The newest checkpoint in `dirpath` that loads (for `resume="auto"`), or None.
+    """The newest checkpoint in `dirpath` that loads (for `resume="auto"`), or None when
+    the folder holds no checkpoint file at all.
 
     The index's `last` (the newest save of the run that wrote it) comes first; without a
     usable index, the most recently written `*.ckpt`. Temporary files of an interrupted
     save never match; each candidate is opened (memory-mapped, tensors not read) and
-    skipped if it is truncated or not a checkpoint.
+    skipped if it is truncated or not a checkpoint. Checkpoint files present but none
+    readable is a CheckpointError naming each file and why: resuming must never start
+    fresh over them (and then overwrite them).
     """
     if not os.path.isdir(dirpath):
         return None
+    problems: dict[str, str] = {}
 
     def loads(path: str) -> bool:
         try:
             read(path, map_location="cpu", mmap=True)
             return True
-        except CheckpointError:
+        except CheckpointError as err:
+            problems[os.path.basename(path)] = str(err)
             return False
 
-    with contextlib.suppress(CheckpointError):
-        last = checkpoints(dirpath).last
-        if last is not None and os.path.isfile(last) and loads(last):
+    try:
+        index = _read_index(dirpath)
+    except CheckpointError as err:
+        problems[INDEX] = str(err)
+        index = None
+    if index is not None and index["last"] is not None:
+        last = _folders.own_file(dirpath, index["last"])
+        if last is not None and loads(last):
             return last
     candidates = sorted(
-        (os.path.getmtime(os.path.join(dirpath, e)), os.path.join(dirpath, e))
-        for e in os.listdir(dirpath) if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
+        (os.path.getmtime(path), path) for path in (
+            _folders.own_file(dirpath, e) for e in os.listdir(dirpath)
+            if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
+        if path is not None)
     for _, path in reversed(candidates):
         if loads(path):
             return path
+    if candidates:
+        shown = "\n".join(f"  {name}: {why}" for name, why in sorted(problems.items()))
+        raise CheckpointError(
+            f"{dirpath!r} holds checkpoint files but none can be read, so a resume "
+            f"cannot continue from them (nothing was overwritten):\n{shown}\nMove them "
+            "away to start fresh, or resume from a readable file with resume=<path>")
     return None
+
+
+def check_slot(slot: Any, where: str) -> dict[str, Any]:
+    """A checkpointing slot (or index) read back from a file, checked field by field.
+
+    Everything in it is untrusted input: file names must be bare `*.ckpt` names, counts
+    ints, scores numbers. Returns a normalized copy; errors name the field.
+    """
+    if not isinstance(slot, Mapping):
+        raise CheckpointError(f"{where}: expected a dict, found {type(slot).__name__}")
+
+    def fail(field: str, expected: str, value: Any) -> NoReturn:
+        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
+        raise CheckpointError(f"{where}: {field} must be {expected}, found {shown}")
+
+    def count(field: str, value: Any, optional: bool = False) -> int | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail(field, "an int >= 0" + (" or None" if optional else ""), value)
+        return int(value)
+
+    def score(field: str, value: Any) -> float | None:
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail(field, "a number or None", value)
+        return float(value)
+
+    def name(field: str, value: Any) -> str | None:
+        return None if value is None else _folders.bare_name(value, field, where)
+
+    def text(field: str, value: Any) -> str | None:
+        if value is not None and (not isinstance(value, str) or len(value) > 4096):
+            fail(field, "a string or None", value)
+        return value  # type: ignore[no-any-return]
+
+    saved_raw = slot.get("saved", [])
+    if not isinstance(saved_raw, list) or len(saved_raw) > _MAX_ENTRIES:
+        fail("saved", f"a list of at most {_MAX_ENTRIES} entries", saved_raw)
+    saved = []
+    for i, entry in enumerate(saved_raw):
+        if not isinstance(entry, Mapping):
+            fail(f"saved[{i}]", "a dict", entry)
+        saved.append({"file": _folders.bare_name(entry.get("file"), f"saved[{i}].file",
+                                                 where),
+                      "score": score(f"saved[{i}].score", entry.get("score")),
+                      "step": count(f"saved[{i}].step", entry.get("step")),
+                      "epoch": count(f"saved[{i}].epoch", entry.get("epoch"))})
+    mode = slot.get("mode", "min")
+    if mode not in ("min", "max"):
+        fail("mode", "'min' or 'max'", mode)
+    last = name("last", slot.get("last"))
+    if last not in (None, LAST):
+        fail("last", f"{LAST!r} or None", last)
+    run_id = text("run", slot.get("run"))
+    if run_id is not None and not _RUN_ID.fullmatch(run_id):
+        fail("run", "a run id (32 hex digits)", run_id)
+    return {"saved": saved, "best": name("best", slot.get("best")),
+            "best_score": score("best_score", slot.get("best_score")), "last": last,
+            "last_step": count("last_step", slot.get("last_step"), optional=True),
+            "monitor": text("monitor", slot.get("monitor")), "mode": mode,
+            "dir": text("dir", slot.get("dir")), "run": run_id}
 
 
 def _fields(template: str) -> list[str]:
@@ -172,37 +289,118 @@ class WithCheckpointing(Combinator):
         self.save_last = save_last
         self.filename = filename
         self.hparams = dict(hparams) if hparams is not None else None
+        self._lock: _folders.FolderLock | None = None
+        self._owned: set[str] = set()  # files this layer may delete: its own saves
 
     def __repr__(self) -> str:
         return f"with_checkpointing({self.dirpath!r}, monitor={self.monitor!r})"
 
-    def resolve_dir(self, root_dir: str | None) -> str:
+    def resume_folders(self, root_dir: str | None) -> list[str]:
+        """Where `resume="auto"` looks, newest first: the given folder, or each run's
+        `version_N` folder under `<root_dir>/checkpoints`."""
         if self.dirpath_arg is not None:
-            return self.dirpath_arg
-        return os.path.join(root_dir or os.getcwd(), "checkpoints")
+            return [self.dirpath_arg]
+        root = _runs_root(root_dir)
+        # last, the root itself: where runs of ftrain 0.1 wrote their checkpoints
+        return [path for _, path in _folders.versions(root)] + [root]
 
     def _empty_slot(self) -> dict[str, Any]:
         return {"saved": [], "best": None, "best_score": None, "last": None,
-                "last_step": None, "monitor": self.monitor, "mode": self.mode}
+                "last_step": None, "monitor": self.monitor, "mode": self.mode,
+                "dir": None, "run": None}
 
     def init(self, state: TrainState) -> TrainState:
         state = _step.init(self.inner, state)
         run = run_info(state)
-        self.dirpath = self.resolve_dir(run.root_dir if run is not None else None)
-        if _rng.rank() == 0:
-            _remove_stale_temporaries(self.dirpath)
         self.run_hparams = self.hparams if self.hparams is not None else (
             dict(run.hparams) if run is not None and run.hparams is not None else None)
-        slot = state.slots.get(self.name)
-        if slot is None:
-            state = state.replace(slots={**state.slots, self.name: self._empty_slot()})
-        elif (slot.get("monitor"), slot.get("mode")) != (self.monitor, self.mode):
-            raise ConfigError(
-                f"the {self.name!r} slot of this state ranks checkpoints by monitor="
-                f"{slot.get('monitor')!r}, mode={slot.get('mode')!r}; this layer uses "
-                f"monitor={self.monitor!r}, mode={self.mode!r}. Keep them, or give the "
-                "layer another name= (and dirpath) to start a new ranking")
-        return state
+        raw = state.slots.get(self.name)
+        slot = None if raw is None else check_slot(raw, f"the {self.name!r} slot")
+        if run is not None and run.fast_dev_run:
+            return state  # a quick check writes nothing: no folder either
+        slot = self._open(run, slot)
+        return state.replace(slots={**state.slots, self.name: slot})
+
+    def _open(self, run: RunInfo | None, slot: dict[str, Any] | None) -> dict[str, Any]:
+        """Choose this run's folder, lock it (rank 0) and decide how much of a restored
+        slot to trust; return the slot to run with."""
+        self.dirpath = self._choose_dir(run, slot)
+        if _rng.rank() == 0:
+            if self._lock is None or not _folders.same_folder(self._lock.folder,
+                                                              self.dirpath):
+                self._release()
+                self._lock = _folders.FolderLock.acquire(self.dirpath)
+            _folders.remove_stale_temporaries(self.dirpath)
+        if slot is not None and self._continues(slot, self.dirpath):
+            if (slot["monitor"], slot["mode"]) != (self.monitor, self.mode):
+                raise ConfigError(
+                    f"the {self.name!r} slot of this state ranks checkpoints by monitor="
+                    f"{slot['monitor']!r}, mode={slot['mode']!r}; this layer uses "
+                    f"monitor={self.monitor!r}, mode={self.mode!r}. Keep them, or give the "
+                    "layer another name= (and dirpath) to start a new ranking")
+            self._owned = {e["file"] for e in slot["saved"]}
+            return {**slot, "dir": os.path.realpath(self.dirpath)}
+        if slot is not None and (slot["saved"] or slot["last"]):
+            log.warning("the %r slot was written by another run or in another folder "
+                        "(%s): its top-k bookkeeping is not used in %s, and none of the "
+                        "files it names will be deleted", self.name, slot["dir"],
+                        self.dirpath)
+        self._owned = set()
+        return {**self._empty_slot(), "dir": os.path.realpath(self.dirpath),
+                "run": uuid.uuid4().hex}
+
+    @staticmethod
+    def _continues(slot: Mapping[str, Any], folder: str) -> bool:
+        """Whether `slot` is `folder`'s own bookkeeping: written in that folder by the run
+        the folder's index names. Only then may the files it lists be deleted."""
+        if slot["run"] is None or slot["dir"] is None or not _folders.same_folder(
+                slot["dir"], folder):
+            return False
+        try:
+            index = _read_index(folder)
+        except CheckpointError:
+            return False
+        return index is not None and index["run"] == slot["run"]
+
+    def _choose_dir(self, run: RunInfo | None, slot: Mapping[str, Any] | None) -> str:
+        if self.dirpath_arg is not None:
+            return self.dirpath_arg
+        if run is not None and run.checkpoint_dir is not None:
+            return run.checkpoint_dir  # resume="auto" continues the run in its folder
+        root = _runs_root(run.root_dir if run is not None else None)
+        chosen: list[str | None] = [None]
+        if _rng.rank() == 0:
+            folder = slot["dir"] if slot is not None else None
+            continuing = folder is not None and any(
+                _folders.same_folder(folder, path) for _, path in _folders.versions(root))
+            if continuing:  # a state this run left off: its own folder again
+                assert folder is not None and slot is not None
+                continuing = self._continues(slot, folder)
+            chosen[0] = folder if continuing else _folders.claim_version(root)
+        if run is not None and run.world > 1:  # every rank names rank 0's folder
+            import torch.distributed as dist
+            dist.broadcast_object_list(chosen, src=0)
+        assert chosen[0] is not None
+        return chosen[0]
+
+    def _ready(self) -> str:
+        """The folder to write to, for a layer called without a loop (no init)."""
+        if self.dirpath is None:
+            self.dirpath = self._choose_dir(None, None)
+        if _rng.rank() == 0 and self._lock is None:
+            self._lock = _folders.FolderLock.acquire(self.dirpath)
+        return self.dirpath
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def close(self, state: TrainState) -> None:
+        try:
+            _step.close(self.inner, state)
+        finally:
+            self._release()  # the folder is free for the next run that continues it
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
@@ -275,30 +473,36 @@ class WithCheckpointing(Combinator):
     def save_now(self, state: TrainState, metrics: Mapping[str, Any] | None = None
                  ) -> TrainState:
         """Write a checkpoint of `state` now, ranked by `metrics`; return the new state."""
-        if self.dirpath is None:
-            self.dirpath = self.resolve_dir(None)
         name, score, epoch = self._plan(state, dict(metrics or {}))
         return self._commit(state, name, score, epoch)
 
     def save_last_now(self, state: TrainState) -> TrainState:
         """Write only `last.ckpt` (outside the top k; no metric needed), e.g. on SIGTERM."""
-        if self.dirpath is None:
-            self.dirpath = self.resolve_dir(None)
         health.check_finite(state)
-        slot = dict(state.slots.get(self.name) or self._empty_slot())
-        slot.update(last=LAST, last_step=state.step)
+        slot = {**self._slot(state), "last": LAST, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: slot})
         if _rng.rank() == 0:
-            os.makedirs(self.dirpath, exist_ok=True)
-            data = payload(state, getattr(self, "run_hparams", self.hparams))
-            atomic_write(os.path.join(self.dirpath, LAST), lambda f: torch.save(data, f))
+            folder = self._ready()
+            data = payload(state, self._hparams_to_save())
+            atomic_write(os.path.join(folder, LAST), lambda f: torch.save(data, f))
             self._write_index(slot)
         return state
+
+    def _slot(self, state: TrainState) -> dict[str, Any]:
+        """This layer's slot, opened first if the layer is called without a loop."""
+        slot = state.slots.get(self.name)
+        if slot is None or self.dirpath is None:
+            checked = None if slot is None else check_slot(slot, f"the {self.name!r} slot")
+            return self._open(run_info(state), checked)
+        return slot  # type: ignore[no-any-return]
+
+    def _hparams_to_save(self) -> dict[str, Any] | None:
+        return getattr(self, "run_hparams", self.hparams)
 
     def _commit(self, state: TrainState, name: str, score: float | None, epoch: int
                 ) -> TrainState:
         health.check_finite(state)  # never write a checkpoint of a NaN run silently
-        slot = state.slots.get(self.name) or self._empty_slot()
+        slot = self._slot(state)
         name = self._unique(name, slot)
         entry = {"file": name, "score": score, "step": state.step, "epoch": epoch}
         kept, dropped = self._top_k([dict(e) for e in slot["saved"]], entry)
@@ -317,9 +521,8 @@ class WithCheckpointing(Combinator):
         return state
 
     def _write_index(self, slot: Mapping[str, Any]) -> None:
-        assert self.dirpath is not None
         data = _index_json(slot, self.monitor, self.mode)
-        atomic_write(os.path.join(self.dirpath, INDEX), lambda f: f.write(data))
+        atomic_write(os.path.join(self._ready(), INDEX), lambda f: f.write(data))
 
     def _render(self, epoch: int, step: int, values: Mapping[str, float]) -> str:
         try:
@@ -331,10 +534,14 @@ class WithCheckpointing(Combinator):
         taken = {e["file"] for e in slot["saved"]} | {LAST}
         assert self.dirpath is not None
         candidate, n = name + SUFFIX, 0
-        while candidate in taken or os.path.exists(os.path.join(self.dirpath, candidate)):
+        while candidate in taken or os.path.lexists(os.path.join(self.dirpath, candidate)):
             n += 1
             candidate = f"{name}-v{n}{SUFFIX}"
-        return candidate
+        try:
+            return _folders.bare_name(candidate, "a rendered file name", "with_checkpointing")
+        except CheckpointError as err:
+            raise ConfigError(f"filename {self.filename!r} renders {candidate!r}, which "
+                              f"cannot be a checkpoint's name: {err}") from None
 
     def _top_k(self, saved: list[dict[str, Any]], entry: dict[str, Any]
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -372,43 +579,49 @@ class WithCheckpointing(Combinator):
 
     def _write(self, state: TrainState, name: str, keep: bool, slot: Mapping[str, Any],
                dropped: list[dict[str, Any]]) -> None:
-        assert self.dirpath is not None
-        os.makedirs(self.dirpath, exist_ok=True)
-        data = payload(state, getattr(self, "run_hparams", self.hparams))
-        target = os.path.join(self.dirpath, name)
-        last = os.path.join(self.dirpath, LAST)
+        folder = self._ready()
+        data = payload(state, self._hparams_to_save())
+        target = os.path.join(folder, name)
+        last = os.path.join(folder, LAST)
         if keep:
             atomic_write(target, lambda f: torch.save(data, f))
+            self._owned.add(name)
             if self.save_last:
                 _link_or_copy(target, last)
         elif self.save_last:
             atomic_write(last, lambda f: torch.save(data, f))
         self._write_index(slot)
         for entry in dropped:  # only now: the new checkpoint and index are safely written
+            self._delete(entry["file"])
+
+    def _delete(self, name: str) -> None:
+        """Delete a checkpoint that left the top k: only a file this layer wrote (or its
+        run wrote in this folder), by a bare name, and never through a link."""
+        if name not in self._owned or name == LAST:
+            return
+        self._owned.discard(name)
+        path = _folders.own_file(self._ready(), _folders.bare_name(name, "a file", "top k"))
+        if path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.dirpath, entry["file"]))
+                os.unlink(path)
 
 
 def _index_json(slot: Mapping[str, Any], monitor: str | None, mode: str) -> bytes:
     index = {"best": slot["best"], "best_score": slot["best_score"], "last": slot["last"],
-             "monitor": monitor, "mode": mode, "saved": slot["saved"]}
+             "monitor": monitor, "mode": mode, "saved": slot["saved"],
+             "dir": slot.get("dir"), "run": slot.get("run")}
     return json.dumps(index, indent=2).encode()
 
 
-def _remove_stale_temporaries(dirpath: str) -> None:
-    """Delete temporary files a killed save left behind (never taken for checkpoints)."""
-    if not os.path.isdir(dirpath):
-        return
-    for entry in os.listdir(dirpath):
-        if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(dirpath, entry))
+def _runs_root(root_dir: str | None) -> str:
+    """The folder that holds one `version_N` checkpoint folder per run."""
+    return os.path.join(root_dir or os.getcwd(), "checkpoints")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
     """Make `dst` the same file as `src` atomically: a hard link, else a copy."""
     folder = os.path.dirname(dst)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_folders.tmp_prefix(), suffix=".tmp", dir=folder)
     os.close(fd)
     os.unlink(tmp)
     try:

@@ -97,7 +97,8 @@ def _deferred(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: objec
 def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
          max_steps: int | None, donate_input: bool, limit_train_batches: int | float | None,
          fast_dev_run: bool | int, caller: str, progress: bool | str = False,
-         root_dir: str | None = None, hparams: Any = None, signals: list[str] | None = None
+         root_dir: str | None = None, hparams: Any = None, signals: list[str] | None = None,
+         checkpoint_dir: str | None = None
          ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     _check_state(state, caller)
     if not callable(step):
@@ -125,7 +126,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         raise ConfigError(f"{caller} needs epochs= or max_steps= (totals, counted from a "
                           "fresh state, as Lightning's max_epochs and max_steps)")
     run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch, progress=progress,
-                  root_dir=root_dir, hparams=hparams, signals=signals)
+                  root_dir=root_dir, hparams=hparams, signals=signals,
+                  checkpoint_dir=checkpoint_dir)
     owner = object()
     source = state
     state = state.copy() if not donate_input else state
@@ -360,7 +362,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         progress: bool = True, root_dir: str | None = None, hparams: Any = None,
         donate: bool = True, limit_train_batches: int | float | None = None,
         fast_dev_run: bool | int = False, resume: str | os.PathLike[str] | None = None,
-        handle_sigterm: bool = True) -> TrainState:
+        resume_hparams: str = "match", handle_sigterm: bool = True) -> TrainState:
     """Train for `epochs` (or until `max_steps`) and return the final state.
 
     `epochs` and `max_steps` are totals counted from a fresh state (as Lightning's), so a
@@ -374,12 +376,16 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     `<root_dir>/checkpoints` (`checkpoint`: True, a folder, or False); a step that has its
     own logging or checkpointing layer keeps it. `root_dir` defaults to the working
     directory; `hparams` (JSON-compatible) go into checkpoints and TensorBoard's HPARAMS.
-    `resume`: a checkpoint path, or "auto" for the newest valid checkpoint in the
-    checkpoint folder (starting fresh, and saying so, when there is none); the run then
-    continues exactly, mid-epoch included. On SIGTERM (preemption) fit saves a checkpoint
-    at the next step boundary and exits with status 143 (a second SIGTERM acts at once,
-    for a loop stuck outside a step); the handler exists only while fit runs
-    (`handle_sigterm=False` leaves signals alone). If training fails or is
+    `resume`: a checkpoint path, or "auto" for the newest valid checkpoint of the newest
+    run in the checkpoint folder (starting fresh, and saying so, when there is none;
+    refusing, when checkpoint files are there but none can be read); the run then
+    continues exactly, mid-epoch included, in that run's folder. Each run gets its own
+    checkpoint folder `<root_dir>/checkpoints/version_N`. With `resume_hparams="match"`
+    (the default), `resume="auto"` refuses a checkpoint whose hparams or seed differ from
+    this run's (another run's); `"ignore"` continues it anyway. On SIGTERM (preemption)
+    fit saves a checkpoint at the next step boundary and exits with status 143 (a second
+    SIGTERM acts at once, for a loop stuck outside a step); the handler exists only while
+    fit runs (`handle_sigterm=False` leaves signals alone). If training fails or is
     interrupted (Ctrl-C), the exception carries the state reached so far as `err.state`.
 
     Examples:
@@ -399,15 +405,21 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                           f"{type(hparams).__name__}")
     if fast_dev_run:  # a quick check writes nothing (as Lightning's fast_dev_run)
         logger, checkpoint = False, False
+    if resume_hparams not in ("match", "ignore"):
+        raise ConfigError(f"resume_hparams must be 'match' or 'ignore', got "
+                          f"{resume_hparams!r}")
     root = os.fspath(root_dir) if root_dir is not None else None
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
+    folder = None
     if resume is not None:
-        state = _resume(step, state, resume, root, donate)
+        state, folder = _resume(step, state, resume, root, donate, hparams,
+                                check=resume_hparams == "match")
     signals: list[str] = []
     gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
                caller="ft.fit", progress=progress, root_dir=root,
-               hparams=dict(hparams) if hparams is not None else None, signals=signals)
+               hparams=dict(hparams) if hparams is not None else None, signals=signals,
+               checkpoint_dir=folder)
     previous = _install_sigterm(signals) if handle_sigterm else None
     try:
         while True:
@@ -438,26 +450,62 @@ def _install_sigterm(signals: list[str]) -> Any:
 
 
 def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None,
-            donate_input: bool) -> TrainState:
-    from ftrain.checkpoint import load
+            donate_input: bool, hparams: Any, check: bool) -> tuple[TrainState, str | None]:
+    """The state to continue from, and (for "auto") the run folder it came from."""
+    from ftrain.checkpoint import load, load_hparams
     from ftrain.checkpointing import WithCheckpointing, latest_valid
     from ftrain.combinators import find
     _check_state(state, "ft.fit")
+    folder = None
     if resume == "auto":
         layer = find(step, WithCheckpointing)
-        folder = layer.resolve_dir(root_dir) if layer is not None else os.path.join(
-            root_dir or os.getcwd(), "checkpoints")
-        path = latest_valid(folder)
+        if layer is None:
+            raise ConfigError("resume='auto' looks in the checkpoint folder of a "
+                              "checkpointing layer, and this step has none (checkpoint="
+                              "False?); pass resume=<path> instead")
+        path = None
+        for folder in layer.resume_folders(root_dir):
+            path = latest_valid(folder)  # raises if files are there but none loads
+            if path is not None:
+                break
         if path is None:
-            log.warning("resume='auto': no checkpoint in %s; starting fresh", folder)
-            return state
+            log.warning("resume='auto': no checkpoint in %s; starting fresh",
+                        layer.dirpath_arg or os.path.join(root_dir or os.getcwd(),
+                                                          "checkpoints"))
+            return state, None
+        if check:
+            expected = layer.hparams if layer.hparams is not None else hparams
+            _check_same_run(path, load_hparams(path), expected, state.seed)
     else:
         path = os.fspath(resume)
     loaded = load(path, like=state)
+    if resume == "auto" and check and loaded.seed != state.seed:
+        raise ConfigError(f"resume='auto' found {path!r}, a checkpoint of a run with seed "
+                          f"{loaded.seed}; this run has seed {state.seed}. Pass "
+                          "resume=<path> or resume_hparams='ignore' to continue it anyway")
     log.warning("resuming from %s at step %d", path, loaded.step)
     if donate_input:
         donate(state, "ft.fit (resumed from a checkpoint)")
-    return loaded
+    return loaded, folder
+
+
+def _check_same_run(path: str, saved: Mapping[str, Any], expected: Any, seed: int) -> None:
+    """resume='auto' continues this run only: the checkpoint's hparams must be this run's."""
+    import json
+
+    def plain(value: Any) -> Any:  # as stored: tuples are lists, no hparams is {}
+        return json.loads(json.dumps(dict(value or {}), default=str))
+
+    ours, theirs = plain(expected), plain(saved)
+    if ours == theirs:
+        return
+    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    shown = ", ".join(f"{k}: {theirs.get(k, '<absent>')!r} in the checkpoint, "
+                      f"{ours.get(k, '<absent>')!r} now" for k in keys[:8])
+    raise ConfigError(f"resume='auto' found {path!r}, a checkpoint of a run with other "
+                      f"hparams ({shown}); it is not this run's. Pass resume=<path> or "
+                      "resume_hparams='ignore' to continue it anyway, or another root_dir "
+                      "to start a new run")
 
 
 def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,

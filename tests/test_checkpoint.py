@@ -204,11 +204,16 @@ def test_monitor_or_template_metric_that_never_appears_lists_what_exists(tmp_pat
 def test_fit_checkpoints_each_epoch_by_default_and_resumes(tmp_path):
     state = ft.fit(ft.train_step(classify), fresh(), make_batches(3), epochs=2,
                    root_dir=str(tmp_path), progress=False, hparams={"lr": 0.01})
-    folder = tmp_path / "checkpoints"
+    folder = tmp_path / "checkpoints" / "version_0"  # each run has its own folder
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["1-6.ckpt", "last.ckpt"]
     assert ft.load_hparams(folder / "last.ckpt") == {"lr": 0.01}
+    with pytest.raises(ft.ConfigError, match=r"other hparams \(lr: 0.01 in the checkpoint"):
+        ft.fit(ft.train_step(classify), fresh(), make_batches(3), epochs=3,
+               root_dir=str(tmp_path), progress=False, resume="auto")  # not this run's
     resumed = ft.fit(ft.train_step(classify), fresh(), make_batches(3), epochs=3,
-                     root_dir=str(tmp_path), progress=False, resume="auto")
+                     root_dir=str(tmp_path), progress=False, resume="auto",
+                     hparams={"lr": 0.01})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["version_0"]
     straight = ft.fit(ft.train_step(classify), fresh(), make_batches(3), epochs=3, **OFF)
     assert resumed.step == 9 and tensors_equal(resumed.params, straight.params)
     again = ft.fit(ft.train_step(classify), fresh(), make_batches(3), epochs=1,
@@ -297,7 +302,7 @@ def test_sigkill_mid_epoch_twice_then_resume_is_bitwise_exact(tmp_path):
 
 def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
     out = tmp_path / "run.txt"
-    folder = tmp_path / "run" / "checkpoints"
+    folder = tmp_path / "run" / "checkpoints" / "version_0"  # resumes continue it
     rng = random.Random(1)
     last_step = 0
     interrupted = 0
@@ -336,7 +341,8 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path):
     log = proc.stdout.read().decode()
     assert "Traceback" not in log
     seen = max(_losses(out))
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "version_0" / "last.ckpt",
+                      weights_only=True)
     assert last["step"] == seen
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process untouched
 
