@@ -108,6 +108,13 @@ class Binding:
         self.deferred: list[Any] = []  # actions for the loop once the whole stack returned
         self.run: Any = None  # the loop's RunInfo
         self.latest: Any = None  # the newest state the core step produced (error recovery)
+        # Set by a step once it starts changing params in place (the optimizer update): a
+        # failure after that point cannot be rolled back (see the loop's error handling).
+        self.changed = False
+        # A copy of the buffers taken before each loop step, so a step that fails after
+        # its forward updated them in place (BatchNorm statistics) leaves the state as it
+        # was; None for buffer-free models (no cost there).
+        self.buffer_copy: list[torch.Tensor] | None = None
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
         self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
         self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
@@ -135,6 +142,30 @@ class Binding:
             current = owner_buffers[leaf]
             if current is not expected[name]:
                 expected[name] = current
+
+    def save_buffers(self) -> None:
+        """Copy the buffers aside before a loop step: one foreach copy (~2.4 us for a
+        BatchNorm layer's three buffers on this CPU), nothing for buffer-free models."""
+        current = self._buffer_list()
+        if not current:
+            return
+        if self.buffer_copy is None or len(self.buffer_copy) != len(current) or any(
+                c.shape != b.shape or c.dtype != b.dtype or c.device != b.device
+                for c, b in zip(self.buffer_copy, current)):
+            self.buffer_copy = [b.detach().clone() for b in current]
+        else:
+            torch._foreach_copy_(self.buffer_copy, current)
+
+    def restore_buffers(self) -> None:
+        """Undo what a failed step's forward did to the buffers (in place)."""
+        current = self._buffer_list()
+        if self.buffer_copy is not None and len(self.buffer_copy) == len(current):
+            with torch.no_grad():
+                torch._foreach_copy_(current, self.buffer_copy)
+
+    def _buffer_list(self) -> list[torch.Tensor]:
+        return [t for buffers in self.buffers.values() for t in buffers.values()
+                if isinstance(t, torch.Tensor)]
 
     def fits(self, state: TrainState) -> bool:
         return self.live and state.params is self.params

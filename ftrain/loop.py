@@ -186,13 +186,16 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 # written during this step resumes at the next batch.
                 pos["batch"] = index + 1
                 binding.in_step = True  # steps run bound only when the loop calls them
+                binding.changed = False
+                if binding.buffer_slots:
+                    binding.save_buffers()  # a failing step puts them back
                 try:
                     state, metrics = step(before, batch)
-                except FTrainError:
-                    pos["batch"] = index
-                    raise
-                except Exception as err:
-                    pos["batch"] = index
+                except BaseException as err:
+                    # Any failure, Ctrl-C included: err.state must continue exactly.
+                    _roll_back(binding, pos, index, step_no, err)
+                    if isinstance(err, FTrainError) or not isinstance(err, Exception):
+                        raise
                     raise StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
                                     f"failed: {type(err).__name__}: {err}") from err
                 finally:
@@ -232,6 +235,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
                         max_steps is not None and state.step >= max_steps)
                 if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
+                    if run.signals[0] == "SIGINT":  # Ctrl-C, held until this boundary
+                        raise KeyboardInterrupt(f"interrupted (Ctrl-C) after step "
+                                                f"{state.step}; err.state continues exactly")
                     state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run,
                                    owner)
                     finished = True
@@ -253,6 +259,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     except BaseException as err:
         failed = True
         latest = _latest_state(state)
+        if getattr(err, "_ftrain_partial", False) or getattr(err.__cause__, "_ftrain_partial",
+                                                             False):
+            latest = None  # an update was cut off half-way: no state is exact (logged)
         if latest is not None and not isinstance(err, GeneratorExit):
             with contextlib.suppress(Exception):
                 err.state = latest  # type: ignore[attr-defined]  # the work done so far
@@ -276,6 +285,29 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             from ftrain._dist import barrier
             barrier()
     return state
+
+
+def _roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,
+               err: BaseException) -> None:
+    """Make the loop's position and buffers agree with the state `err.state` will carry.
+
+    If the core step finished (an outer layer failed after it), its new state is the one
+    to continue from and the batch was consumed. Otherwise nothing was updated: the batch
+    is not consumed and buffers a forward changed in place are put back. A failure inside
+    the optimizer update itself cannot be undone; then no state is attached at all.
+    """
+    latest = binding.latest
+    if latest is not None and latest.step > step_no:
+        return  # the batch was trained on; the position already says so
+    pos["batch"] = index
+    if binding.changed:
+        with contextlib.suppress(Exception):
+            err._ftrain_partial = True  # type: ignore[attr-defined]
+        log.error("step %d failed inside its optimizer update; the parameters are partly "
+                  "updated, so no state is attached to the error: resume from the last "
+                  "checkpoint", step_no)
+        return
+    binding.restore_buffers()
 
 
 def _latest_state(state: Any) -> TrainState | None:
@@ -385,8 +417,12 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     this run's (another run's); `"ignore"` continues it anyway. On SIGTERM (preemption)
     fit saves a checkpoint at the next step boundary and exits with status 143 (a second
     SIGTERM acts at once, for a loop stuck outside a step); the handler exists only while
-    fit runs (`handle_sigterm=False` leaves signals alone). If training fails or is
-    interrupted (Ctrl-C), the exception carries the state reached so far as `err.state`.
+    fit runs (`handle_sigterm=False` leaves signals alone). Ctrl-C likewise takes effect
+    at the next step boundary (a second Ctrl-C at once), as a KeyboardInterrupt. If
+    training fails or is interrupted, the exception carries the state reached so far as
+    `err.state`, from which `fit` continues exactly (a failed step is rolled back: its
+    batch is not consumed, buffers its forward changed are restored; only a failure inside
+    the optimizer update itself leaves no state to continue from, and says so).
 
     Examples:
         >>> import torch, ftrain as ft
@@ -420,33 +456,47 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                caller="ft.fit", progress=progress, root_dir=root,
                hparams=dict(hparams) if hparams is not None else None, signals=signals,
                checkpoint_dir=folder)
-    previous = _install_sigterm(signals) if handle_sigterm else None
+    previous = _install_handlers(signals) if handle_sigterm else {}
     try:
         while True:
             next(gen)
     except StopIteration as done:
         final: TrainState = done.value
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if signals:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signals and signals[0] == "SIGTERM":
         log.warning("exiting after %s at step %d", signals[0], final.step)
         raise SystemExit(143)
     return final
 
 
-def _install_sigterm(signals: list[str]) -> Any:
-    """Record SIGTERM for the loop to act on at the next step boundary; main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+def _install_handlers(signals: list[str]) -> dict[int, Any]:
+    """Record SIGTERM and Ctrl-C (SIGINT) for the loop to act on at the next step
+    boundary, where the state is whole; main thread only. Returns the handlers replaced.
 
-    def handler(signum: int, frame: Any) -> None:
+    Ctrl-C is held only while Python's default handler is in place (a program's own
+    handler is left alone); a second Ctrl-C before the boundary interrupts at once (the
+    loop then rolls the failed step back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_sigterm(signum: int, frame: Any) -> None:
         if signals:  # a second SIGTERM: the loop is stuck outside a step; exit at once
             log.error("second SIGTERM before the next step boundary: exiting now, unsaved")
             os._exit(143)
         signals.append("SIGTERM")
 
-    return signal.signal(signal.SIGTERM, handler)
+    def on_sigint(signum: int, frame: Any) -> None:
+        if signals:  # pressed again: stop now
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: stopping after this step (press again to stop at once)")
+        signals.append("SIGINT")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    return previous
 
 
 def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None,

@@ -106,6 +106,7 @@ class Manual:
         opt_state = state.opt_state if part is None else state.opt_state[part]
         if optimizer is None:
             raise ConfigError(f"m.apply: model {part!r} has no optimizer in this state")
+        self._binding.changed = True  # from here on a failure cannot be rolled back
         with torch.autocast(state.device.type, enabled=False):  # updates in full precision
             _phases.apply_update(optimizer, params, opt_state, found_inf)
         self.found_inf = _phases.combine(self.found_inf, found_inf)

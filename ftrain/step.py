@@ -228,6 +228,7 @@ class TrainStep:
                                   no_sync, scale, prof)
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
+        binding.changed = True  # from here on a failure cannot be rolled back
         self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
                      explicit_sync=module is None)
         if prof is not None:
