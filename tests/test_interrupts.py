@@ -80,7 +80,7 @@ def test_continuing_from_err_state_after_a_failed_step_is_bitwise_exact(exc, cau
 
 
 def test_a_real_ctrl_c_stops_at_the_step_boundary_and_continues_exactly(tmp_path):
-    expected, expected_losses = reference()
+    _, expected_losses = reference()
     step, losses = recording(fail_at=5, how=lambda: os.kill(os.getpid(), signal.SIGINT))
     logged = ft.with_logging(step, [ft.loggers.CSV(str(tmp_path))], every_n_steps=1)
     saving = ft.with_checkpointing(logged, tmp_path / "ckpt", every_n_steps=4)
