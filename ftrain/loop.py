@@ -665,25 +665,31 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         for index, batch in enumerate(_batches(data, limit_batches, "evaluate")):
             batch = _data.to_device(batch, device)
             n = batch_size(batch) if batch_size is not None else _data.batch_size(batch)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ConfigError(f"evaluation batch {index}: batch_size must give an int "
+                                  f">= 0, got {n!r}")
+            if bar is not None:
+                bar.update(1)
+            if n == 0:
+                continue  # no samples: nothing to weigh (its mean would be nan)
             try:
-                metrics = evaluator(state, batch)
+                out = evaluator(state, batch)
             except FTrainError:
                 raise
             except Exception as err:
                 raise StepError(f"evaluation batch {index} failed: {type(err).__name__}: "
                                 f"{err}") from err
-            if not isinstance(metrics, dict):
+            if not isinstance(out, dict):
                 raise ConfigError(f"an evaluator must return a dict of metrics, got "
-                                  f"{type(metrics).__name__}")
+                                  f"{type(out).__name__}")
+            # the one check every metric goes through (training steps' too)
+            metrics = _step.eval_metrics(out, f"evaluation batch {index}", device)
             if values and metrics.keys() != values.keys():
                 raise ConfigError(f"evaluation batch {index} returned metrics "
                                   f"{sorted(metrics)}, earlier batches {sorted(values)}")
             for k, v in metrics.items():
-                values.setdefault(k, []).append(v if isinstance(v, torch.Tensor)
-                                                else torch.tensor(float(v)))
+                values.setdefault(k, []).append(v)
             weights.append(n)
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -692,7 +698,8 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     if world > 1:
         return _reduce_across_ranks(values, weights, world)
     if not weights:
-        raise DataError("the evaluation data produced no batches")
+        raise DataError("the evaluation data produced no samples (no batches, or only "
+                        "batches of size 0)")
     return reduce_weighted(values, weights)
 
 
@@ -708,7 +715,7 @@ def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[in
     if any(g and g != known for g in gathered):
         raise ConfigError(f"ranks' evaluators returned different metrics: {gathered}")
     if not known:
-        raise DataError("the evaluation data produced no batches on any rank")
+        raise DataError("the evaluation data produced no samples on any rank")
     from ftrain._dist import collective_device
     device = collective_device()
     w = torch.tensor(weights, dtype=torch.float64, device=device)

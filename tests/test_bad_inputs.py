@@ -1,0 +1,49 @@
+"""Bad inputs to the loops get ftrain errors that say what was expected and found; a
+number that would be silently wrong (a nan mean of nothing) is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ftrain as ft
+
+
+def state() -> ft.TrainState:
+    torch.manual_seed(0)
+    return ft.TrainState.create(torch.nn.Linear(3, 1))
+
+
+@pytest.mark.parametrize("value, found", [("high", "got a str"),
+                                          (torch.ones(3), r"shape \(3,\)"),
+                                          ([1.0], "got a list")])
+def test_evaluate_checks_metrics_as_training_does(value, found):
+    def plain(state, batch):  # a hand-written evaluator: no eval_step in between
+        return {"m": value}
+
+    for evaluator in (plain, ft.eval_step(lambda m, b: {"m": value})):
+        with pytest.raises(ft.LossError, match=rf"metric 'm' must be a 0-d tensor.*{found}"):
+            ft.evaluate(evaluator, state(), [torch.randn(4, 3)])
+    step = ft.train_step(lambda m, b: (m(b).mean(), {"m": value}))  # the same words in fit
+    with pytest.raises(ft.LossError, match=rf"metric 'm' must be a 0-d tensor.*{found}"):
+        ft.fit(step, ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1)),
+               [torch.randn(4, 3)], epochs=1, logger=False, checkpoint=False, progress=False)
+
+
+def test_evaluate_of_no_samples_is_an_error_not_nan():
+    evaluator = ft.eval_step(lambda m, b: m(b).mean())
+    with pytest.raises(ft.DataError, match="no samples"):
+        ft.evaluate(evaluator, state(), [torch.randn(0, 3)])
+    with pytest.raises(ft.DataError, match="no samples"):
+        ft.evaluate(evaluator, state(), [])
+    # an empty batch among others weighs nothing
+    full = torch.randn(5, 3)
+    mixed = ft.evaluate(evaluator, state(), [torch.randn(0, 3), full])
+    assert mixed == ft.evaluate(evaluator, state(), [full])
+
+
+def test_evaluate_refuses_a_batch_size_that_is_not_a_count():
+    evaluator = ft.eval_step(lambda m, b: m(b).mean())
+    for bad in (-1, 2.5, "4"):
+        with pytest.raises(ft.ConfigError, match="batch_size must give an int >= 0"):
+            ft.evaluate(evaluator, state(), [torch.randn(2, 3)], batch_size=lambda b, bad=bad: bad)
