@@ -17,7 +17,16 @@ Errors on the command line (an unknown flag, a value of the wrong type) print th
 and a message and exit with status 2, as argparse does; errors in a config file, a value
 rejected by one of the class's attrs validators, and every error of `from_dict` raise
 `ft.ConfigError`, naming the key, what was expected and what was found.
+
+A config file may come from anyone, so every format is read through one bounded path: at
+most 1 MiB of UTF-8 text, nested at most 32 levels deep (a dotted key counts a level per
+dot), at most 10000 values (a YAML alias counts as the whole value it names, each time it
+is used; an alias inside the value it names is refused), and ints of at most 100 digits.
+Anything else (a binary or Latin-1 file, a YAML "billion laughs") raises `ft.ConfigError`
+after bounded work, and an error message quotes at most 200 characters of any value.
 """
+
+from __future__ import annotations
 
 import argparse
 import ast
@@ -45,7 +54,13 @@ T = TypeVar("T")
 
 __all__ = ["from_dict", "parse", "parser", "to_dict"]
 
-_RESERVED = ("config", "print_config")  # the options every parser has
+_RESERVED = ("config", "print_config", "help")  # the options every parser has
+
+_MAX_BYTES = 2**20        # a config file's size
+_MAX_DEPTH = 32           # levels of nesting in a config (a dotted key: one per dot)
+_MAX_VALUES = 10_000      # values in a config, as a tree (a YAML alias: its whole value)
+_MAX_INT_DIGITS = 100     # digits of an int (Python parses at most 4300 from a string)
+_QUOTE_CHARS = 200        # characters of a value quoted in an error message
 
 
 # -- field types ---------------------------------------------------------------------------
@@ -58,7 +73,7 @@ class _Spec:
     py: Any = None                      # the Path class, the Enum class, the nested class
     optional: bool = False              # None is allowed too
     choices: tuple[Any, ...] = ()       # literal: the allowed values
-    items: tuple["_Spec", ...] = ()     # seq: one spec (variadic) or one per position
+    items: tuple[_Spec, ...] = ()       # seq: one spec (variadic) or one per position
     variadic: bool = False              # seq: tuple[X, ...], list[X]
     container: type = tuple             # seq: what the values become
 
@@ -256,11 +271,11 @@ def _from_text(text: Any, spec: _Spec) -> Any:
         items = spec.items * len(values) if spec.variadic else spec.items
         return spec.container(_from_text(v, s) for v, s in zip(values, items))
     kind = spec.kind
-    invalid = _Invalid(f"expected {spec.describe()}, got {text!r}")
+    invalid = _Invalid(f"expected {spec.describe()}, got {_short(text, style='repr')}")
     if kind in ("int", "float", "path"):
         try:
             return spec.py(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise invalid from None
     if kind == "str":
         return text
@@ -284,7 +299,11 @@ def _from_value(value: Any, spec: _Spec, where: str) -> Any:
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and is_number:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise _Invalid(f"{where}: expected {spec.describe()}, got {_short(value)} (int), "
+                           "too large for a float") from None
     if kind == "str" and isinstance(value, str):
         return value
     if kind == "path" and isinstance(value, (str, os.PathLike)):
@@ -298,24 +317,91 @@ def _from_value(value: Any, spec: _Spec, where: str) -> Any:
     if kind == "seq" and isinstance(value, (list, tuple)):
         if not spec.variadic and len(value) != len(spec.items):
             raise _Invalid(f"{where}: expected {spec.describe()}, got {len(value)} "
-                           f"value{'' if len(value) == 1 else 's'}: {_json(value)}")
+                           f"value{'' if len(value) == 1 else 's'}: {_short(value)}")
         items = spec.items * len(value) if spec.variadic else spec.items
         return spec.container(_from_value(v, s, f"{where}[{i}]")
                               for i, (v, s) in enumerate(zip(value, items)))
     if kind == "nested" and isinstance(value, spec.py):
         return value
     hint = ""
-    if kind == "literal" and any(isinstance(c, str) and c == _json(value) for c in spec.choices):
+    if kind == "literal" and any(isinstance(c, str) and c == _short(value)
+                                 for c in spec.choices):
         hint = " (a string: quote it)"
-    raise _Invalid(f"{where}: expected {spec.describe()}, got {_json(value)} "
+    raise _Invalid(f"{where}: expected {spec.describe()}, got {_short(value)} "
                    f"({type(value).__name__}){hint}")
 
 
-def _json(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+def _short(value: Any, limit: int = _QUOTE_CHARS, *,
+           style: Literal["json", "repr", "text"] = "json") -> str:
+    """`value` as an error message quotes it: as JSON (a tuple as a list; the repr of what
+    JSON cannot write), cut to `limit` characters and "...", in work that grows with `limit`,
+    not with `value` (a huge string, a deep or shared YAML tree, an int of a million digits).
+    `style` says how a string is written: JSON (`"a"`), its repr (`'a'`) or as it is.
+
+    Examples:
+        >>> from ftrain.cli import _short
+        >>> print(_short({"lr": [0.1, None, True], "name": "run"}))
+        {"lr": [0.1, null, true], "name": "run"}
+        >>> print(_short("x" * 1000, limit=10), _short("key", style="repr"))
+        "xxxxxxxxx... 'key'
+        >>> print(_short(10**5000))
+        an int of 5001 digits
+    """
+    out: list[str] = []
+    room = limit + 1  # one more than shown: to know whether anything was cut
+
+    def put(text: str) -> None:
+        nonlocal room
+        if room > 0:
+            out.append(text[:room])
+            room -= len(text)
+
+    def walk(v: Any, depth: int) -> None:
+        if room <= 0:
+            return
+        if isinstance(v, (Mapping, list, tuple)):
+            is_map = isinstance(v, Mapping)
+            if depth >= 8:
+                put("{...}" if is_map else "[...]")
+                return
+            put("{" if is_map else "[")
+            items: Iterable[Any] = v.items() if isinstance(v, Mapping) else v
+            for i, item in enumerate(items):
+                if room <= 0:
+                    return
+                put(", " if i else "")
+                if is_map:
+                    walk(item[0], depth + 1)
+                    put(": ")
+                walk(item[1] if is_map else item, depth + 1)
+            put("}" if is_map else "]")
+        elif isinstance(v, str):
+            text = v[:room]
+            put(json.dumps(text) if style == "json" else repr(text) if style == "repr"
+                else text)
+        elif isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 1000:
+            put(f"an int of {_digits(v)} digits")
+        elif v is None or isinstance(v, (bool, int, float)):
+            put(repr(v) if style == "repr" else json.dumps(v))
+        else:
+            try:
+                put(repr(v))
+            except Exception:  # a repr that fails says nothing either
+                put(f"<{type(v).__name__}>")
+
+    walk(value, 0)
+    text = "".join(out)
+    return text[:limit] + "..." if room <= 0 else text
+
+
+def _digits(value: int) -> str:
+    """How many decimal digits `abs(value)` has, without `str` (which stops at 4300 digits):
+    exact up to 30000 digits, else "about" so many."""
+    value = abs(value)
+    digits = max(1, int(value.bit_length() * 0.30102999566398120))  # log10(2): low by <= 1
+    if digits > 30_000:
+        return f"about {digits}"
+    return str(digits + (value >= 10**digits))
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -334,7 +420,8 @@ def _plain(value: Any, where: str) -> Any:
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
-    raise ConfigError(f"config field {where!r} holds a {type(value).__name__} ({value!r}), "
+    raise ConfigError(f"config field {where!r} holds a {type(value).__name__} "
+                      f"({_short(value, style='repr')}), "
                       "which has no JSON form; use int, float, str, bool, a path, an enum, a "
                       "list or a nested attrs class")
 
@@ -370,7 +457,8 @@ def _expand(data: Mapping[Any, Any], source: str, prefix: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: keys must be strings, got {key!r} "
+            raise ConfigError(f"{source}: keys must be strings, got "
+                              f"{_short(key, style='repr')} "
                               f"{'in ' + prefix.rstrip('.') if prefix else 'at the top level'}")
         head, dot, rest = key.partition(".")
         head = head.replace("-", "_")
@@ -398,7 +486,7 @@ def _typed(cls: type, data: Any, source: str, prefix: str = "") -> dict[str, Any
     """Check a (nested, possibly partial) mapping against `cls`; values come back typed."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping "
-                          f"of {cls.__name__}'s fields, got {_json(data)} "
+                          f"of {cls.__name__}'s fields, got {_short(data)} "
                           f"({type(data).__name__})")
     fields = {key: spec for key, _, spec in _fields(cls)}
     out: dict[str, Any] = {}
@@ -406,8 +494,9 @@ def _typed(cls: type, data: Any, source: str, prefix: str = "") -> dict[str, Any
         where = prefix + key
         if key not in fields:
             valid = [prefix + k for k in fields]
-            close = difflib.get_close_matches(where, valid, n=1)
-            raise ConfigError(f"{source}: unknown key {where!r} for {cls.__name__}"
+            close = difflib.get_close_matches(where, valid, n=1) if len(where) < 100 else []
+            raise ConfigError(f"{source}: unknown key {_short(where, style='repr')} for "
+                              f"{cls.__name__}"
                               + (f" (did you mean {close[0]!r}?)" if close else "")
                               + f"; valid keys: {', '.join(valid)}")
         spec = fields[key]
@@ -475,7 +564,8 @@ def _instantiate(cls: type[T], tree: Mapping[str, Any], base: Any = None, prefix
         return cls(**kwargs)
     except (TypeError, ValueError) as err:  # attrs validators
         raise ConfigError(f"{cls.__name__}{' (' + prefix.rstrip('.') + ')' if prefix else ''}"
-                          f" rejected the configuration: {err}") from err
+                          f" rejected the configuration: {_short(str(err), 500, style='text')}"
+                          ) from err
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -487,37 +577,174 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 # -- files ---------------------------------------------------------------------------------
 
+class _Refused(Exception):
+    """A config exceeds one of the bounds (the message says which, and what was found)."""
+
+
 def _read_file(path: str) -> Any:
+    """The data of a config file: JSON, or YAML if the name ends in .yaml or .yml. Every
+    format takes this one path: the bytes (at most `_MAX_BYTES`), decoded as UTF-8, parsed
+    by a parser that refuses what is too deep or too large as it goes (so it cannot recurse
+    or expand without bound), then checked as a whole by `_check_bounds`."""
+    source = f"--config {path}"
+    text = _read_text(path, source)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if path.lower().endswith((".yaml", ".yml")):
+            data = _load_yaml(text, source)
+        else:
+            data = _load_json(text, source)
+        _check_bounds(data)
+    except _Refused as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except RecursionError:  # a parser's own guard (the bounds stop nesting long before)
+        raise ConfigError(f"{source}: expected at most {_MAX_DEPTH} levels of nesting, "
+                          "found more") from None
+    return data
+
+
+def _read_text(path: str, source: str) -> str:
+    """The file as text: at most `_MAX_BYTES` bytes of UTF-8 (a byte-order mark is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_BYTES + 1)
+            if len(raw) > _MAX_BYTES:
+                size = os.fstat(f.fileno()).st_size
+                found = (f"one of {size / 2**20:.1f} MiB" if size > _MAX_BYTES
+                         else "a larger stream")
+                raise ConfigError(f"{source}: expected a config file of at most "
+                                  f"{_MAX_BYTES // 2**20} MiB, found {found}")
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigError(f"{source}: no such file") from None
     except OSError as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err})") from None
-    if path.lower().endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"--config {path}: reading YAML needs pyyaml "
-                              "(pip install pyyaml); or write the config as JSON") from None
-        try:
-            data = yaml.load(text, Loader=_yaml_loader(yaml))  # a SafeLoader
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
-        return {} if data is None else data
+        raise ConfigError(f"{source}: cannot read it ({err})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{source}: expected UTF-8 text, found UTF-16 (save it as UTF-8)")
     try:
-        return json.loads(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{source}: expected UTF-8 text, found the byte "
+                          f"0x{raw[err.start]:02x} at line {line}, which is not UTF-8: a binary "
+                          "file, or text in another encoding (Latin-1?): save it as UTF-8"
+                          ) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"{source}: expected UTF-8 text, found binary data (a NUL byte at "
+                          f"line {line})")
+    return text
+
+
+def _load_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid JSON ({err}); YAML files must end "
-                          "in .yaml or .yml") from None
+        raise ConfigError(f"{source}: not valid JSON ({_short(str(err), style='text')}); "
+                          "YAML files must end in .yaml or .yml") from None
+
+
+def _parse_int(text: str) -> int:
+    """An int of JSON, refused before Python parses it when it has too many digits."""
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise _Refused(f"expected an int of at most {_MAX_INT_DIGITS} digits, found one of "
+                       f"{digits} digits ({text[:20]}...)")
+    return int(text)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{source}: reading YAML needs pyyaml "
+                          "(pip install pyyaml); or write the config as JSON") from None
+    try:
+        data = yaml.load(text, Loader=_yaml_loader(yaml))  # a bounded SafeLoader
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {_short(str(err), 500, style='text')}"
+                          ) from None
+    return {} if data is None else data
 
 
 def _yaml_loader(yaml: Any) -> Any:
-    """PyYAML's SafeLoader, also reading YAML 1.2 floats such as 1e-3 (1.1 reads a str)."""
+    """PyYAML's SafeLoader, also reading YAML 1.2 floats such as 1e-3 (1.1 reads a str), and
+    bounded while it composes, before anything is built: nesting (`_MAX_DEPTH`), values
+    counted as the tree they stand for (`_MAX_VALUES`: an alias counts as the whole value
+    it names, each time, so aliases cannot multiply a small file into a huge tree), an alias
+    inside the value it names (a cycle) is refused, and so are ints of too many characters
+    (hex and base-60 ints are computed, not parsed: the digit limit of `int` misses them).
+    A scalar its constructor cannot read (a 13th month) is a YAML error, with its line."""
+
     class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
         """A private copy, so adding a resolver leaves PyYAML's SafeLoader alone."""
 
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self.depth = 0
+            self.values = 0                 # composed so far, aliases expanded
+            self.sizes: dict[str, int] = {}  # anchor -> values in the value it names
+
+        def count(self, values: int, event: Any) -> None:
+            self.values += values
+            if self.values > _MAX_VALUES:
+                raise _Refused(f"expected at most {_MAX_VALUES} values, found more by line "
+                               f"{event.start_mark.line + 1} (YAML aliases count as the "
+                               "value they name, each time they are used)")
+
+        def fetch_flow_collection_start(self, token_class: Any) -> None:
+            # the scanner looks ahead (a flow collection may be a key) at a cost that grows
+            # with the open `[` and `{`: refuse them at the bound, before the composer would
+            if self.flow_level > _MAX_DEPTH:
+                raise _Refused(f"expected at most {_MAX_DEPTH} levels of nesting, found more "
+                               f"(line {self.get_mark().line + 1})")
+            super().fetch_flow_collection_start(token_class)
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                if event.anchor in self.anchors and event.anchor not in self.sizes:
+                    raise _Refused(f"expected a tree of values, found the alias "
+                                   f"*{_short(event.anchor, 50, style='text')} inside the "
+                                   f"value it names (line {event.start_mark.line + 1})")
+                node = super().compose_node(parent, index)  # an undefined alias: an error
+                self.count(self.sizes[event.anchor], event)
+                return node
+            if self.depth > _MAX_DEPTH:
+                raise _Refused(f"expected at most {_MAX_DEPTH} levels of nesting, found more "
+                               f"(line {event.start_mark.line + 1})")
+            before = self.values
+            self.count(1, event)
+            self.depth += 1
+            node = super().compose_node(parent, index)
+            self.depth -= 1
+            if event.anchor is not None:
+                self.sizes[event.anchor] = self.values - before
+            return node
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, TypeError, LookupError, ArithmeticError) as err:
+                # a scalar its constructor cannot read (a 13th month, !!int "")
+                value = _short(node.value, 50) if isinstance(node.value, str) else "it"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"cannot read {value} as {node.tag}: {err}", node.start_mark
+                ) from None
+
+        def construct_bounded_int(self, node: Any) -> int:
+            text = str(node.value)
+            digits = text.lstrip("+-").replace("_", "")
+            if digits.isascii() and digits.isdigit() and not digits.startswith("0"):
+                if len(digits) > _MAX_INT_DIGITS:
+                    raise _Refused(f"expected an int of at most {_MAX_INT_DIGITS} digits, "
+                                   f"found one of {len(digits)} digits ({text[:20]}...) at "
+                                   f"line {node.start_mark.line + 1}")
+            elif len(text) > _MAX_INT_DIGITS:
+                raise _Refused(f"expected an int of at most {_MAX_INT_DIGITS} digits, found "
+                               f"one written with {len(text)} characters ({text[:20]}...) at "
+                               f"line {node.start_mark.line + 1}")
+            return int(self.construct_yaml_int(node))
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_bounded_int)
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -527,6 +754,50 @@ def _yaml_loader(yaml: Any) -> Any:
                     |\.(?:nan|NaN|NAN))$""", re.X),
         list("-+0123456789."))
     return Loader
+
+
+def _check_bounds(data: Any) -> None:
+    """Raise `_Refused` where `data`, walked as a tree (a value reached twice counts twice),
+    is nested more than `_MAX_DEPTH` levels (a dotted key counts a level per dot), holds more
+    than `_MAX_VALUES` values, or an int of more than `_MAX_INT_DIGITS` digits. The same
+    check for every format and for `from_dict`; its work is bounded by `_MAX_VALUES`,
+    whatever `data` is (shared values, a cycle).
+
+    Examples:
+        >>> from ftrain.cli import _check_bounds
+        >>> _check_bounds({"optim": {"lr": 0.1}, "sizes": [64, 32]})
+        >>> deep: list = []
+        >>> for _ in range(40):
+        ...     deep = [deep]
+        >>> _check_bounds({"sizes": deep})
+        Traceback (most recent call last):
+        ...
+        ftrain.cli._Refused: expected at most 32 levels of nesting, found more
+    """
+    values = 1
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (Mapping, list, tuple)):
+            values += len(value) * (2 if isinstance(value, Mapping) else 1)  # keys count
+            if values > _MAX_VALUES:
+                raise _Refused(f"expected at most {_MAX_VALUES} values, found more")
+            if depth + 1 > _MAX_DEPTH and len(value):
+                raise _Refused(f"expected at most {_MAX_DEPTH} levels of nesting, found more")
+            if not isinstance(value, Mapping):
+                stack.extend((item, depth + 1) for item in value)
+                continue
+            for key, item in value.items():
+                dots = key.count(".") if isinstance(key, str) else 0
+                if depth + 1 + dots > _MAX_DEPTH:
+                    raise _Refused(f"expected at most {_MAX_DEPTH} levels of nesting, found "
+                                   "more (a dotted key counts a level per dot)")
+                stack.append((item, depth + 1 + dots))
+        elif (isinstance(value, int) and not isinstance(value, bool)
+              and value.bit_length() > 3 * _MAX_INT_DIGITS
+              and abs(value) >= 10**_MAX_INT_DIGITS):
+            raise _Refused(f"expected an int of at most {_MAX_INT_DIGITS} digits, found one "
+                           f"of {_digits(value)} digits ({_short(value, 20)})")
 
 
 # -- the parser ----------------------------------------------------------------------------
@@ -642,7 +913,11 @@ def parser(cls: type, *, description: str | None = None) -> argparse.ArgumentPar
     Field `batch_size` becomes `--batch-size`; a nested config's fields take dotted names
     (`--optim.lr`); a `bool` field gets `--flag` / `--no-flag`. The help shows each field's
     `metadata={"help": ...}` (or the string written right after the field) and its default.
-    Every parser also has `--config PATH` and `--print-config`. `ft.cli.parse` uses it;
+    Every parser also has `--config PATH`, `--print-config` and argparse's `-h`/`--help`, so a
+    top-level field named `config`, `print_config` or `help` would take an option that is
+    already there: building the parser raises `ft.ConfigError` naming the field (rename it;
+    a nested config's field may have these names, `--model.help`, and `ft.cli.from_dict`
+    reads any name). Silently renaming the flag would surprise more. `ft.cli.parse` uses it;
     call this one for the help text or to embed the flags elsewhere (its `parse_args`
     gives the converted values under the dotted names, defaults included, without
     reading `--config`).
@@ -667,7 +942,9 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, *,
     """Build a `cls` from its defaults, `--config` files, then flags (`sys.argv` if None).
 
     A config file is a mapping of field names (nested mappings or dotted keys for nested
-    configs); unknown keys and values of the wrong type raise `ft.ConfigError`. Bad flags
+    configs); unknown keys and values of the wrong type raise `ft.ConfigError`, and so does
+    a file out of bounds: over 1 MiB, not UTF-8, nested over 32 levels, over 10000 values
+    (YAML aliases expanded) or an int of over 100 digits. Bad flags
     exit with status 2 (argparse's way), naming the valid ones. The class's attrs
     validators run on the result. `--print-config` prints the result as JSON and exits 0.
 
@@ -743,5 +1020,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, ignore: Iterable[str] = 
         raise ConfigError(f"ft.cli.from_dict needs a mapping of {cls.__name__}'s fields, got "
                           f"{type(data).__name__}")
     skip = set(ignore)
-    return _instantiate(cls, _typed(cls, {k: v for k, v in data.items() if k not in skip},
-                                    "ft.cli.from_dict"))
+    kept = {k: v for k, v in data.items() if k not in skip}
+    try:
+        _check_bounds(kept)  # the bounds of a config file: the data may come from one
+    except _Refused as err:
+        raise ConfigError(f"ft.cli.from_dict: {err}") from None
+    return _instantiate(cls, _typed(cls, kept, "ft.cli.from_dict"))
