@@ -10,7 +10,7 @@ Examples:
 """
 
 from ftrain import cli, combinators, export, optim
-from ftrain._dist import PeerFailedError, local_device
+from ftrain._dist import CollectiveError, CollectiveTimeoutError, PeerFailedError, local_device
 from ftrain._run import RunInfo, run_info
 from ftrain.accumulation import with_accumulation
 from ftrain.amp import loss_scale, with_amp
@@ -62,6 +62,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CollectiveError",
+    "CollectiveTimeoutError",
     "ConfigError",
     "Data",
     "DataError",

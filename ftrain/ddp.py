@@ -57,6 +57,13 @@ class WithDDP(Combinator):
     def __repr__(self) -> str:
         return f"with_ddp(world={self.world})"
 
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        # Where this rank is, for a peer whose collective times out (plain int stores).
+        _dist.at_step = state.step
+        state, metrics = self.inner(state, batch)
+        _dist.at_step = state.step
+        return state, metrics
+
     @property
     def world(self) -> int:
         return _dist.rank_world()[1]
@@ -107,8 +114,10 @@ def with_ddp(step: Any, *, backend: str | None = None,
     ranks with batch b train as 1 process with batch 2b. Logs and checkpoints come from
     rank 0; metrics are averaged across ranks when logged. If a rank fails, it logs its
     traceback and takes the process group down, so every rank exits promptly.
-    `timeout` bounds every collective (torch's default is 30 minutes). The remaining
-    arguments go to `DistributedDataParallel`. On one process the layer does nothing.
+    `timeout` bounds every collective (torch's default is 30 minutes); when one times
+    out, the waiting rank raises `CollectiveTimeoutError` naming the ranks that never
+    reached it, with their step and Python stack, and those ranks are stopped too. The
+    remaining arguments go to `DistributedDataParallel`. On one process the layer does nothing.
 
     Examples:
         >>> import torch, ftrain as ft
