@@ -145,6 +145,23 @@ def allreduce_time(world: int, calls: int = 50, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def lockstep_time(world: int, sized: bool, calls: int = 200, repeats: int = 5) -> float:
+    """Microseconds per step-boundary exchange of ftrain's loop under with_ddp (the stop
+    signals; for data without a length also "every rank has a batch"): with a length it
+    is sent after one step and read after the next, so its latency can overlap a step."""
+    from ftrain._lockstep import Lockstep
+    lock = Lockstep(dist.get_rank(), world)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(calls):
+            lock.exchange([], True, sized, 0, i)
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    lock.close(False)
+    return statistics.median(times)
+
+
 def worker(out: str, samples: int, rounds: int, extra: int) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -197,11 +214,13 @@ def worker(out: str, samples: int, rounds: int, extra: int) -> None:
         say(f"round {r + 1}/{rounds} samples/s: " +
             ", ".join(f"{n} {sps[n][-1]:.0f}" for n in names))
     allreduce_ms = allreduce_time(world) if world > 1 else None
+    lockstep_us = {kind: lockstep_time(world, kind == "sized") for kind in ("sized", "unsized")
+                   } if world > 1 else None
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"world": world, "samples": samples, "steps_per_epoch": steps_per_epoch,
                        "samples_per_s": sps, "startup_s": startup,
-                       "allreduce_ms": allreduce_ms}, f)
+                       "allreduce_ms": allreduce_ms, "lockstep_us": lockstep_us}, f)
     barrier()
     if world > 1:
         dist.destroy_process_group()
@@ -293,6 +312,11 @@ def main() -> None:
     print(f"gloo all-reduce of the gradients ({n_params} floats, {n_params * 4 / 1024:.0f} KiB) "
           f"between 2 processes: {res[2]['allreduce_ms']:.3f} ms per call; a step at 1 process "
           f"takes {1e3 * BATCH / sps[1]['hand']:.3f} ms (hand)")
+    lock = res[2]["lockstep_us"]
+    print(f"ft's step-boundary agreement (stop signals) per step: {lock['sized']:.1f} us "
+          f"with a data length (sent after a step, read after the next), "
+          f"{lock['unsized']:.1f} us without one (a synchronous round-trip: every rank must "
+          "have a batch)")
     if (os.cpu_count() or 0) < 4:
         print(f"  ({os.cpu_count()} core(s): 2 workers plus gloo's threads share them; "
               "scaling is bounded by the cores)")

@@ -28,6 +28,7 @@ import torch
 from ftrain import _bind
 from ftrain import data as _data
 from ftrain import step as _step
+from ftrain._lockstep import Lockstep
 from ftrain._run import RunInfo, run_info
 from ftrain.data_module import Data, resolve
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
@@ -129,6 +130,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                   root_dir=root_dir, hparams=hparams, signals=signals,
                   checkpoint_dir=checkpoint_dir)
     owner = object()
+    lock: Lockstep | None = None
     source = state
     state = state.copy() if not donate_input else state
     state = _adopt(state, pos, run, owner)
@@ -149,7 +151,11 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             per_epoch = run.batches_per_epoch = _data.num_batches(data)
             if not dev_run:
                 limit = run.limit_train_batches = _limit(limit_train_batches, per_epoch)
+        if run.world > 1:
+            lock = Lockstep(run.rank, run.world)
+            lock.check_epoch_length(per_epoch, pos["epoch"])
         finished = False
+        got: str | None = None
         while not finished:
             epoch = pos["epoch"]
             if (epochs is not None and epoch >= epochs) or (
@@ -208,14 +214,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 state = _adopt(state, pos, run, owner)
                 state = _deferred(state, pos, run, owner)
                 index += 1
-                stopping = bool(run.signals) or STOP_SLOT in state.slots or (
+                stopping = STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)
-                if stopping or (limit is not None and index >= limit):
+                at_limit = limit is not None and index >= limit
+                if stopping or at_limit:
                     nxt = _END
-                    complete = ((limit is not None and index >= limit) or (
+                    complete = (at_limit or (
                         per_epoch is not None and index >= per_epoch)) and not dev_run
-                    if run.signals and not complete:
-                        nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 else:
                     prof = state.__dict__["_binding"].profiler
                     if prof is None:
@@ -225,6 +230,14 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         nxt = next(batches, _END)
                         prof.add("data", time.perf_counter() - t0)
                     complete = nxt is _END
+                got = run.signals[0] if run.signals else None  # one list read
+                if lock is not None:  # with_ddp: every rank acts on the same step
+                    got = lock.exchange(run.signals, nxt is not _END, per_epoch is not None,
+                                        epoch, index)
+                    if got is not None:  # first, so fit exits as that signal asks
+                        run.signals[:] = [got, *(s for s in run.signals if s != got)]
+                if got is not None and not complete:
+                    nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
                         pos["epoch"], pos["batch"] = epoch + 1, 0
@@ -234,10 +247,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         metrics = {**metrics, **end_metrics}
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
                         max_steps is not None and state.step >= max_steps)
-                if run.signals:  # e.g. SIGTERM: save at this step boundary, then stop
-                    if run.signals[0] == "SIGINT":  # Ctrl-C, held until this boundary
-                        raise KeyboardInterrupt(f"interrupted (Ctrl-C) after step "
-                                                f"{state.step}; err.state continues exactly")
+                if got is not None:  # e.g. SIGTERM: save at this step boundary, then stop
+                    if got == "SIGINT":  # Ctrl-C, held until this boundary
+                        interrupt = KeyboardInterrupt(
+                            f"interrupted (Ctrl-C) after step {state.step}; err.state "
+                            "continues exactly")
+                        interrupt._ftrain_agreed = True  # type: ignore[attr-defined]
+                        raise interrupt
                     state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run,
                                    owner)
                     finished = True
@@ -252,7 +268,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     if new is not old:  # losses still pending belong to this run
                         old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots
-            if finished and run.signals:
+            if finished and got is not None:
                 break
             if STOP_SLOT in state.slots:
                 log.warning("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
@@ -265,7 +281,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if latest is not None and not isinstance(err, GeneratorExit):
             with contextlib.suppress(Exception):
                 err.state = latest  # type: ignore[attr-defined]  # the work done so far
-        if run.on_error is not None and not isinstance(err, GeneratorExit):
+        if run.on_error is not None and not isinstance(err, GeneratorExit) and not getattr(
+                err, "_ftrain_agreed", False):
             # with_ddp: show this rank's error, take the group down so peers stop too
             replacement = run.on_error(err, latest.step if latest is not None else -1)
             if replacement is not None:
@@ -274,6 +291,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 raise replacement from err
         raise
     finally:
+        if lock is not None:
+            lock.close(failed)
         try:
             state = _finish(step, state, owner, failed)
         except BaseException as err:  # e.g. a logger's finalize: peers must not wait
@@ -493,7 +512,7 @@ def _install_handlers(signals: list[str]) -> dict[int, Any]:
         log.warning("Ctrl-C: stopping after this step (press again to stop at once)")
         signals.append("SIGINT")
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    previous: dict[int, Any] = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     return previous
