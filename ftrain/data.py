@@ -212,6 +212,80 @@ def shard_eval(data: Any, rank: int, world: int) -> Any:
     return Interleaved(data, rank, world, complete=False)
 
 
+# -- a mid-epoch resume under another world size ------------------------------------------
+
+def units_per_batch(source: Any) -> int | None:
+    """How a rank's batch counts in the epoch's global order: its samples for a plain
+    map-style DataLoader (sharded by sample), 1 for data shared out in whole batches, None
+    for a loader with its own DistributedSampler (its order cannot be re-dealt)."""
+    if isinstance(source, DataLoader):
+        from torch.utils.data.distributed import DistributedSampler
+        if isinstance(getattr(source.batch_sampler, "sampler", source.sampler),
+                      DistributedSampler):
+            return None
+        if _plain_batching(source) is not None:
+            return int(source.batch_size)  # type: ignore[arg-type]
+    return 1
+
+
+def _sample_order(loader: DataLoader, seed: int, epoch: int, origin: int) -> list[int]:
+    """The epoch's samples in the order a run of `origin` processes deals them out: the
+    loader's own (seed, epoch) order on one process, DistributedSampler's permutation
+    (unpadded; the same for any number of ranks) on several."""
+    from torch.utils.data import RandomSampler
+    sampler = _plain_batching(loader)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if type(sampler) is not RandomSampler:
+        return list(range(n))
+    if origin <= 1:
+        return list(RandomSampler(loader.dataset,  # type: ignore[arg-type]
+                                  generator=_generator(seed, epoch, _rng.SHUFFLE)))
+    g = torch.Generator()  # what DistributedSampler(seed=..., shuffle=True) draws
+    g.manual_seed((_rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF) + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def remainder(source: Any, *, seed: int, epoch: int, start: int, origin: int, rank: int,
+              world: int) -> tuple[Iterable[Any], int | None]:
+    """This rank's batches of the rest of an epoch whose first `start` units (samples or
+    whole batches, see `units_per_batch`) were trained by a run of another world size, and
+    how many there are (None: unknown). The rest keeps the epoch's order and is dealt out
+    as DistributedSampler deals (interleaved by rank, padded to equal shares, or trimmed
+    with drop_last); whole batches as `Interleaved` (an incomplete last round dropped)."""
+    units = units_per_batch(source)
+    if units is None:
+        raise DataError("this DataLoader has its own DistributedSampler: its order cannot "
+                        "be dealt out again over another number of processes")
+    if isinstance(source, DataLoader) and _plain_batching(source) is not None:
+        rest = _sample_order(source, seed, epoch, origin)[start:]
+        if source.drop_last:
+            rest = rest[:len(rest) - len(rest) % world]
+        elif rest and len(rest) % world:
+            pad = world - len(rest) % world
+            rest = rest + (rest * (pad // len(rest) + 1))[:pad]
+        mine = rest[rank::world]
+        loader = DataLoader(source.dataset, batch_size=source.batch_size, sampler=mine,
+                            drop_last=source.drop_last, **_loader_kwargs(source))
+        seed_epoch(loader, seed, epoch)  # worker seeds as the epoch's own
+        return loader, len(loader)
+    whole = epoch_batches(source, seed=seed, epoch=epoch)
+    rest_batches = itertools.islice(iter(whole), start, None)
+    total = num_batches(source)
+    left = None if total is None else max(total - start, 0) // world
+    if world == 1:
+        return rest_batches, left
+    return Interleaved(None, rank, world, complete=True).batches(rest_batches), left
+
+
+def skipped(batches: Iterable[Any], skip: int) -> Iterable[Any]:
+    """`batches` without the first `skip` (a DataLoader skips by index, reading nothing)."""
+    if not skip:
+        return batches
+    if isinstance(batches, DataLoader):
+        return _skipping_loader(batches, skip)
+    return itertools.islice(batches, skip, None)
+
+
 def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterable[Any]:
     """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
     global _epoch_base

@@ -31,7 +31,14 @@ from ftrain import step as _step
 from ftrain._lockstep import Lockstep
 from ftrain._run import RunInfo, run_info
 from ftrain.data_module import Data, resolve
-from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
+from ftrain.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FTrainError,
+    StepError,
+    check_int,
+)
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
 log = logging.getLogger("ftrain")
@@ -119,8 +126,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if dev_run < 0:
         raise ConfigError(f"fast_dev_run must be a bool or a number of batches, got "
                           f"{fast_dev_run!r}")
-    saved = dict(state.slots.get(LOOP_SLOT) or {"epoch": 0, "batch": 0})
-    pos = {"epoch": int(saved.get("epoch", 0)), "batch": int(saved.get("batch", 0))}
+    pos = _position(state.slots.get(LOOP_SLOT))
     if dev_run:  # a quick check: that many batches of one epoch, whatever was asked
         epochs, max_steps, limit = pos["epoch"] + 1, None, dev_run
     if epochs is None and max_steps is None:
@@ -145,8 +151,10 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if bundle is not None:
             data = bundle.split("train")
             _check_not_tensor(data, "the ft.Data train split")
+        unsharded = data
         if run.world > 1:  # with_ddp: this rank's share of every epoch
             data = _data.shard(data, run.rank, run.world, state.seed)
+        _relayout(pos, run, unsharded, limit_train_batches)
         if bundle is not None or run.world > 1:
             per_epoch = run.batches_per_epoch = _data.num_batches(data)
             if not dev_run:
@@ -162,17 +170,25 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     max_steps is not None and state.step >= max_steps):
                 break
             skip = pos["batch"]
-            batches = iter(_data.epoch_batches(data, seed=state.seed, epoch=epoch, skip=skip))
+            epoch_length = per_epoch
+            if pos.get("start"):  # the rest of an epoch begun under another world size
+                rest, epoch_length = _data.remainder(
+                    unsharded, seed=state.seed, epoch=epoch, start=pos["start"],
+                    origin=pos["origin"], rank=run.rank, world=run.world)
+                batches = iter(_data.skipped(rest, skip))
+            else:
+                batches = iter(_data.epoch_batches(data, seed=state.seed, epoch=epoch,
+                                                   skip=skip))
             nxt = next(batches, _END) if limit is None or skip < limit else _END
             if nxt is _END:
-                if skip == 0:
+                if skip == 0 and not pos.get("start"):
                     raise DataError(f"the training data produced no batches in epoch {epoch}; "
                                     "an empty dataset, a batch size larger than a dataset with "
                                     "drop_last=True, or a one-shot iterator already consumed")
                 if dev_run:
                     break
                 # stopped right after the epoch's last batch (its end already ran): move on
-                pos["epoch"], pos["batch"] = epoch + 1, 0
+                _next_epoch(pos, epoch)
                 continue
             device = state.device
             index = skip
@@ -220,7 +236,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if stopping or at_limit:
                     nxt = _END
                     complete = (at_limit or (
-                        per_epoch is not None and index >= per_epoch)) and not dev_run
+                        epoch_length is not None and index >= epoch_length)) and not dev_run
                 else:
                     prof = state.__dict__["_binding"].profiler
                     if prof is None:
@@ -240,7 +256,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
-                        pos["epoch"], pos["batch"] = epoch + 1, 0
+                        _next_epoch(pos, epoch)
                     state, end_metrics = _step.epoch_end(step, state)
                     state = _deferred(_adopt(state, pos, run, owner), pos, run, owner)
                     if end_metrics:
@@ -304,6 +320,68 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             from ftrain._dist import barrier
             barrier()
     return state
+
+
+def _position(saved: Any) -> dict[str, Any]:
+    """The loop slot read back from a state (maybe from a file): checked, as a new dict.
+
+    `epoch` epochs completed and `batch` batches consumed in the current one by each of
+    `world` processes; after a resume under another world size, `start` units (samples or
+    whole batches) of the epoch's order, dealt out by `origin` processes, came first.
+    """
+    if saved is None:
+        return {"epoch": 0, "batch": 0}
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot (the data position) must be a "
+                              f"dict, found {type(saved).__name__}")
+    pos: dict[str, Any] = {}
+    for key in ("epoch", "batch", "world", "start", "origin"):
+        value = saved.get(key, 0 if key in ("epoch", "batch") else None)
+        if value is None:
+            continue
+        low = 1 if key in ("world", "origin") else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CheckpointError(f"the state's {LOOP_SLOT!r} slot: {key} must be an int >= "
+                                  f"{low}, found {str(value)[:100]!r}")
+        pos[key] = value
+    if ("start" in pos) != ("origin" in pos):
+        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot has one of start/origin "
+                              f"without the other: {saved!r}"[:300])
+    return pos
+
+
+def _relayout(pos: dict[str, Any], run: RunInfo, data: Any, limit: Any) -> None:
+    """A state stopped mid-epoch under another number of processes continues that epoch
+    exactly: what was trained is counted in the epoch's global order (`start`), and the
+    rest is dealt out to this run's ranks. Without a recorded world size (ftrain 0.1
+    checkpoints), the position is taken as this run's, as that version did."""
+    before = pos.get("world", run.world)
+    pos["world"] = run.world
+    if before == run.world or not (pos["batch"] or pos.get("start")):
+        return
+    units = _data.units_per_batch(data)
+    if units is None:
+        raise DataError(f"this state stopped in the middle of epoch {pos['epoch']} under "
+                        f"{before} process(es); this run has {run.world}, and its DataLoader "
+                        "has its own DistributedSampler, whose order cannot be dealt out "
+                        "again. Resume under the same number of processes, or let ftrain "
+                        "shard a plain DataLoader")
+    if limit is not None:
+        raise ConfigError("limit_train_batches counts each process's batches: a mid-epoch "
+                          "resume under another number of processes cannot honour it; "
+                          "resume under the same number, or without the limit")
+    pos["start"] = pos.get("start", 0) + pos["batch"] * before * units
+    pos.setdefault("origin", before)
+    pos["batch"] = 0
+    log.warning("continuing epoch %d, begun under %d process(es), on %d: %d %s of it are "
+                "done", pos["epoch"], before, run.world, pos["start"],
+                "samples" if units > 1 else "batches")
+
+
+def _next_epoch(pos: dict[str, Any], epoch: int) -> None:
+    pos["epoch"], pos["batch"] = epoch + 1, 0
+    pos.pop("start", None)
+    pos.pop("origin", None)
 
 
 def _roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,

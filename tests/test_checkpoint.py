@@ -45,7 +45,7 @@ def test_round_trip_restores_everything(tmp_path):
     assert tensors_equal(back.buffers, state.buffers)
     assert tensors_equal(back.opt_state["adam"]["exp_avg"], state.opt_state["adam"]["exp_avg"])
     assert int(back.opt_state["count"]) == 5
-    assert back.slots["loop"] == {"epoch": 0, "batch": 5}
+    assert back.slots["loop"] == {"epoch": 0, "batch": 5, "world": 1}
     assert set(back.slots) == set(state.slots)
     assert ft.load_hparams(path) == {"lr": 0.01, "layers": [6, 16, 3]}
     assert [f.name for f in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary left
