@@ -331,6 +331,19 @@ class WithCheckpointing(Combinator):
                 self._release()
                 self._lock = _folders.FolderLock.acquire(self.dirpath)
             _folders.remove_stale_temporaries(self.dirpath)
+        opened = self._trust(slot)
+        if run is not None and run.world > 1:  # rank 0 read the folder: its word holds
+            import torch.distributed as dist
+            shared = [opened]
+            dist.broadcast_object_list(shared, src=0)
+            opened = shared[0]
+            self._owned = {e["file"] for e in opened["saved"]}
+        return opened
+
+    def _trust(self, slot: dict[str, Any] | None) -> dict[str, Any]:
+        """The slot to run with: a restored one if it is this folder's own bookkeeping,
+        else a new ranking (the files the restored one lists are never deleted)."""
+        assert self.dirpath is not None
         if slot is not None and self._continues(slot, self.dirpath):
             if (slot["monitor"], slot["mode"]) != (self.monitor, self.mode):
                 raise ConfigError(

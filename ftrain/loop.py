@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from ftrain import _bind
+from ftrain import _position as _pos
 from ftrain import data as _data
 from ftrain import step as _step
 from ftrain._lockstep import Lockstep
+from ftrain._resume import resume_from
 from ftrain._run import RunInfo, run_info
 from ftrain.data_module import Data, resolve
 from ftrain.errors import (
-    CheckpointError,
     ConfigError,
     DataError,
     FTrainError,
@@ -126,7 +127,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if dev_run < 0:
         raise ConfigError(f"fast_dev_run must be a bool or a number of batches, got "
                           f"{fast_dev_run!r}")
-    pos = _position(state.slots.get(LOOP_SLOT))
+    pos = _pos.position(state.slots.get(LOOP_SLOT))
     if dev_run:  # a quick check: that many batches of one epoch, whatever was asked
         epochs, max_steps, limit = pos["epoch"] + 1, None, dev_run
     if epochs is None and max_steps is None:
@@ -154,7 +155,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         unsharded = data
         if run.world > 1:  # with_ddp: this rank's share of every epoch
             data = _data.shard(data, run.rank, run.world, state.seed)
-        _relayout(pos, run, unsharded, limit_train_batches)
+        _pos.relayout(pos, run, unsharded, limit_train_batches)
         if bundle is not None or run.world > 1:
             per_epoch = run.batches_per_epoch = _data.num_batches(data)
             if not dev_run:
@@ -188,7 +189,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if dev_run:
                     break
                 # stopped right after the epoch's last batch (its end already ran): move on
-                _next_epoch(pos, epoch)
+                _pos.next_epoch(pos, epoch)
                 continue
             device = state.device
             index = skip
@@ -215,7 +216,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     state, metrics = step(before, batch)
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
-                    _roll_back(binding, pos, index, step_no, err)
+                    _pos.roll_back(binding, pos, index, step_no, err)
                     if isinstance(err, FTrainError) or not isinstance(err, Exception):
                         raise
                     raise StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
@@ -256,7 +257,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
-                        _next_epoch(pos, epoch)
+                        _pos.next_epoch(pos, epoch)
                     state, end_metrics = _step.epoch_end(step, state)
                     state = _deferred(_adopt(state, pos, run, owner), pos, run, owner)
                     if end_metrics:
@@ -320,91 +321,6 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             from ftrain._dist import barrier
             barrier()
     return state
-
-
-def _position(saved: Any) -> dict[str, Any]:
-    """The loop slot read back from a state (maybe from a file): checked, as a new dict.
-
-    `epoch` epochs completed and `batch` batches consumed in the current one by each of
-    `world` processes; after a resume under another world size, `start` units (samples or
-    whole batches) of the epoch's order, dealt out by `origin` processes, came first.
-    """
-    if saved is None:
-        return {"epoch": 0, "batch": 0}
-    if not isinstance(saved, Mapping):
-        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot (the data position) must be a "
-                              f"dict, found {type(saved).__name__}")
-    pos: dict[str, Any] = {}
-    for key in ("epoch", "batch", "world", "start", "origin"):
-        value = saved.get(key, 0 if key in ("epoch", "batch") else None)
-        if value is None:
-            continue
-        low = 1 if key in ("world", "origin") else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise CheckpointError(f"the state's {LOOP_SLOT!r} slot: {key} must be an int >= "
-                                  f"{low}, found {str(value)[:100]!r}")
-        pos[key] = value
-    if ("start" in pos) != ("origin" in pos):
-        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot has one of start/origin "
-                              f"without the other: {saved!r}"[:300])
-    return pos
-
-
-def _relayout(pos: dict[str, Any], run: RunInfo, data: Any, limit: Any) -> None:
-    """A state stopped mid-epoch under another number of processes continues that epoch
-    exactly: what was trained is counted in the epoch's global order (`start`), and the
-    rest is dealt out to this run's ranks. Without a recorded world size (ftrain 0.1
-    checkpoints), the position is taken as this run's, as that version did."""
-    before = pos.get("world", run.world)
-    pos["world"] = run.world
-    if before == run.world or not (pos["batch"] or pos.get("start")):
-        return
-    units = _data.units_per_batch(data)
-    if units is None:
-        raise DataError(f"this state stopped in the middle of epoch {pos['epoch']} under "
-                        f"{before} process(es); this run has {run.world}, and its DataLoader "
-                        "has its own DistributedSampler, whose order cannot be dealt out "
-                        "again. Resume under the same number of processes, or let ftrain "
-                        "shard a plain DataLoader")
-    if limit is not None:
-        raise ConfigError("limit_train_batches counts each process's batches: a mid-epoch "
-                          "resume under another number of processes cannot honour it; "
-                          "resume under the same number, or without the limit")
-    pos["start"] = pos.get("start", 0) + pos["batch"] * before * units
-    pos.setdefault("origin", before)
-    pos["batch"] = 0
-    log.warning("continuing epoch %d, begun under %d process(es), on %d: %d %s of it are "
-                "done", pos["epoch"], before, run.world, pos["start"],
-                "samples" if units > 1 else "batches")
-
-
-def _next_epoch(pos: dict[str, Any], epoch: int) -> None:
-    pos["epoch"], pos["batch"] = epoch + 1, 0
-    pos.pop("start", None)
-    pos.pop("origin", None)
-
-
-def _roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,
-               err: BaseException) -> None:
-    """Make the loop's position and buffers agree with the state `err.state` will carry.
-
-    If the core step finished (an outer layer failed after it), its new state is the one
-    to continue from and the batch was consumed. Otherwise nothing was updated: the batch
-    is not consumed and buffers a forward changed in place are put back. A failure inside
-    the optimizer update itself cannot be undone; then no state is attached at all.
-    """
-    latest = binding.latest
-    if latest is not None and latest.step > step_no:
-        return  # the batch was trained on; the position already says so
-    pos["batch"] = index
-    if binding.changed:
-        with contextlib.suppress(Exception):
-            err._ftrain_partial = True  # type: ignore[attr-defined]
-        log.error("step %d failed inside its optimizer update; the parameters are partly "
-                  "updated, so no state is attached to the error: resume from the last "
-                  "checkpoint", step_no)
-        return
-    binding.restore_buffers()
 
 
 def _latest_state(state: Any) -> TrainState | None:
@@ -545,7 +461,8 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
     folder = None
     if resume is not None:
-        state, folder = _resume(step, state, resume, root, donate, hparams,
+        _check_state(state, "ft.fit")
+        state, folder = resume_from(step, state, resume, root, donate, hparams,
                                 check=resume_hparams == "match")
     signals: list[str] = []
     gen = _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
@@ -594,65 +511,6 @@ def _install_handlers(signals: list[str]) -> dict[int, Any]:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     return previous
-
-
-def _resume(step: Any, state: TrainState, resume: Any, root_dir: str | None,
-            donate_input: bool, hparams: Any, check: bool) -> tuple[TrainState, str | None]:
-    """The state to continue from, and (for "auto") the run folder it came from."""
-    from ftrain.checkpoint import load, load_hparams
-    from ftrain.checkpointing import WithCheckpointing, latest_valid
-    from ftrain.combinators import find
-    _check_state(state, "ft.fit")
-    folder = None
-    if resume == "auto":
-        layer = find(step, WithCheckpointing)
-        if layer is None:
-            raise ConfigError("resume='auto' looks in the checkpoint folder of a "
-                              "checkpointing layer, and this step has none (checkpoint="
-                              "False?); pass resume=<path> instead")
-        path = None
-        for folder in layer.resume_folders(root_dir):
-            path = latest_valid(folder)  # raises if files are there but none loads
-            if path is not None:
-                break
-        if path is None:
-            log.warning("resume='auto': no checkpoint in %s; starting fresh",
-                        layer.dirpath_arg or os.path.join(root_dir or os.getcwd(),
-                                                          "checkpoints"))
-            return state, None
-        if check:
-            expected = layer.hparams if layer.hparams is not None else hparams
-            _check_same_run(path, load_hparams(path), expected, state.seed)
-    else:
-        path = os.fspath(resume)
-    loaded = load(path, like=state)
-    if resume == "auto" and check and loaded.seed != state.seed:
-        raise ConfigError(f"resume='auto' found {path!r}, a checkpoint of a run with seed "
-                          f"{loaded.seed}; this run has seed {state.seed}. Pass "
-                          "resume=<path> or resume_hparams='ignore' to continue it anyway")
-    log.warning("resuming from %s at step %d", path, loaded.step)
-    if donate_input:
-        donate(state, "ft.fit (resumed from a checkpoint)")
-    return loaded, folder
-
-
-def _check_same_run(path: str, saved: Mapping[str, Any], expected: Any, seed: int) -> None:
-    """resume='auto' continues this run only: the checkpoint's hparams must be this run's."""
-    import json
-
-    def plain(value: Any) -> Any:  # as stored: tuples are lists, no hparams is {}
-        return json.loads(json.dumps(dict(value or {}), default=str))
-
-    ours, theirs = plain(expected), plain(saved)
-    if ours == theirs:
-        return
-    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    shown = ", ".join(f"{k}: {theirs.get(k, '<absent>')!r} in the checkpoint, "
-                      f"{ours.get(k, '<absent>')!r} now" for k in keys[:8])
-    raise ConfigError(f"resume='auto' found {path!r}, a checkpoint of a run with other "
-                      f"hparams ({shown}); it is not this run's. Pass resume=<path> or "
-                      "resume_hparams='ignore' to continue it anyway, or another root_dir "
-                      "to start a new run")
 
 
 def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,

@@ -1,0 +1,107 @@
+"""The loop's data position: read back, carried across world sizes, rolled back.
+
+`state.slots["loop"]` is `{"epoch": epochs completed, "batch": batches consumed in the
+current epoch by each process, "world": the number of processes}`; after a mid-epoch
+resume on another number of processes it also has `start` (units of the epoch's order
+trained before, see `ftrain.data.remainder`) and `origin` (the world size that order
+was dealt out for). The loop mutates one such dict in place for the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ftrain import data as _data
+from ftrain._run import RunInfo
+from ftrain.errors import CheckpointError, ConfigError, DataError
+from ftrain.state import LOOP_SLOT
+
+log = logging.getLogger("ftrain")
+
+
+def position(saved: Any) -> dict[str, Any]:
+    """The loop slot read back from a state (maybe from a file): checked, as a new dict.
+
+    `epoch` epochs completed and `batch` batches consumed in the current one by each of
+    `world` processes; after a resume under another world size, `start` units (samples or
+    whole batches) of the epoch's order, dealt out by `origin` processes, came first.
+    """
+    if saved is None:
+        return {"epoch": 0, "batch": 0}
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot (the data position) must be a "
+                              f"dict, found {type(saved).__name__}")
+    pos: dict[str, Any] = {}
+    for key in ("epoch", "batch", "world", "start", "origin"):
+        value = saved.get(key, 0 if key in ("epoch", "batch") else None)
+        if value is None:
+            continue
+        low = 1 if key in ("world", "origin") else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CheckpointError(f"the state's {LOOP_SLOT!r} slot: {key} must be an int >= "
+                                  f"{low}, found {str(value)[:100]!r}")
+        pos[key] = value
+    if ("start" in pos) != ("origin" in pos):
+        raise CheckpointError(f"the state's {LOOP_SLOT!r} slot has one of start/origin "
+                              f"without the other: {saved!r}"[:300])
+    return pos
+
+
+def relayout(pos: dict[str, Any], run: RunInfo, data: Any, limit: Any) -> None:
+    """A state stopped mid-epoch under another number of processes continues that epoch
+    exactly: what was trained is counted in the epoch's global order (`start`), and the
+    rest is dealt out to this run's ranks. Without a recorded world size (ftrain 0.1
+    checkpoints), the position is taken as this run's, as that version did."""
+    before = pos.get("world", run.world)
+    pos["world"] = run.world
+    if before == run.world or not (pos["batch"] or pos.get("start")):
+        return
+    units = _data.units_per_batch(data)
+    if units is None:
+        raise DataError(f"this state stopped in the middle of epoch {pos['epoch']} under "
+                        f"{before} process(es); this run has {run.world}, and its DataLoader "
+                        "has its own DistributedSampler, whose order cannot be dealt out "
+                        "again. Resume under the same number of processes, or let ftrain "
+                        "shard a plain DataLoader")
+    if limit is not None:
+        raise ConfigError("limit_train_batches counts each process's batches: a mid-epoch "
+                          "resume under another number of processes cannot honour it; "
+                          "resume under the same number, or without the limit")
+    pos["start"] = pos.get("start", 0) + pos["batch"] * before * units
+    pos.setdefault("origin", before)
+    pos["batch"] = 0
+    log.warning("continuing epoch %d, begun under %d process(es), on %d: %d %s of it are "
+                "done", pos["epoch"], before, run.world, pos["start"],
+                "samples" if units > 1 else "batches")
+
+
+def next_epoch(pos: dict[str, Any], epoch: int) -> None:
+    pos["epoch"], pos["batch"] = epoch + 1, 0
+    pos.pop("start", None)
+    pos.pop("origin", None)
+
+
+def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,
+               err: BaseException) -> None:
+    """Make the loop's position and buffers agree with the state `err.state` will carry.
+
+    If the core step finished (an outer layer failed after it), its new state is the one
+    to continue from and the batch was consumed. Otherwise nothing was updated: the batch
+    is not consumed and buffers a forward changed in place are put back. A failure inside
+    the optimizer update itself cannot be undone; then no state is attached at all.
+    """
+    latest = binding.latest
+    if latest is not None and latest.step > step_no:
+        return  # the batch was trained on; the position already says so
+    pos["batch"] = index
+    if binding.changed:
+        with contextlib.suppress(Exception):
+            err._ftrain_partial = True  # type: ignore[attr-defined]
+        log.error("step %d failed inside its optimizer update; the parameters are partly "
+                  "updated, so no state is attached to the error: resume from the last "
+                  "checkpoint", step_no)
+        return
+    binding.restore_buffers()
