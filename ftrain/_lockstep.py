@@ -6,9 +6,13 @@ next step's gradient all-reduce (a deadlock until torchrun kills the job). So th
 exchanges the signals it has seen at every step boundary, on a gloo group of its own
 (host tensors: no device sync, whatever the training backend):
 
-- data with a length (checked equal on every rank at each epoch's start) exchanges
-  asynchronously: the flags sent after step s are read after step s+1, so the
-  collective's latency overlaps a step and every rank stops after the same step;
+- data with a length (checked equal on every rank at the start) exchanges every k steps,
+  asynchronously: what is sent at one exchange is read at the next, so the collective's
+  latency overlaps training and every rank stops after the same step. k adapts so that
+  exchanges are about CHECK_PERIOD_S apart (the slowest rank's step time, agreed in the
+  same all-reduce, so every rank computes the same k): a signal takes effect within about
+  twice that, and a tiny model's fast steps do not pay a round-trip each (one gloo
+  round-trip cost ~2 ms on this 2-core machine, as much as such a step);
 - data without a length also needs to know, before each step, that every rank has a batch
   (a rank whose data ended early would otherwise go to its epoch end while the others
   start a step: a collective mismatch). That exchange is synchronous, once per step.
@@ -18,6 +22,7 @@ exchanges the signals it has seen at every step boundary, on a gloo group of its
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -26,6 +31,8 @@ import torch.distributed as dist
 from ftrain.errors import DataError
 
 _KINDS = ("SIGTERM", "SIGINT")
+CHECK_PERIOD_S = 0.25
+_MAX_INTERVAL = 1000
 
 
 class Lockstep:
@@ -37,6 +44,9 @@ class Lockstep:
         self.group = dist.new_group(backend="gloo")
         self._sent = torch.zeros(len(_KINDS) + 2, dtype=torch.int64)
         self._work: Any = None
+        self._steps = 0  # boundaries since the last exchange (the same on every rank)
+        self._interval = 1
+        self._since = time.perf_counter()
 
     def check_epoch_length(self, batches: int | None, epoch: int) -> None:
         """All ranks must run the same number of steps in an epoch (one gather)."""
@@ -55,13 +65,20 @@ class Lockstep:
                  batches: int) -> str | None:
         """The signal all ranks act on after this step (None: go on). With `sized`
         False, also check that every rank has a next batch, or none has."""
-        flags = [int(kind in signals) for kind in _KINDS]
-        if sized:  # read what was sent after the previous step, send this step's
-            agreed = self._finish_previous()
-            self._sent = torch.tensor([*flags, 0, 0], dtype=torch.int64)
+        if sized:
+            self._steps += 1
+            if self._steps < self._interval:
+                return None  # not an exchange step: a counter, nothing else
+            agreed = self._finish_previous()  # what every rank sent at the last exchange
+            now = time.perf_counter()
+            step_us = int((now - self._since) / self._steps * 1e6)
+            self._steps, self._since = 0, now
+            flags = [int(kind in signals) for kind in _KINDS]
+            self._sent = torch.tensor([*flags, step_us, 0], dtype=torch.int64)
             self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self.group,
                                          async_op=True)
             return agreed
+        flags = [int(kind in signals) for kind in _KINDS]
         self._finish_previous()
         sent = torch.tensor([*flags, int(has_next), int(not has_next)], dtype=torch.int64)
         dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self.group)  # host round-trip
@@ -74,7 +91,10 @@ class Lockstep:
             return None
         self._work.wait()
         self._work = None
-        return _first(self._sent.tolist())
+        values = self._sent.tolist()
+        slowest_us = max(values[len(_KINDS)], 1)  # the same on every rank: a MAX
+        self._interval = max(1, min(_MAX_INTERVAL, int(CHECK_PERIOD_S * 1e6 / slowest_us)))
+        return _first(values)
 
     def _mismatch(self, has_next: bool, epoch: int, batches: int) -> None:
         seen: list[Any] = [None] * self.world
