@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
+import stat
 import time
 from typing import Any
 
 from ftrain.errors import CheckpointError
 
+log = logging.getLogger("ftrain")
 SUFFIX = ".ckpt"
 LOCK = ".ftrain.lock"
 TMP_PREFIX = ".tmp-"
@@ -79,7 +82,6 @@ def own_file(folder: str, name: str) -> str | None:
         st = os.lstat(path)
     except OSError:
         return None
-    import stat
     if not stat.S_ISREG(st.st_mode) or not same_folder(os.path.dirname(path), folder):
         return None
     return path
@@ -105,15 +107,19 @@ def versions(root: str) -> list[tuple[int, str]]:
 def claim_version(root: str) -> str:
     """Create and return the next free `root/version_N`; a concurrent claim of the same N
     fails in `mkdir` (atomic), so each run gets its own folder."""
-    os.makedirs(root, exist_ok=True)
-    n = versions(root)[0][0] + 1 if versions(root) else 0
-    while True:
-        path = os.path.join(root, f"version_{n}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            n += 1
+    try:
+        os.makedirs(root, exist_ok=True)
+        found = versions(root)
+        n = found[0][0] + 1 if found else 0
+        while True:
+            path = os.path.join(root, f"version_{n}")
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                n += 1
+    except OSError as err:
+        raise CheckpointError(f"cannot create a run folder in {root!r}: {err}") from err
 
 
 # -- one writer per folder ---------------------------------------------------------------
@@ -132,20 +138,33 @@ class FolderLock:
         >>> lock.release()
     """
 
-    def __init__(self, folder: str, fd: int) -> None:
+    def __init__(self, folder: str, fd: int | None) -> None:
         self.folder = folder
         self._fd: int | None = fd
+        self._pid = os.getpid()
 
     @classmethod
     def acquire(cls, folder: str) -> FolderLock:
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # never through a link: the lock file is written to (the holder's name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            raise CheckpointError(f"cannot open the lock file {path!r} of the checkpoint "
+                                  f"folder: {err}") from err
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise CheckpointError(f"{path!r} is not a plain file of its own (a link to "
+                                  "another file?); remove it to let a run lock the folder")
         if fcntl is None:  # pragma: no cover
+            _held.add(fd)
             return cls(folder, fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             raise CheckpointError(
@@ -153,11 +172,17 @@ class FolderLock:
                 "two runs writing one folder would overwrite each other's checkpoints. "
                 "Give this run its own folder (with_checkpointing(step, dirpath) or "
                 "root_dir=), or wait for that run to end") from None
+        except OSError as err:  # a filesystem without flock (some NFS or Lustre mounts)
+            log.warning("cannot lock the checkpoint folder %s (%s): nothing stops another "
+                        "run from writing to it at the same time", folder, err)
+            os.close(fd)
+            return cls(folder, None)
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
         with contextlib.suppress(OSError):  # who holds it, for the next one's error
             os.ftruncate(fd, 0)
             os.pwrite(fd, info, 0)
+        _held.add(fd)
         return cls(folder, fd)
 
     @property
@@ -168,9 +193,30 @@ class FolderLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        if os.getpid() != self._pid or fd not in _held:
+            return  # a forked child: its copy was closed at the fork
+        _held.discard(fd)
+        os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+# Descriptors of held locks. A forked child (a DataLoader worker) shares the open file and
+# so the flock: it closes its copies at once, so the lock ends when this process drops it.
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_held):
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)  # closing drops the flock
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _read_holder(fd: int) -> str:

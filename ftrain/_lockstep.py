@@ -22,12 +22,14 @@ exchanges the signals it has seen at every step boundary, on a gloo group of its
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ftrain import _dist
 from ftrain.errors import DataError
 
 _KINDS = ("SIGTERM", "SIGINT")
@@ -40,8 +42,10 @@ class Lockstep:
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
-        # every rank creates it at the same point of the loop (a collective)
-        self.group = dist.new_group(backend="gloo")
+        # every rank creates it at the same point of the loop (a collective); its waits
+        # are bounded as with_ddp's own collectives are
+        self.group = dist.new_group(backend="gloo",
+                                    timeout=_dist._timeout or _dist.DEFAULT_TIMEOUT)
         self._sent = torch.zeros(len(_KINDS) + 2, dtype=torch.int64)
         self._work: Any = None
         self._steps = 0  # boundaries since the last exchange (the same on every rank)
@@ -109,11 +113,13 @@ class Lockstep:
     def close(self, failed: bool) -> None:
         """Finish the last exchange (all ranks, so the next collective matches); after a
         failure the group is going down and nothing is waited for."""
-        if not failed:
-            self._finish_previous()
-        self._work = None
-        if not failed:
-            dist.destroy_process_group(self.group)
+        try:
+            if not failed:
+                self._finish_previous()
+        finally:
+            self._work = None
+            with contextlib.suppress(Exception):  # local: frees its sockets and threads
+                dist.destroy_process_group(self.group)
 
 
 def _first(flags: list[int]) -> str | None:

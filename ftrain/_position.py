@@ -1,10 +1,12 @@
 """The loop's data position: read back, carried across world sizes, rolled back.
 
 `state.slots["loop"]` is `{"epoch": epochs completed, "batch": batches consumed in the
-current epoch by each process, "world": the number of processes}`; after a mid-epoch
-resume on another number of processes it also has `start` (units of the epoch's order
-trained before, see `ftrain.data.remainder`) and `origin` (the world size that order
-was dealt out for). The loop mutates one such dict in place for the whole run.
+current epoch by each process, "world": the number of processes}`, plus `batch_size` and
+`samples` for a DataLoader that ftrain deals out by sample (so that a resume on another
+number of processes can count what was trained, and refuse other data). After such a
+resume it also has `start` (units of the epoch's order trained before, see
+`ftrain.data.remainder`) and `origin` (the world size that order was dealt out for). The
+loop mutates one such dict in place for the whole run.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def position(saved: Any) -> dict[str, Any]:
         raise CheckpointError(f"the state's {LOOP_SLOT!r} slot (the data position) must be a "
                               f"dict, found {type(saved).__name__}")
     pos: dict[str, Any] = {}
-    for key in ("epoch", "batch", "world", "start", "origin"):
+    for key in ("epoch", "batch", "world", "start", "origin", "batch_size", "samples"):
         value = saved.get(key, 0 if key in ("epoch", "batch") else None)
         if value is None:
             continue
-        low = 1 if key in ("world", "origin") else 0
+        low = 1 if key in ("world", "origin", "batch_size") else 0
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise CheckpointError(f"the state's {LOOP_SLOT!r} slot: {key} must be an int >= "
                                   f"{low}, found {str(value)[:100]!r}")
@@ -56,10 +58,21 @@ def relayout(pos: dict[str, Any], run: RunInfo, data: Any, limit: Any) -> None:
     rest is dealt out to this run's ranks. Without a recorded world size (ftrain 0.1
     checkpoints), the position is taken as this run's, as that version did."""
     before = pos.get("world", run.world)
-    pos["world"] = run.world
-    if before == run.world or not (pos["batch"] or pos.get("start")):
-        return
     units = _data.units_per_batch(data)
+    samples = _data.sample_count(data) if units is not None and units > 1 else None
+    if before != run.world and (pos["batch"] or pos.get("start")):
+        _convert(pos, before, run, units, samples, limit)
+    # how this run's batches count in the epoch's order, for a later resume elsewhere
+    pos["world"] = run.world
+    pos.pop("batch_size", None)
+    pos.pop("samples", None)
+    if samples is not None:
+        pos["batch_size"], pos["samples"] = units, samples
+
+
+def _convert(pos: dict[str, Any], before: int, run: RunInfo, units: int | None,
+             samples: int | None, limit: Any) -> None:
+    """Count what the `before`-process layout trained as `start`, in the epoch's order."""
     if units is None:
         raise DataError(f"this state stopped in the middle of epoch {pos['epoch']} under "
                         f"{before} process(es); this run has {run.world}, and its DataLoader "
@@ -70,12 +83,26 @@ def relayout(pos: dict[str, Any], run: RunInfo, data: Any, limit: Any) -> None:
         raise ConfigError("limit_train_batches counts each process's batches: a mid-epoch "
                           "resume under another number of processes cannot honour it; "
                           "resume under the same number, or without the limit")
-    pos["start"] = pos.get("start", 0) + pos["batch"] * before * units
+    old_units = pos.get("batch_size", 1)  # absent: the data was dealt out in whole batches
+    if (old_units > 1) != (units > 1) or pos.get("samples") != samples:
+        then = _layout(old_units, pos.get("samples"))
+        now = _layout(units, samples)
+        raise DataError(
+            f"this state stopped in the middle of epoch {pos['epoch']} over other data "
+            f"({then}; now {now}): what it trained cannot be found in this data's order. "
+            "Resume with the same data and batch size per process")
+    pos["start"] = pos.get("start", 0) + pos["batch"] * before * old_units
     pos.setdefault("origin", before)
     pos["batch"] = 0
     log.warning("continuing epoch %d, begun under %d process(es), on %d: %d %s of it are "
                 "done", pos["epoch"], before, run.world, pos["start"],
                 "samples" if units > 1 else "batches")
+
+
+def _layout(units: int, samples: int | None) -> str:
+    if units <= 1:
+        return "dealt out in whole batches"
+    return f"batches of {units} of {samples} samples"
 
 
 def next_epoch(pos: dict[str, Any], epoch: int) -> None:

@@ -154,7 +154,7 @@ def latest_valid(dirpath: str) -> str | None:
         if last is not None and loads(last):
             return last
     candidates = sorted(
-        (os.path.getmtime(path), path) for path in (
+        (_mtime(path), path) for path in (
             _folders.own_file(dirpath, e) for e in os.listdir(dirpath)
             if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
         if path is not None)
@@ -168,6 +168,13 @@ def latest_valid(dirpath: str) -> str | None:
             f"cannot continue from them (nothing was overwritten):\n{shown}\nMove them "
             "away to start fresh, or resume from a readable file with resume=<path>")
     return None
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:  # deleted meanwhile (a live run's top k): it sorts first, then fails
+        return 0.0
 
 
 def check_slot(slot: Any, where: str) -> dict[str, Any]:
@@ -365,7 +372,9 @@ class WithCheckpointing(Combinator):
     @staticmethod
     def _continues(slot: Mapping[str, Any], folder: str) -> bool:
         """Whether `slot` is `folder`'s own bookkeeping: written in that folder by the run
-        the folder's index names. Only then may the files it lists be deleted."""
+        the folder's index names, at the newest save there (an older checkpoint of that
+        run continued here would overwrite what came after it). Only then may the files
+        it lists be deleted."""
         if slot["run"] is None or slot["dir"] is None or not _folders.same_folder(
                 slot["dir"], folder):
             return False
@@ -373,7 +382,8 @@ class WithCheckpointing(Combinator):
             index = _read_index(folder)
         except CheckpointError:
             return False
-        return index is not None and index["run"] == slot["run"]
+        return index is not None and index["run"] == slot["run"] and \
+            index["last_step"] == slot["last_step"]
 
     def _choose_dir(self, run: RunInfo | None, slot: Mapping[str, Any] | None) -> str:
         if self.dirpath_arg is not None:
@@ -622,7 +632,7 @@ class WithCheckpointing(Combinator):
 def _index_json(slot: Mapping[str, Any], monitor: str | None, mode: str) -> bytes:
     index = {"best": slot["best"], "best_score": slot["best_score"], "last": slot["last"],
              "monitor": monitor, "mode": mode, "saved": slot["saved"],
-             "dir": slot.get("dir"), "run": slot.get("run")}
+             "last_step": slot.get("last_step"), "dir": slot.get("dir"), "run": slot.get("run")}
     return json.dumps(index, indent=2).encode()
 
 

@@ -228,6 +228,14 @@ def units_per_batch(source: Any) -> int | None:
     return 1
 
 
+def sample_count(loader: Any) -> int | None:
+    """The number of samples of a map-style DataLoader's dataset, else None."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _sample_order(loader: DataLoader, seed: int, epoch: int, origin: int) -> list[int]:
     """The epoch's samples in the order a run of `origin` processes deals them out: the
     loader's own (seed, epoch) order on one process, DistributedSampler's permutation

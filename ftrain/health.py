@@ -16,12 +16,40 @@ from typing import Any
 
 import torch
 
-from ftrain.errors import NonFiniteLossError
+from ftrain.errors import CheckpointError, NonFiniteLossError
 
 SLOT = "nonfinite"
 FOLD_EVERY = 1024
 _NONE = torch.iinfo(torch.int64).max
 log = logging.getLogger("ftrain")
+
+
+def check_slot(record: Any) -> None:
+    """The non-finite record read back from a state (maybe from a file): 0-d tensors
+    `step` (int64) and `loss`, and an optional policy string; else a CheckpointError.
+
+    Examples:
+        >>> check_slot({"step": 1, "loss": 2.0})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ftrain.errors.CheckpointError: the state's 'nonfinite' slot: step must be a 0-d ...
+    """
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise CheckpointError(f"the state's {SLOT!r} slot must be a dict, found "
+                              f"{type(record).__name__}")
+    for key, kind in (("step", torch.int64), ("loss", None)):
+        value = record.get(key)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0 and (
+                value.dtype == kind if kind is not None else value.is_floating_point())):
+            expected = "a 0-d int64 tensor" if kind is not None else \
+                "a 0-d floating-point tensor"
+            raise CheckpointError(f"the state's {SLOT!r} slot: {key} must be {expected}, "
+                                  f"found {str(value)[:100]}")
+    if record.get("policy", "raise") not in ("raise", "skip", "ignore"):
+        raise CheckpointError(f"the state's {SLOT!r} slot: policy must be 'raise', 'skip' "
+                              f"or 'ignore', found {str(record['policy'])[:100]!r}")
 
 
 def fold(record: dict[str, Any] | None, losses: list[torch.Tensor],

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ftrain import _bind
+from ftrain import _bind, health
 from ftrain import _position as _pos
 from ftrain import data as _data
 from ftrain import step as _step
@@ -127,7 +127,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     if dev_run < 0:
         raise ConfigError(f"fast_dev_run must be a bool or a number of batches, got "
                           f"{fast_dev_run!r}")
-    pos = _pos.position(state.slots.get(LOOP_SLOT))
+    pos = _pos.position(state.slots.get(LOOP_SLOT))  # the loop's own slots, checked
+    health.check_slot(state.slots.get(health.SLOT))
     if dev_run:  # a quick check: that many batches of one epoch, whatever was asked
         epochs, max_steps, limit = pos["epoch"] + 1, None, dev_run
     if epochs is None and max_steps is None:
@@ -205,14 +206,14 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 before = state
                 step_no = before.step
                 binding = before.__dict__["_binding"]
-                # The batch counts as consumed inside the step already, so a checkpoint
-                # written during this step resumes at the next batch.
-                pos["batch"] = index + 1
-                binding.in_step = True  # steps run bound only when the loop calls them
                 binding.changed = False
-                if binding.buffer_slots:
-                    binding.save_buffers()  # a failing step puts them back
                 try:
+                    # The batch counts as consumed inside the step already, so a
+                    # checkpoint written during this step resumes at the next batch.
+                    pos["batch"] = index + 1
+                    binding.in_step = True  # steps run bound only when the loop calls them
+                    if binding.buffer_slots:
+                        binding.save_buffers()  # a failing step puts them back
                     state, metrics = step(before, batch)
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
@@ -247,6 +248,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         nxt = next(batches, _END)
                         prof.add("data", time.perf_counter() - t0)
                     complete = nxt is _END
+                    if lock is not None and epoch_length is not None and limit is None and \
+                            complete != (index >= epoch_length):
+                        # ranks count on len(data): data that ends elsewhere would leave
+                        # them out of step (this rank raises; the others follow)
+                        raise DataError(f"the training data said {epoch_length} batches for "
+                                        f"this rank in epoch {epoch}, but produced "
+                                        f"{index if complete else 'more than ' + str(index)}")
                 got = run.signals[0] if run.signals else None  # one list read
                 if lock is not None:  # with_ddp: every rank acts on the same step
                     got = lock.exchange(run.signals, nxt is not _END, per_epoch is not None,
@@ -308,8 +316,14 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 raise replacement from err
         raise
     finally:
-        if lock is not None:
-            lock.close(failed)
+        try:
+            if lock is not None:
+                lock.close(failed)
+        except BaseException as err:  # a peer went down meanwhile: it says why
+            failed = True
+            if run.on_error is not None:
+                run.on_error(err, -1)
+            log.error("ending the ranks' step agreement failed: %s", err)
         try:
             state = _finish(step, state, owner, failed)
         except BaseException as err:  # e.g. a logger's finalize: peers must not wait

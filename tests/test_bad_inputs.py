@@ -47,3 +47,17 @@ def test_evaluate_refuses_a_batch_size_that_is_not_a_count():
     for bad in (-1, 2.5, "4"):
         with pytest.raises(ft.ConfigError, match="batch_size must give an int >= 0"):
             ft.evaluate(evaluator, state(), [torch.randn(2, 3)], batch_size=lambda b, bad=bad: bad)
+
+
+@pytest.mark.parametrize("slot, found", [
+    ({"loop": {"epoch": "2", "batch": 0}}, r"'loop' slot: epoch must be an int >= 0, found '2'"),
+    ({"loop": {"epoch": 1, "batch": -3}}, r"'loop' slot: batch must be an int >= 0"),
+    ({"loop": [1, 2]}, r"'loop' slot \(the data position\) must be a dict"),
+    ({"nonfinite": {"step": 1, "loss": 2.0}}, r"'nonfinite' slot: step must be a 0-d int64"),
+])
+def test_the_loops_own_slots_read_back_from_a_file_are_checked(tmp_path, slot, found):
+    state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+    path = ft.save(tmp_path / "crafted.ckpt", state.replace(slots=slot))
+    with pytest.raises(ft.CheckpointError, match=found):
+        ft.fit(ft.train_step(lambda m, b: m(b).mean()), state, [torch.randn(2, 3)],
+               epochs=1, resume=str(path), logger=False, checkpoint=False, progress=False)

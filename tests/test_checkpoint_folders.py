@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_each_run_gets_its_own_folder_under_the_root(tmp_path):
 
 def _hold_lock(folder) -> subprocess.Popen[str]:
     code = ("import sys, time; from ftrain._folders import FolderLock; "
-            "FolderLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)")
+            "lock = FolderLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
@@ -165,6 +166,7 @@ def test_a_second_writer_gets_an_error_naming_the_holder_and_its_temporaries_sur
     assert (folder / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_concurrent_runs_in_one_root_write_apart(tmp_path):
     script = ("import sys, torch, ftrain as ft\n"
               "torch.manual_seed(0)\n"
@@ -185,15 +187,83 @@ def test_concurrent_runs_in_one_root_write_apart(tmp_path):
         assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_resume_auto_refuses_another_runs_seed(tmp_path):
-    ft.fit(ft.train_step(classify), fresh(seed=1), make_batches(2), epochs=1,
-           root_dir=str(tmp_path), **QUIET)
-    with pytest.raises(ft.ConfigError, match="seed 1; this run has seed 2"):
-        ft.fit(ft.train_step(classify), fresh(seed=2), make_batches(2), epochs=2,
-               root_dir=str(tmp_path), resume="auto", **QUIET)
-    state = ft.fit(ft.train_step(classify), fresh(seed=2), make_batches(2), epochs=2,
-                   root_dir=str(tmp_path), resume="auto", resume_hparams="ignore", **QUIET)
+def test_resume_auto_finds_this_runs_folder_among_other_experiments(tmp_path, caplog):
+    """A sweep sharing one root: each run resumes its own folder, never another's."""
+    root = str(tmp_path)
+    for lr in (0.1, 0.2):
+        ft.fit(ft.train_step(classify), fresh(), make_batches(2), epochs=1, root_dir=root,
+               hparams={"lr": lr}, **QUIET)
+    with caplog.at_level("WARNING", logger="ftrain"):
+        state = ft.fit(ft.train_step(classify), fresh(), make_batches(2), epochs=2,
+                       root_dir=root, hparams={"lr": 0.1}, resume="auto", **QUIET)
+    assert state.step == 4  # continued lr=0.1's run, in its folder (version_0)
+    assert "skipping" in caplog.text and "lr: 0.2 in the checkpoint, 0.1 now" in caplog.text
+    runs = tmp_path / "checkpoints"
+    assert torch.load(runs / "version_0" / "last.ckpt", weights_only=True)["step"] == 4
+    assert torch.load(runs / "version_1" / "last.ckpt", weights_only=True)["step"] == 2
+    # a new experiment (another seed) starts fresh in a folder of its own
+    state = ft.fit(ft.train_step(classify), fresh(seed=5), make_batches(2), epochs=1,
+                   root_dir=root, hparams={"lr": 0.1}, resume="auto", **QUIET)
+    assert state.step == 2 and state.seed == 5
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1", "version_2"]
+
+
+def test_resume_auto_refuses_another_runs_checkpoint_in_a_named_folder(tmp_path):
+    step = ft.with_checkpointing(ft.train_step(classify), tmp_path / "ckpt")
+    ft.fit(step, fresh(seed=1), make_batches(2), epochs=1, **QUIET)
+    with pytest.raises(ft.ConfigError, match="another run \\(seed 1 in the checkpoint, 2 now"):
+        ft.fit(step, fresh(seed=2), make_batches(2), epochs=2, resume="auto", **QUIET)
+    state = ft.fit(step, fresh(seed=2), make_batches(2), epochs=2, resume="auto",
+                   resume_hparams="ignore", **QUIET)
     assert state.step == 4 and state.seed == 1
+
+
+def test_continuing_an_older_checkpoint_of_a_run_never_overwrites_that_run(tmp_path):
+    step = ft.with_checkpointing(ft.train_step(classify), save_top_k=-1)  # fit's folders
+    ft.fit(step, fresh(), make_batches(2), epochs=3, root_dir=str(tmp_path), **QUIET)
+    run = tmp_path / "checkpoints" / "version_0"
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["0-2.ckpt", "1-4.ckpt", "2-6.ckpt",
+                                                          "last.ckpt"]
+    older = ft.load(run / "0-2.ckpt", like=fresh())  # the same run, two epochs back
+    state = ft.fit(step, older, make_batches(2), epochs=2, root_dir=str(tmp_path), **QUIET)
+    assert state.step == 4
+    assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 6  # untouched
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["0-2.ckpt", "1-4.ckpt", "2-6.ckpt",
+                                                          "last.ckpt"]
+    branch = tmp_path / "checkpoints" / "version_1"  # the new branch has its own folder
+    assert torch.load(branch / "last.ckpt", weights_only=True)["step"] == 4
+
+
+def test_a_lock_file_that_links_elsewhere_is_never_written(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / ".ftrain.lock").symlink_to(target)
+    step = ft.with_checkpointing(ft.train_step(classify), folder)
+    with pytest.raises(ft.CheckpointError, match="lock file"):
+        ft.fit(step, fresh(), make_batches(2), epochs=1, **QUIET)
+    assert target.read_text() == "keep me"
+    (folder / ".ftrain.lock").unlink()
+    os.link(target, folder / ".ftrain.lock")  # a hard link: a second name of that file
+    with pytest.raises(ft.CheckpointError, match="not a plain file of its own"):
+        ft.fit(step, fresh(), make_batches(2), epochs=1, **QUIET)
+    assert target.read_text() == "keep me"
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    lock = _folders.FolderLock.acquire(str(tmp_path))
+    pid = os.fork()
+    if pid == 0:  # the child (a DataLoader worker would be one) lives on for a while
+        time.sleep(3)
+        os._exit(0)
+    try:
+        time.sleep(0.5)  # the child is up (it dropped its copy of the lock at the fork)
+        lock.release()
+        _folders.FolderLock.acquire(str(tmp_path)).release()  # free, the child still alive
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
 
 
 def test_resume_auto_continues_the_newest_run_in_its_folder(tmp_path):

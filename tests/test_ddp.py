@@ -14,8 +14,9 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available")]
 
 
 def _env() -> dict[str, str]:

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_lockstep.py"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available")]
 
 
 def _cmd(out: Path, mode: str, *args: str) -> list[str]:
@@ -80,6 +81,8 @@ def test_sigterm_on_one_rank_stops_both_at_one_step_and_resumes_bitwise(tmp_path
     ("uneven-sized", r"different numbers of batches in epoch 0 \(rank 0: 8, rank 1: 6\)"),
     ("uneven-iterable", r"ran out of batches at different steps in epoch 0: rank 1 after 5 "
                         r"batches, while rank 0 had more"),
+    ("lying-length", r"the training data said 6 batches for this rank in epoch 0, but "
+                     r"produced 4"),
 ])
 def test_ranks_with_different_batch_counts_get_an_error_naming_them(tmp_path, mode,
                                                                     expected):

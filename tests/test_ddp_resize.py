@@ -15,11 +15,12 @@ from torch.utils.data import RandomSampler
 from ftrain import _rng
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_resize.py"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available")]
 
 
-def _launch(out: Path, tag: str, world: int, *args: str) -> str:
+def _launch(out: Path, tag: str, world: int, *args: str, ok: bool = True) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, str(SCRIPT), str(out), tag, *args]
@@ -27,7 +28,7 @@ def _launch(out: Path, tag: str, world: int, *args: str) -> str:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", *cmd[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
@@ -58,7 +59,15 @@ def test_two_ranks_then_one_process_trains_every_sample_once(tmp_path):
     rest = _seen(tmp_path, "one", 0)
     assert sorted(first + rest) == list(range(96))  # each sample once
     assert rest == _distributed_order()[40:]  # in the epoch's order
-    assert "ended at step 19, position {'epoch': 1, 'batch': 0, 'world': 1}" in log
+    assert "ended at step 19, position {'epoch': 1, 'batch': 0, 'world': 1" in log
+    # another batch size: what was trained is counted in the old one's samples
+    _launch(tmp_path, "bigger", 1, "--resume", str(tmp_path / "two" / "last.ckpt"),
+            "--batch", "8")
+    assert sorted(first + _seen(tmp_path, "bigger", 0)) == list(range(96))
+    # other data cannot hold what was trained: refused, not guessed
+    log = _launch(tmp_path, "other", 1, "--resume", str(tmp_path / "two" / "last.ckpt"),
+                  "--samples", "80", ok=False)
+    assert "over other data (batches of 4 of 96 samples; now batches of 4 of 80" in log
 
 
 def test_one_process_then_two_ranks_trains_every_sample_once(tmp_path):

@@ -14,8 +14,9 @@ import torch
 from test_ddp import _env
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_stuck.py"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available")]
 TIMEOUT_S = 6
 
 

@@ -72,7 +72,8 @@ def test_continuing_from_err_state_after_a_failed_step_is_bitwise_exact(exc, cau
     with pytest.raises(caught) as info:
         ft.fit(step, fresh(), data(), epochs=2, **OFF)
     state = info.value.state
-    assert state.step == 5 and state.slots["loop"] == {"epoch": 0, "batch": 5, "world": 1}
+    assert state.step == 5 and state.slots["loop"] == {"epoch": 0, "batch": 5, "world": 1,
+                                                  "batch_size": 8, "samples": 96}
     final = ft.fit(step, state, data(), epochs=2, **OFF)
     assert losses == expected_losses  # all 24 steps, each once, the same values
     assert tensors_equal(final.params, expected.params)
@@ -88,7 +89,8 @@ def test_a_real_ctrl_c_stops_at_the_step_boundary_and_continues_exactly(tmp_path
         ft.fit(saving, fresh(), data(), epochs=2, progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     state = info.value.state
-    assert state.step == 6 and state.slots["loop"] == {"epoch": 0, "batch": 6, "world": 1}
+    assert state.step == 6 and state.slots["loop"] == {"epoch": 0, "batch": 6, "world": 1,
+                                                  "batch_size": 8, "samples": 96}
     csv = (tmp_path / "ftrain_logs" / "version_0" / "metrics.csv").read_text()
     assert csv.endswith("\n") and len(csv.splitlines()) == 7  # header + 6 steps, flushed
     ft.fit(saving, state, data(), epochs=2, progress=False)  # the folder's lock was freed
@@ -102,7 +104,8 @@ def test_iterate_continues_exactly_after_an_interrupt():
         for _state, _metrics in ft.iterate(step, fresh(), data(), epochs=2):
             pass
     state = info.value.state
-    assert state.step == 13 and state.slots["loop"] == {"epoch": 1, "batch": 1, "world": 1}
+    assert state.step == 13 and state.slots["loop"] == {"epoch": 1, "batch": 1, "world": 1,
+                                                  "batch_size": 8, "samples": 96}
     for state, _metrics in ft.iterate(step, state, data(), epochs=2):
         pass
     assert losses == expected_losses
@@ -125,7 +128,8 @@ def test_an_outer_layer_failing_after_the_update_keeps_the_trained_batch():
     with pytest.raises(KeyboardInterrupt) as info:
         ft.fit(outer, fresh(), data(), epochs=2, **OFF)
     state = info.value.state
-    assert state.step == 7 and state.slots["loop"] == {"epoch": 0, "batch": 7, "world": 1}
+    assert state.step == 7 and state.slots["loop"] == {"epoch": 0, "batch": 7, "world": 1,
+                                                  "batch_size": 8, "samples": 96}
     final = ft.fit(outer, state, data(), epochs=2, **OFF)
     assert losses == expected_losses
     assert tensors_equal(final.params, expected.params)

@@ -2,7 +2,7 @@
 
 usage: ddp_lockstep.py OUT MODE [SLEEP]
 MODE: preempt (SLEEP s per step; SIGTERM comes from the test) | resume | uneven-sized |
-      uneven-iterable
+      uneven-iterable | lying-length
 """
 
 import os
@@ -29,6 +29,13 @@ class Stream(IterableDataset):
             yield x, (x.sum(1) > 0).long()
 
 
+class Sized(Stream):
+    """An iterable dataset whose __len__ says 12, whatever it yields (a bug to catch)."""
+
+    def __len__(self) -> int:
+        return 12
+
+
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
@@ -44,6 +51,8 @@ def main() -> None:
                           sampler=DistributedSampler(mine, num_replicas=2, rank=rank))
     elif mode == "uneven-iterable":
         data = DataLoader(Stream(12 - 2 * rank), batch_size=None)
+    elif mode == "lying-length":  # says 12 batches; rank 1's yields 8
+        data = DataLoader(Sized(12 - 4 * rank), batch_size=None)
     model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     log = open(f"{out}/steps{rank}", "a")
 

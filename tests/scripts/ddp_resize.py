@@ -19,13 +19,16 @@ def main() -> None:
     parser.add_argument("tag")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--resume")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=96)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(96, 5, generator=g)
-    data = DataLoader(TensorDataset(x, (x.sum(1) > 0).long(), torch.arange(96)),
-                      batch_size=4, shuffle=True)
+    x = x[:args.samples]
+    data = DataLoader(TensorDataset(x, (x.sum(1) > 0).long(), torch.arange(len(x))),
+                      batch_size=args.batch, shuffle=True)
     seen = open(f"{args.out}/{args.tag}-rank{rank}.txt", "a")
 
     def loss_fn(m, b):
