@@ -275,7 +275,7 @@ def _pickle_globals(path: str) -> list[str]:
     found: list[str] = []
     strings: list[Any] = []  # what string-pushing (and memo-fetching) opcodes pushed
     memo: dict[int, Any] = {}
-    try:
+    with contextlib.suppress(Exception):  # a damaged stream: what was parsed so far
         for op, arg, _ in pickletools.genops(raw):
             if op.name in ("GLOBAL", "INST"):
                 found.append(str(arg).replace(" ", "."))
@@ -289,8 +289,6 @@ def _pickle_globals(path: str) -> list[str]:
                 strings.append(memo.get(arg))
             elif isinstance(arg, str):
                 strings.append(arg)
-    except Exception:  # a damaged stream: what was parsed so far
-        pass
     return found
 
 
