@@ -39,8 +39,9 @@ efficiency = (samples/s at 2 processes) / (2 x samples/s at 1 process) per varia
 the medians (the two launches are not paired). For scale, the 2-process workers finally
 time a bare gloo all-reduce of a gradient-sized tensor (DDP's one bucket per step here)
 and one synchronous exchange of ftrain's step-boundary agreement (stop signals, batch
-counts; see ftrain/_lockstep.py), and the parent prints the 1-minute load average before and after (above the core count:
-other processes competed for the cores, and the rounds' spread shows it).
+counts; see ftrain/_lockstep.py), and the parent prints the 1-minute load average
+before and after (above the core count: other processes competed for the cores, and the
+rounds' spread shows it).
 
 Caveat: the machine this was written on has 2 CPU cores, so the 2 workers share them with
 the gloo threads that run DDP's all-reduce and with the (mostly idle) torchrun agent and
