@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from ftrain import _slots
 from ftrain import step as _step
 from ftrain._dist import across_ranks
 from ftrain._sync import to_host
@@ -20,6 +21,12 @@ from ftrain.health import log
 from ftrain.state import TrainState
 from ftrain.step import request_stop
 from ftrain.validation import WithValidation
+
+_FIELDS = {"best": (_slots.optional(_slots.number), "a number or None"),
+           "wait": (_slots.count, "an int >= 0"), "seen": (_slots.count, "an int >= 0"),
+           "reason": (_slots.optional(_slots.text), "a string or None"),
+           "monitor": (_slots.optional(_slots.text), "a string or None"),
+           "mode": (_slots.optional(_slots.text), "a string or None")}
 
 
 class EarlyStop(Combinator):
@@ -64,6 +71,7 @@ class EarlyStop(Combinator):
             return state.replace(slots={**state.slots, self.name: {
                 "best": None, "wait": 0, "seen": self._checks(state), "reason": None,
                 "monitor": self.monitor, "mode": self.mode}})
+        _slots.check(slot, self.name, _FIELDS)
         if (slot.get("monitor"), slot.get("mode")) != (self.monitor, self.mode):
             raise ConfigError(
                 f"the {self.name!r} slot of this state tracks monitor={slot.get('monitor')!r}, "

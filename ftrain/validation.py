@@ -13,13 +13,17 @@ from typing import Any
 
 import torch
 
-from ftrain import health
+from ftrain import _slots, health
 from ftrain import step as _step
 from ftrain._run import run_info
 from ftrain.combinators import Combinator
 from ftrain.data_module import resolve
 from ftrain.errors import ConfigError, check_int
 from ftrain.state import LOOP_SLOT, TrainState
+
+SLOT_FIELDS = {"checks": (_slots.count, "an int >= 0"),
+               "last": (_slots.dict_of(_slots.number), "a dict of numbers"),
+               "step": (_slots.optional(_slots.count), "an int >= 0")}
 
 Metrics = dict[str, Any]
 
@@ -85,6 +89,8 @@ class WithValidation(Combinator):
             self._evaluate(state, limit)  # not logged, not counted
         if self.name not in state.slots:
             state = state.replace(slots={**state.slots, self.name: {"checks": 0, "last": {}}})
+        else:
+            _slots.check(state.slots[self.name], self.name, SLOT_FIELDS, may_lack=("step",))
         return state
 
     def _validate(self, state: TrainState) -> tuple[TrainState, Metrics]:

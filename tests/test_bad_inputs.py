@@ -61,3 +61,31 @@ def test_the_loops_own_slots_read_back_from_a_file_are_checked(tmp_path, slot, f
     with pytest.raises(ft.CheckpointError, match=found):
         ft.fit(ft.train_step(lambda m, b: m(b).mean()), state, [torch.randn(2, 3)],
                epochs=1, resume=str(path), logger=False, checkpoint=False, progress=False)
+
+
+def _layers(name):
+    loss = lambda m, b: m(b).mean()  # noqa: E731
+    data = [torch.randn(4, 3) for _ in range(2)]
+    core = ft.train_step(loss)
+    validated = ft.with_validation(core, ft.eval_step(loss), data, sanity_steps=0)
+    return {"validation": validated,
+            "early_stop": ft.early_stop(validated, "val_loss", patience=2),
+            "logging": ft.with_logging(core, [], every_n_steps=1)}[name], data
+
+
+@pytest.mark.parametrize("name, slot, found", [
+    ("validation", {"checks": "z", "last": {}}, r"'validation' slot: checks must be an int"),
+    ("validation", {"checks": 1}, r"'validation' slot lacks \['last'\]"),
+    ("early_stop", {"best": "x", "wait": 0, "seen": 0, "reason": None, "monitor": "val_loss",
+                    "mode": "min"}, r"'early_stop' slot: best must be a number or None"),
+    ("logging", {"sums": 3}, r"'logging' slot lacks \['pending', 'sizes', 'partial'"),
+    ("logging", {"pending": {"loss": [1.0]}, "sizes": [4], "partial": {}, "steps": 1},
+     r"'logging' slot: pending must be a dict of lists of metric tensors"),
+])
+def test_each_layers_slot_read_back_from_a_file_is_checked(tmp_path, name, slot, found):
+    step, data = _layers(name)
+    state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+    path = ft.save(tmp_path / "crafted.ckpt", state.replace(slots={name: slot}))
+    with pytest.raises(ft.CheckpointError, match=found):
+        ft.fit(step, state, data, epochs=2, resume=str(path), logger=False,
+               checkpoint=False, progress=False)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ftrain import _slots
 from ftrain.errors import ConfigError
 
 REDUCTIONS = ("mean", "sum", "max", "min", "last")
@@ -32,6 +33,17 @@ def check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(f"reduction for {name!r} must be one of {REDUCTIONS} or a "
                               f"torchmetrics Metric (update/compute), got {type(how).__name__}")
     return out
+
+
+# What a slot read back from a state may hold (each field checked before first use).
+SLOT_FIELDS = {
+    "pending": (_slots.dict_of(_slots.list_of(_slots.optional(_slots.scalar_tensor))),
+                "a dict of lists of metric tensors"),
+    "sizes": (_slots.list_of(_slots.count), "a list of batch sizes"),
+    "partial": (_slots.dict_of(_slots.scalar_tensor), "a dict of partial-result tensors"),
+    "steps": (_slots.count, "an int >= 0"),
+    "seen": (_slots.list_of(_slots.text), "a list of metric names"),
+}
 
 
 def empty() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ftrain import _bind, _rng, health
+from ftrain import _bind, _rng, _slots, health
 from ftrain import step as _step
 from ftrain._dist import across_ranks
 from ftrain._run import run_info
@@ -132,6 +132,9 @@ class WithLogging(Combinator):
         self._setup(state)
         if self.name not in state.slots:
             state = state.replace(slots={**state.slots, self.name: accumulate.empty()})
+        else:
+            _slots.check(state.slots[self.name], self.name, accumulate.SLOT_FIELDS,
+                         may_lack=("seen",))
         return state
 
     def _slot(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
