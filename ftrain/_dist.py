@@ -261,9 +261,14 @@ def _timed_out(err: BaseException) -> bool:
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
-def _main_stack() -> tuple[list[str], str]:
-    """The main thread's Python stack (see `_shown`)."""
-    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+def _main_frame() -> Any:
+    """The main thread's innermost frame (None if it has ended)."""
+    return sys._current_frames().get(threading.main_thread().ident or -1)
+
+
+def _main_stack(frame: Any = None) -> tuple[list[str], str]:
+    """The main thread's Python stack (see `_shown`), from `frame` if given."""
+    frame = frame if frame is not None else _main_frame()
     return _shown(traceback.extract_stack(frame)) if frame is not None else ([], "?")
 
 
@@ -290,10 +295,10 @@ def _whereabouts(rank: int) -> str:
     if _failing is not None:  # where its own collective failed, not inside fail()
         state, (stack, where) = "failing", _failing
     else:
-        frame = sys._current_frames().get(threading.main_thread().ident or -1)
+        frame = _main_frame()
         inner = "" if frame is None else frame.f_code.co_filename.replace(os.sep, "/")
         state = "waiting" if any(w in inner for w in _WAITING_IN) else "running"
-        stack, where = _main_stack()
+        stack, where = _main_stack(frame)
     return json.dumps({"rank": rank, "step": at_step, "state": state, "where": where,
                        "stack": stack})
 

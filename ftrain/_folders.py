@@ -23,6 +23,7 @@ import stat
 import time
 from typing import Any
 
+from ftrain._slots import short
 from ftrain.errors import CheckpointError
 
 log = logging.getLogger("ftrain")
@@ -64,9 +65,8 @@ def bare_name(name: Any, what: str, where: str) -> str:
           and "\x00" not in name and not any(s and s in name for s in
                                              ("/", "\\", os.sep, os.altsep)))
     if not ok:
-        shown = repr(name) if len(repr(name)) <= 120 else repr(name)[:117] + "..."
         raise CheckpointError(f"{where}: {what} must be a bare *{SUFFIX} file name inside the "
-                              f"checkpoint folder, got {shown}")
+                              f"checkpoint folder, got {short(name, 120)}")
     return name  # type: ignore[no-any-return]
 
 

@@ -11,17 +11,25 @@ loop mutates one such dict in place for the whole run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
+from ftrain import _slots
 from ftrain import data as _data
 from ftrain._run import RunInfo
 from ftrain.errors import CheckpointError, ConfigError, DataError
 from ftrain.state import LOOP_SLOT
 
 log = logging.getLogger("ftrain")
+
+
+_COUNT = (_slots.count, "an int >= 0")
+_POSITIVE = (_slots.optional(_slots.positive), "an int >= 1")
+_OPTIONAL = ("world", "start", "origin", "batch_size", "samples")
+_FIELDS = {"epoch": _COUNT, "batch": _COUNT, "world": _POSITIVE,
+           "start": (_slots.optional(_slots.count), "an int >= 0"), "origin": _POSITIVE,
+           "batch_size": _POSITIVE, "samples": (_slots.optional(_slots.count), "an int >= 0")}
 
 
 def position(saved: Any) -> dict[str, Any]:
@@ -36,16 +44,9 @@ def position(saved: Any) -> dict[str, Any]:
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"the state's {LOOP_SLOT!r} slot (the data position) must be a "
                               f"dict, found {type(saved).__name__}")
-    pos: dict[str, Any] = {}
-    for key in ("epoch", "batch", "world", "start", "origin", "batch_size", "samples"):
-        value = saved.get(key, 0 if key in ("epoch", "batch") else None)
-        if value is None:
-            continue
-        low = 1 if key in ("world", "origin", "batch_size") else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise CheckpointError(f"the state's {LOOP_SLOT!r} slot: {key} must be an int >= "
-                                  f"{low}, found {str(value)[:100]!r}")
-        pos[key] = value
+    _slots.check(saved, LOOP_SLOT, _FIELDS, may_lack=_FIELDS)
+    pos: dict[str, Any] = {"epoch": saved.get("epoch", 0), "batch": saved.get("batch", 0)}
+    pos.update({k: saved[k] for k in _OPTIONAL if saved.get(k) is not None})
     if ("start" in pos) != ("origin" in pos):
         raise CheckpointError(f"the state's {LOOP_SLOT!r} slot has one of start/origin "
                               f"without the other: {saved!r}"[:300])
@@ -111,9 +112,9 @@ def next_epoch(pos: dict[str, Any], epoch: int) -> None:
     pos.pop("origin", None)
 
 
-def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,
-               err: BaseException) -> None:
-    """Make the loop's position and buffers agree with the state `err.state` will carry.
+def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int) -> bool:
+    """Make the loop's position and buffers agree with the state `err.state` will carry;
+    False when no state can be continued from exactly.
 
     If the core step finished (an outer layer failed after it), its new state is the one
     to continue from and the batch was consumed. Otherwise nothing was updated: the batch
@@ -122,13 +123,12 @@ def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int,
     """
     latest = binding.latest
     if latest is not None and latest.step > step_no:
-        return  # the batch was trained on; the position already says so
+        return True  # the batch was trained on; the position already says so
     pos["batch"] = index
     if binding.changed:
-        with contextlib.suppress(Exception):
-            err._ftrain_partial = True  # type: ignore[attr-defined]
         log.error("step %d failed inside its optimizer update; the parameters are partly "
                   "updated, so no state is attached to the error: resume from the last "
                   "checkpoint", step_no)
-        return
+        return False
     binding.restore_buffers()
+    return True

@@ -7,6 +7,7 @@ names the slot, the field, what was expected and what was found.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -17,8 +18,44 @@ from ftrain.errors import CheckpointError
 Field = tuple[Callable[[Any], bool], str]
 
 
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr; tensors as dtype and shape (never their values)."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"tensor({str(x.dtype).removeprefix('torch.')}, {list(x.shape)})"
+        return super().repr1(x, level)
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 80
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """A repr of a value read from a file, for an error message: bounded work and length.
+
+    Examples:
+        >>> short("x" * 1000, limit=20)
+        "'xxxxxxxxxxxxxxxx..."
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # e.g. an int too long to print
+        text = f"<{type(value).__name__}>"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def positive(value: Any) -> bool:
+    return count(value) and value >= 1
 
 
 def number(value: Any) -> bool:
@@ -65,7 +102,5 @@ def check(slot: Any, name: str, fields: Mapping[str, Field], may_lack: Collectio
                               f"{sorted(map(str, slot))[:10]}): not this layer's slot")
     for key, (test, expected) in fields.items():
         if key in slot and not test(slot[key]):
-            shown = repr(slot[key])
-            shown = shown if len(shown) <= 100 else shown[:97] + "..."
             raise CheckpointError(f"the state's {name!r} slot: {key} must be {expected}, "
-                                  f"found {shown}")
+                                  f"found {short(slot[key], 100)}")

@@ -18,7 +18,6 @@ import os
 import pickle
 import pickletools
 import re
-import reprlib
 import secrets
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +27,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ftrain import _folders, health
+from ftrain._slots import clip as _clip
+from ftrain._slots import short as _short
 from ftrain.errors import CheckpointError, ConfigError
 from ftrain.state import TrainState, parts
 
@@ -500,33 +501,6 @@ def _nesting_problem(value: Any) -> str | None:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((child, depth + 1, False) for child in children)
     return None
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib's bounded repr; tensors as dtype and shape (never their values)."""
-
-    def repr1(self, x: Any, level: int) -> str:
-        if isinstance(x, torch.Tensor):
-            return f"tensor({str(x.dtype).removeprefix('torch.')}, {list(x.shape)})"
-        return super().repr1(x, level)
-
-
-_REPR = _ShortRepr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 6, 6, 6
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 80
-
-
-def _short(value: Any) -> str:
-    """A repr of a value read from a file, at most 200 characters."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # e.g. an int too long to print
-        text = f"<{type(value).__name__}>"
-    return _clip(text, 200)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_hparams(path: str | os.PathLike[str]) -> dict[str, Any]:

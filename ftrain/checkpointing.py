@@ -26,7 +26,7 @@ from typing import Any, Literal, NoReturn
 import attrs
 import torch
 
-from ftrain import _folders, _rng, health
+from ftrain import _folders, _rng, _slots, health
 from ftrain import step as _step
 from ftrain._folders import SUFFIX, TMP_PREFIX
 from ftrain._run import RunInfo, run_info
@@ -187,8 +187,8 @@ def check_slot(slot: Any, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: expected a dict, found {type(slot).__name__}")
 
     def fail(field: str, expected: str, value: Any) -> NoReturn:
-        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
-        raise CheckpointError(f"{where}: {field} must be {expected}, found {shown}")
+        raise CheckpointError(f"{where}: {field} must be {expected}, found "
+                              f"{_slots.short(value, 120)}")
 
     def count(field: str, value: Any, optional: bool = False) -> int | None:
         if value is None and optional:

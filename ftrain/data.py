@@ -166,6 +166,18 @@ def _plain_batching(loader: DataLoader) -> Any:
     return sampler if type(sampler) is SequentialSampler else None
 
 
+def _has_own_distributed_sampler(loader: DataLoader) -> bool:
+    """Whether the user already sharded this loader with a DistributedSampler."""
+    from torch.utils.data.distributed import DistributedSampler
+    return isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler),
+                      DistributedSampler)
+
+
+def _distributed_seed(seed: int) -> int:
+    """The seed `shard` gives DistributedSampler (which draws with seed + epoch)."""
+    return _rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF
+
+
 def shard(data: Any, rank: int, world: int, seed: int) -> Any:
     """This rank's share of training data, every rank with the same number of batches.
 
@@ -178,16 +190,15 @@ def shard(data: Any, rank: int, world: int, seed: int) -> Any:
         return data
     from torch.utils.data.distributed import DistributedSampler
     if isinstance(data, DataLoader):
-        inner = getattr(data.batch_sampler, "sampler", data.sampler)
-        if isinstance(inner, DistributedSampler):
+        if _has_own_distributed_sampler(data):
             return data
         sampler = _plain_batching(data)
         if sampler is not None:
             from torch.utils.data import RandomSampler
             dist_sampler: DistributedSampler[Any] = DistributedSampler(
                 data.dataset, num_replicas=world, rank=rank,
-                shuffle=type(sampler) is RandomSampler,
-                seed=_rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF, drop_last=data.drop_last)
+                shuffle=type(sampler) is RandomSampler, seed=_distributed_seed(seed),
+                drop_last=data.drop_last)
             return DataLoader(data.dataset, batch_size=data.batch_size, sampler=dist_sampler,
                               drop_last=data.drop_last, **_loader_kwargs(data))
     if isinstance(data, Iterator):
@@ -201,9 +212,7 @@ def shard_eval(data: Any, rank: int, world: int) -> Any:
     if world <= 1:
         return data
     if isinstance(data, DataLoader):
-        from torch.utils.data.distributed import DistributedSampler
-        if isinstance(getattr(data.batch_sampler, "sampler", data.sampler),
-                      DistributedSampler):
+        if _has_own_distributed_sampler(data):
             return data  # already this rank's share (its padding may repeat samples)
         if _plain_batching(data) is not None:  # order does not matter for evaluation
             mine = range(rank, len(data.dataset), world)  # type: ignore[arg-type]
@@ -219,9 +228,7 @@ def units_per_batch(source: Any) -> int | None:
     map-style DataLoader (sharded by sample), 1 for data shared out in whole batches, None
     for a loader with its own DistributedSampler (its order cannot be re-dealt)."""
     if isinstance(source, DataLoader):
-        from torch.utils.data.distributed import DistributedSampler
-        if isinstance(getattr(source.batch_sampler, "sampler", source.sampler),
-                      DistributedSampler):
+        if _has_own_distributed_sampler(source):
             return None
         if _plain_batching(source) is not None:
             return int(source.batch_size)  # type: ignore[arg-type]
@@ -248,8 +255,8 @@ def _sample_order(loader: DataLoader, seed: int, epoch: int, origin: int) -> lis
     if origin <= 1:
         return list(RandomSampler(loader.dataset,  # type: ignore[arg-type]
                                   generator=_generator(seed, epoch, _rng.SHUFFLE)))
-    g = torch.Generator()  # what DistributedSampler(seed=..., shuffle=True) draws
-    g.manual_seed((_rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF) + epoch)
+    g = torch.Generator()  # what shard's DistributedSampler draws in this epoch
+    g.manual_seed(_distributed_seed(seed) + epoch)
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -303,7 +310,7 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterabl
                                           skip=skip * data.world))
     if isinstance(data, DataLoader):
         seed_epoch(data, seed, epoch)
-        return _skipping_loader(data, skip) if skip else data
+        return skipped(data, skip)
     if isinstance(data, Iterator):
         if epoch > 0 or skip:
             raise DataError("data is a one-shot iterator (e.g. a generator), which cannot "
@@ -313,7 +320,7 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterabl
     if not isinstance(data, Iterable):
         raise DataError(f"data must be a DataLoader or an iterable of batches, got "
                         f"{type(data).__name__}")
-    return itertools.islice(data, skip, None) if skip else data
+    return skipped(data, skip)
 
 
 def num_batches(data: Any) -> int | None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ftrain.errors import CheckpointError, NonFiniteLossError
+from ftrain import _slots
+from ftrain.errors import NonFiniteLossError
 
 SLOT = "nonfinite"
 FOLD_EVERY = 1024
@@ -34,22 +35,16 @@ def check_slot(record: Any) -> None:
         ...
         ftrain.errors.CheckpointError: the state's 'nonfinite' slot: step must be a 0-d ...
     """
-    if record is None:
-        return
-    if not isinstance(record, dict):
-        raise CheckpointError(f"the state's {SLOT!r} slot must be a dict, found "
-                              f"{type(record).__name__}")
-    for key, kind in (("step", torch.int64), ("loss", None)):
-        value = record.get(key)
-        if not (isinstance(value, torch.Tensor) and value.dim() == 0 and (
-                value.dtype == kind if kind is not None else value.is_floating_point())):
-            expected = "a 0-d int64 tensor" if kind is not None else \
-                "a 0-d floating-point tensor"
-            raise CheckpointError(f"the state's {SLOT!r} slot: {key} must be {expected}, "
-                                  f"found {str(value)[:100]}")
-    if record.get("policy", "raise") not in ("raise", "skip", "ignore"):
-        raise CheckpointError(f"the state's {SLOT!r} slot: policy must be 'raise', 'skip' "
-                              f"or 'ignore', found {str(record['policy'])[:100]!r}")
+    if record is not None:
+        _slots.check(record, SLOT, _FIELDS, may_lack=("policy",))
+
+
+_FIELDS = {
+    "step": (lambda v: _slots.scalar_tensor(v) and v.dim() == 0 and v.dtype == torch.int64,
+             "a 0-d int64 tensor"),
+    "loss": (lambda v: _slots.scalar_tensor(v) and v.dim() == 0 and v.is_floating_point(),
+             "a 0-d floating-point tensor"),
+    "policy": (lambda v: v in ("raise", "skip", "ignore"), "'raise', 'skip' or 'ignore'")}
 
 
 def fold(record: dict[str, Any] | None, losses: list[torch.Tensor],

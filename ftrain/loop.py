@@ -33,13 +33,7 @@ from ftrain._lockstep import Lockstep
 from ftrain._resume import resume_from
 from ftrain._run import RunInfo, run_info
 from ftrain.data_module import Data, resolve
-from ftrain.errors import (
-    ConfigError,
-    DataError,
-    FTrainError,
-    StepError,
-    check_int,
-)
+from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
 from ftrain.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 
 log = logging.getLogger("ftrain")
@@ -139,6 +133,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                   checkpoint_dir=checkpoint_dir)
     owner = object()
     lock: Lockstep | None = None
+    resumable = True
     source = state
     state = state.copy() if not donate_input else state
     state = _adopt(state, pos, run, owner)
@@ -217,7 +212,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     state, metrics = step(before, batch)
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
-                    _pos.roll_back(binding, pos, index, step_no, err)
+                    resumable = _pos.roll_back(binding, pos, index, step_no)
                     if isinstance(err, FTrainError) or not isinstance(err, Exception):
                         raise
                     raise StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
@@ -299,10 +294,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 log.warning("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
     except BaseException as err:
         failed = True
-        latest = _latest_state(state)
-        if getattr(err, "_ftrain_partial", False) or getattr(err.__cause__, "_ftrain_partial",
-                                                             False):
-            latest = None  # an update was cut off half-way: no state is exact (logged)
+        # an update cut off half-way leaves no exact state (roll_back logged it)
+        latest = _latest_state(state) if resumable else None
         if latest is not None and not isinstance(err, GeneratorExit):
             with contextlib.suppress(Exception):
                 err.state = latest  # type: ignore[attr-defined]  # the work done so far
@@ -440,8 +433,9 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     refusing, when checkpoint files are there but none can be read); the run then
     continues exactly, mid-epoch included, in that run's folder. Each run gets its own
     checkpoint folder `<root_dir>/checkpoints/version_N`. With `resume_hparams="match"`
-    (the default), `resume="auto"` refuses a checkpoint whose hparams or seed differ from
-    this run's (another run's); `"ignore"` continues it anyway. On SIGTERM (preemption)
+    (the default), `resume="auto"` continues this run only: other hparams or another seed
+    mark another run's checkpoint, whose folder is skipped (in a folder you named it is
+    an error); `"ignore"` continues it anyway. On SIGTERM (preemption)
     fit saves a checkpoint at the next step boundary and exits with status 143 (a second
     SIGTERM acts at once, for a loop stuck outside a step); the handler exists only while
     fit runs (`handle_sigterm=False` leaves signals alone). Ctrl-C likewise takes effect
