@@ -43,7 +43,7 @@ from _common import GPT, loss_fn, sync
 from torch import nn
 
 import ftrain as ft
-from ftrain.compilation import compile as ft_compile
+from ftrain.compiling.step import compile as ft_compile
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OFF = {"logger": False, "checkpoint": False, "progress": False}

@@ -152,7 +152,7 @@ def lockstep_time(world: int, calls: int = 200, repeats: int = 5) -> float:
     (stop signals and "every rank has a batch": what data without a length pays each
     step). With a length the exchange is asynchronous and only every k steps, k chosen so
     that exchanges are ~0.25 s apart: its cost is inside the ft / hand ratio above."""
-    from ftrain._lockstep import Lockstep
+    from ftrain.parallel.lockstep import Lockstep
     lock = Lockstep(dist.get_rank(), world)
     times = []
     for _ in range(repeats):

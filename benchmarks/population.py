@@ -54,7 +54,7 @@ from _common import loss_fn
 from torch import nn
 
 import ftrain as ft
-from ftrain.populations import PopulationStep, population, population_step
+from ftrain.populations.population import PopulationStep, population, population_step
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 MEMBERS = 32

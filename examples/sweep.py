@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import ftrain as ft
-from ftrain.populations import member, population, split_members, vmap
+from ftrain.populations.population import member, population, split_members, vmap
 
 
 def digits_splits(seed: int = 0) -> dict[str, TensorDataset]:

@@ -9,18 +9,27 @@ Examples:
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import cli, combinators, export, optim
-from ftrain._dist import CollectiveError, CollectiveTimeoutError, PeerFailedError, local_device
-from ftrain._run import RunInfo, run_info
-from ftrain.accumulation import with_accumulation
-from ftrain.amp import loss_scale, with_amp
-from ftrain.checkpoint import load, load_hparams, save
-from ftrain.checkpointing import checkpoints, with_checkpointing
-from ftrain.compilation import compile
-from ftrain.data import sample_seed
-from ftrain.data_module import Data
-from ftrain.ddp import with_ddp
-from ftrain.early_stop import early_stop
+from ftrain import cli, export, optim
+from ftrain.checkpoints.file import load, load_hparams, save
+from ftrain.checkpoints.manager import checkpoints, with_checkpointing
+from ftrain.compiling.step import compile
+from ftrain.core import layer as combinators
+from ftrain.core.accumulation import with_accumulation
+from ftrain.core.amp import loss_scale, with_amp
+from ftrain.core.health import check_finite
+from ftrain.core.manual import Manual, manual_step
+from ftrain.core.run import RunInfo, run_info
+from ftrain.core.state import TrainState, is_donated
+from ftrain.core.step import (
+    EvalStep,
+    TrainStep,
+    eval_step,
+    request_stop,
+    stop_reason,
+    train_step,
+)
+from ftrain.data.batches import sample_seed
+from ftrain.data.module import Data
 from ftrain.errors import (
     CheckpointError,
     ConfigError,
@@ -33,12 +42,20 @@ from ftrain.errors import (
     StepError,
 )
 from ftrain.export import ExportError, bind
-from ftrain.health import check_finite
-from ftrain.hooks import every
-from ftrain.logging import loggers, with_logging
-from ftrain.loop import evaluate, fit, iterate, predict
-from ftrain.manual import Manual, manual_step
-from ftrain.populations import (
+from ftrain.layers.early_stop import early_stop
+from ftrain.layers.hooks import every
+from ftrain.layers.logging import loggers, with_logging
+from ftrain.layers.profile import with_profiling
+from ftrain.layers.validation import with_validation
+from ftrain.loops.train import evaluate, fit, iterate, predict
+from ftrain.parallel.ddp import with_ddp
+from ftrain.parallel.dist import (
+    CollectiveError,
+    CollectiveTimeoutError,
+    PeerFailedError,
+    local_device,
+)
+from ftrain.populations.population import (
     member,
     population,
     population_eval_step,
@@ -46,17 +63,6 @@ from ftrain.populations import (
     split_members,
     vmap,
 )
-from ftrain.profile import with_profiling
-from ftrain.state import TrainState, is_donated
-from ftrain.step import (
-    EvalStep,
-    TrainStep,
-    eval_step,
-    request_stop,
-    stop_reason,
-    train_step,
-)
-from ftrain.validation import with_validation
 
 __version__ = "0.1.0"
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftrain._bind import install
+from ftrain.core.bind import install
+from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError, FTrainError
-from ftrain.state import TrainState
 
 
 class ExportError(FTrainError):

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ftrain import _bind
-from ftrain.state import TrainState, parts
-from ftrain.step import split_loss
+from ftrain.core import bind as _bind
+from ftrain.core.state import TrainState, parts
+from ftrain.core.step import split_loss
 
 
 def _snapshot(state: TrainState) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from torch.nn import functional as F
 
 import ftrain as ft
 from ftrain import testing
-from ftrain.compilation import CompiledStep
-from ftrain.compilation import compile as ft_compile
+from ftrain.compiling.step import CompiledStep
+from ftrain.compiling.step import compile as ft_compile
 from ftrain.optim import schedules
 
 OFF = {"logger": False, "checkpoint": False, "progress": False}

@@ -54,7 +54,7 @@ def test_worker_global_randomness_is_not_exact_across_a_resume():
 
 
 def test_sample_seed_depends_on_seed_epoch_and_index_only():
-    from ftrain import data as _data
+    from ftrain.data import batches as _data
     list(_data.epoch_batches([1], seed=1, epoch=0))
     a = (ft.sample_seed(3), ft.sample_seed(4))
     list(_data.epoch_batches([1], seed=1, epoch=1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler
 
-from ftrain import _rng
+from ftrain.core import rng as _rng
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_resize.py"
 pytestmark = [pytest.mark.slow,  # real torchrun processes

@@ -310,7 +310,7 @@ def test_progress_bar_shows_epoch_step_and_smoothed_loss():
     step.prog_bar = frozenset({"loss"})
     ft.fit(step, fresh(), make_batches(4), epochs=2, checkpoint=False)
     # the bar writes to stderr; run again capturing through the bar's file
-    from ftrain.logging.progress import ProgressBar
+    from ftrain.layers.logging.progress import ProgressBar
     bar = ProgressBar(["loss"], always=True, refresh_secs=0.0, file=out)
     bar.start_epoch(0, 3)
     for i in range(3):

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 import ftrain as ft
-from ftrain.populations import (
+from ftrain.populations.population import (
     PopulationStep,
     is_population,
     member,
@@ -190,7 +190,7 @@ def test_tied_weights_and_shared_modules_follow_their_own_runs():
 
 
 def test_slots_swap_tensors_in_and_out():
-    from ftrain._swap import Slots
+    from ftrain.core.swap import Slots
 
     bn = nn.BatchNorm1d(3)
     slots = Slots(bn)

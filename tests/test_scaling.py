@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import ftrain as ft
-from ftrain import data as ft_data
+from ftrain.data import batches as ft_data
 
 
 def mlp(d_in: int = 6, hidden: int = 16, d_out: int = 3) -> nn.Module:

@@ -1,0 +1,645 @@
+"""`ft.compile`: the core step's whole iteration as one compiled graph.
+
+`compile(ft.train_step(loss_fn))` returns a core step (a `CompiledStep`, itself a
+`TrainStep`, so inner combinators find it and outer ones wrap it as usual) whose
+iteration runs as one `torch.compile(fullgraph=True)` function:
+
+    forward and loss (under autocast with `with_amp`) -> gradients (`torch.func`, loss
+    scaled for float16) -> unscale and finite check -> clipping -> optimizer update
+
+The forward and backward are `torch.func.grad_and_value` over `functional_call` on the
+state's tensors; the optimizer chain runs its capturable path
+(`ftrain.optim.Optimizer.update_capturable`: the same math as the eager kernels,
+updates in place, learning rate, update count and loss scale as device tensors, skipped
+updates by `torch.where`), so schedules and loss scaling never recompile. Inside a loop
+the state's own tensors are updated in place (donated, as the eager step does); a direct
+call is pure (it works on copies). Dropout is seeded from (seed, step, rank) as in the
+eager step. On CUDA, `mode="reduce-overhead"` replays the iteration as a CUDA graph with
+the state's tensors at static addresses.
+
+A loss function that cannot be captured in one graph (`.item()`, Python control flow on
+tensor values, unsupported calls) is reported with the reason: `fallback=True` logs a
+warning and runs the eager step from then on, `fallback=False` raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from ftrain.core import bind as _bind
+from ftrain.core import phases as _phases
+from ftrain.core import rng as _rng
+from ftrain.core.layer import layers
+from ftrain.core.state import TrainState, clone_tree, parts
+from ftrain.core.step import (
+    TrainStep,
+    _add_weighted,
+    _check_state,
+    advance,
+    pure_result,
+    require_optimizer,
+    split_loss,
+)
+from ftrain.core.step import core as core_of
+from ftrain.errors import ConfigError, NonFiniteLossError
+
+Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Modes that replay CUDA graphs on CUDA, and what a pure call (fresh copies every call,
+# so no static addresses) compiles with instead.
+_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+_WHERE = "compiled step"
+
+log = logging.getLogger("ftrain")
+Metrics = dict[str, torch.Tensor]
+
+
+def compile(step: Any, mode: Mode = "default", *, fullgraph: bool = True,
+            fallback: bool = True, dynamic: bool | None = False) -> Any:
+    """Compile the core training step's whole iteration with `torch.compile`.
+
+    `step` is a step built by `ft.train_step`, or a stack of combinators around one: the
+    stack is returned with its core replaced by a `CompiledStep` (the layers are
+    reused, not copied). Forward, backward, gradient unscaling and clipping, and the
+    optimizer update run as one graph; learning rate, update count and loss scale are
+    device tensors, so schedules and float16 loss scaling do not recompile. Results equal
+    the eager step's within float tolerance, and states (and checkpoints) are the same as
+    an eager run's.
+
+    `mode`: torch.compile's mode; on CUDA "reduce-overhead" (and "max-autotune") replay
+    the iteration as a CUDA graph over the loop's state at static addresses (a direct,
+    pure call compiles without CUDA graphs). `fullgraph=False` lets torch.compile split
+    the iteration where it must. `fallback`: when the loss function cannot be captured,
+    log a warning with the reason and run the eager step (True), or raise `ConfigError`
+    with the reason (False). `dynamic` is torch.compile's: False compiles one graph per
+    batch shape (e.g. a smaller last batch adds one), None lets torch generalize shapes.
+
+    The first call compiles (seconds); `CompiledStep.compiles` counts graphs compiled.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> from ftrain.compiling.step import compile
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> step = compile(ft.train_step(loss_fn))
+        >>> step
+        compile(train_step(loss_fn), mode='default')
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.adam(1e-3))
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> state, metrics = step(state, batch)  # compiles: seconds  # doctest: +SKIP
+        >>> state.step, step.compiles  # doctest: +SKIP
+        (1, 1)
+    """
+    if mode not in _MODES:
+        raise ConfigError(f"ft.compile: mode must be one of {list(_MODES)}, got {mode!r}")
+    if dynamic not in (None, True, False):
+        raise ConfigError(f"ft.compile: dynamic must be None, True or False, got {dynamic!r}")
+    core = core_of(step)
+    if isinstance(core, CompiledStep):
+        raise ConfigError(f"ft.compile: {core!r} is compiled already")
+    from ftrain.populations.population import PopulationStep
+    if isinstance(core, PopulationStep):  # a population's vmapped step compiles itself
+        return _swap_core(step, core, core.compiled(mode=mode, fullgraph=fullgraph,
+                                                    dynamic=dynamic, fallback=fallback))
+    if type(core) is not TrainStep:
+        raise ConfigError(f"ft.compile compiles the core step built by ft.train_step; the "
+                          f"innermost step here is {core!r} (a manual step or a plain "
+                          "function: compile its parts with torch.compile yourself)")
+    return _swap_core(step, core, CompiledStep(core, mode, fullgraph=fullgraph,
+                                               fallback=fallback, dynamic=dynamic))
+
+
+def _swap_core(step: Any, core: Any, new: Any) -> Any:
+    """`step` with its core replaced by `new` (the layer above it now wraps `new`)."""
+    if core is step:
+        return new
+    for layer in layers(step):
+        if getattr(layer, "inner", None) is core:
+            layer.inner = new
+    return step
+
+
+class CompiledStep(TrainStep):
+    """The core step `compile` builds: a `TrainStep` whose iteration is compiled.
+
+    `compiles` counts the graphs compiled so far (one per variant: batch shape, logging
+    the gradient norm, ...); `fallback_reason` is set once the step fell back to eager.
+    """
+
+    def __init__(self, eager: TrainStep, mode: str, *, fullgraph: bool, fallback: bool,
+                 dynamic: bool | None) -> None:
+        super().__init__(eager.loss_fn, on_nonfinite=eager.on_nonfinite,  # type: ignore[arg-type]
+                         check_finite_every_step=eager.check_finite_every_step)
+        self.phases = eager.phases  # shared: inner combinators set options on either
+        self.eager_step = eager
+        self.mode = mode
+        self.fullgraph = fullgraph
+        self.fallback = fallback
+        self.dynamic = dynamic
+        self.compiles = 0
+        self.fallback_reason: str | None = None
+        self._fns: dict[tuple[Any, ...], tuple[Callable[..., Metrics], _Compiled]] = {}
+        self._last: tuple[Any, ...] | None = None  # the last lookup, checked by identity
+        # templates (and optimizers) seen, by id, each mapped to the first equivalent one:
+        # a new state of the same model and optimizer reuses the compiled iteration
+        self._models: dict[int, tuple[Any, _Model]] = {}
+        self._optimizers: dict[int, tuple[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"compile({super().__repr__()}, mode={self.mode!r})"
+
+    # -- the step ------------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if type(state) is not TrainState:
+            _check_state(state, "a training step")
+        if self.fallback_reason is not None:
+            return TrainStep.__call__(self, state, batch)
+        binding = _bind.stepping(state)
+        bound = binding is not None
+        world = self.phases.world
+        if world > 1:
+            return self._give_up(f"with_ddp across {world} processes: DistributedDataParallel "
+                                 "syncs gradients during an eager backward", None, state,
+                                 batch, bound)
+        from torch._dynamo.exc import TorchDynamoException
+        try:
+            if bound:
+                return self._run_bound(state, binding, batch)
+            return self._run_pure(state, batch)
+        except _NotCapturable as err:
+            return self._give_up(str(err), None, state, batch, bound)
+        except TorchDynamoException as err:
+            return self._give_up(_reason(err), err, state, batch, bound)
+
+    def _give_up(self, reason: str, err: BaseException | None, state: TrainState, batch: Any,
+                 bound: bool) -> tuple[TrainState, Metrics]:
+        """The iteration cannot be compiled: the loss function's own error if the eager
+        step fails too, else a ConfigError (fallback=False) or a warning and the eager step."""
+        probe = None
+        if err is not None:  # the eager step on copies: a user error surfaces as itself
+            try:
+                probe = TrainStep._pure(self, state, batch)
+            except Exception as eager_err:
+                raise eager_err from None
+        name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
+        if not self.fallback:
+            raise ConfigError(f"ft.compile: cannot compile the training step of {name} into "
+                              f"one graph: {reason}. Make the loss function capturable (see "
+                              f"the compile docs), or pass fallback=True to run it eagerly"
+                              ) from err
+        self.fallback_reason = reason
+        log.warning("ft.compile: running the training step of %s eagerly: %s", name, reason)
+        if bound:
+            return TrainStep._bound(self, state, state.__dict__["_binding"], batch)
+        if probe is not None:
+            return probe
+        return TrainStep._pure(self, state, batch)
+
+    def _run_bound(self, state: TrainState, binding: Any, batch: Any
+                   ) -> tuple[TrainState, Metrics]:
+        prof = self._begin(binding)
+        scale = _phases.scaler(self.phases, state)
+        # The loop's state flattened into the compiled function's inputs once per run:
+        # kept on the binding, so it goes when the run ends.
+        cache = binding.compiled_inputs
+        if cache is None or cache[0] is not self or cache[1] is not state.params or \
+                cache[2] is not state.buffers or cache[3] is not state.opt_state or \
+                cache[6] is not scale:
+            device = state.device
+            graphs = _graphs(self.mode, device)
+            args = self._flatten(state, state.params, state.buffers, state.opt_state)
+            if graphs:  # CUDA graphs: the state's tensors stay where they are
+                for t in torch.utils._pytree.tree_leaves([args, scale]):
+                    if isinstance(t, torch.Tensor):
+                        torch._dynamo.mark_static_address(t)
+            cache = (self, state.params, state.buffers, state.opt_state, args, graphs, scale,
+                     device)
+            binding.compiled_inputs = cache
+        metrics = self._execute(state, cache[4], batch, scale, binding.generator, binding.rank,
+                                cache[7], cache[5])
+        if prof is not None:
+            prof.lap("compiled step")
+        return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics
+
+    def _run_pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        require_optimizer(state)
+        params = clone_tree(state.params)
+        buffers = clone_tree(state.buffers)
+        opt_state = clone_tree(state.opt_state)
+        slots = dict(state.slots)
+        scale = _phases.scaler(self.phases, state, slots)
+        args = self._flatten(state, params, buffers, opt_state)
+        device = state.device
+        mode = _GRAPH_MODES.get(self.mode, self.mode) if _graphs(self.mode, device) \
+            else self.mode
+        metrics = self._execute(state, args, batch, scale, _rng.generator_for(device),
+                                _rng.rank(), device, False, mode)
+        return pure_result(state, metrics, params, buffers, opt_state, slots,
+                           self.on_nonfinite), metrics
+
+    # -- the compiled iteration ----------------------------------------------------------
+
+    def _execute(self, state: TrainState, args: tuple[Any, ...], batch: Any,
+                 scale: dict[str, torch.Tensor] | None, generator: torch.Generator,
+                 rank: int, device: torch.device, graphs: bool, mode: str | None = None
+                 ) -> Metrics:
+        fn, compiled = self._function(state, device, graphs, mode or self.mode)
+        # Seed from (seed, step, rank) as the eager step does; skipped when no compiled
+        # graph of this iteration draws random numbers (checked at compile time).
+        seeded = compiled.random or compiled.graphs == 0
+        with _rng.step_seeded(generator, state.seed, state.step, rank) if seeded else \
+                contextlib.nullcontext():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            metrics = fn(*args, batch, scale)
+        if graphs:  # a CUDA graph's outputs are overwritten by its next replay
+            metrics = {k: v.clone() for k, v in metrics.items()}
+        if self.check_finite_every_step and not bool(torch.isfinite(metrics["loss"])):
+            raise NonFiniteLossError(  # host sync (opt-in); the update was skipped
+                f"the loss was {metrics['loss'].item()} at step {state.step}")
+        return metrics
+
+    def _model(self, state: TrainState) -> _Model:
+        entry = self._models.get(id(state.model))
+        if entry is not None and entry[0] is state.model:
+            return entry[1]
+        model = next((m for _, m in self._models.values()
+                      if _equivalent(m.template, state.model)), None) or _Model(state)
+        self._models[id(state.model)] = (state.model, model)
+        return model
+
+    def _optimizer(self, optimizer: Any) -> Any:
+        entry = self._optimizers.get(id(optimizer))
+        if entry is not None and entry[0] is optimizer:
+            return entry[1]
+        same = next((o for _, o in self._optimizers.values() if _same(o, optimizer)),
+                    optimizer)
+        self._optimizers[id(optimizer)] = (optimizer, same)
+        return same
+
+    def _flatten(self, state: TrainState, params: Any, buffers: Any, opt_state: Any
+                 ) -> tuple[Any, ...]:
+        """(trainable, frozen, buffers, optimizer states): the compiled function's inputs."""
+        model = self._model(state)
+        train: dict[str, torch.Tensor] = {}
+        frozen: dict[str, torch.Tensor] = {}
+        bufs: dict[str, torch.Tensor] = {}
+        opt_states = []
+        for part, _, _, _, _, _ in parts(state):
+            p = params if part is None else params[part]
+            b = buffers if part is None else buffers[part]
+            prefix = "model." if part is None else f"model.{part}."
+            trainable = model.trainable[part]
+            for name, t in p.items():
+                (train if name in trainable else frozen)[prefix + name] = t
+            for name, t in b.items():
+                bufs[prefix + name] = t
+            opt_states.append(opt_state if part is None else opt_state[part])
+        return train, frozen, bufs, opt_states
+
+    def _function(self, state: TrainState, device: torch.device, graphs: bool, mode: str
+                  ) -> tuple[Callable[..., Metrics], _Compiled]:
+        """The compiled iteration for this state's model and the step's current options."""
+        amp = self.phases.amp
+        acc = self.phases.accumulation
+        fast = (state.model, state.optimizer, device, graphs, mode, self.want_grad_norm, amp,
+                acc)
+        last = self._last
+        if last is not None and last[0] == fast:
+            return last[1], last[2]
+        model = self._model(state)
+        optimizers = tuple(self._optimizer(o) for _, _, o, _, _, _ in parts(state))
+        for optimizer in optimizers:
+            for key, t in zip(optimizer.keys if optimizer is not None else (),
+                              optimizer.transforms if optimizer is not None else ()):
+                if not hasattr(t, "apply_capturable"):
+                    raise _NotCapturable(
+                        f"optimizer transform {key!r} ({type(t).__name__}) has no capturable "
+                        "update (an apply_capturable(params, grads, state, count, "
+                        "found_inf) -> grads method)")
+        amp_key = None if amp is None else (amp.dtype, amp.scaling, amp.growth_factor,
+                                            amp.backoff_factor, amp.growth_interval)
+        acc_key = None if acc is None else (acc.micro_batches, acc.split)
+        key = (id(model), tuple(id(o) for o in optimizers), device, graphs, mode,
+               bool(self.want_grad_norm), amp_key, acc_key, self.on_nonfinite,
+               self.check_finite_every_step)
+        entry = self._fns.get(key)
+        if entry is None:
+            iteration = _iteration(self.loss_fn, model, optimizers, device, amp, acc,
+                                   want_grad_norm=bool(self.want_grad_norm),
+                                   skip_nonfinite=self.on_nonfinite == "skip"
+                                   or self.check_finite_every_step)
+            compiled = _Compiled(self)
+            entry = self._fns[key] = (compiled.compile(iteration, mode, self.fullgraph,
+                                                       self.dynamic), compiled)
+        self._last = (fast, *entry)
+        return entry
+
+
+def _equivalent(a: Any, b: Any) -> bool:
+    """Whether two model templates (or dicts of them) behave alike: same module types,
+    attributes, parameter and buffer layout. Conservative: an attribute that is not a
+    plain value (a tensor, an object, a hook) must be the same object."""
+    if a is b:
+        return True
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and list(a) == list(b) and \
+            all(_equivalent(a[k], b[k]) for k in a)
+    mods_a = list(a.named_modules(remove_duplicate=False))
+    mods_b = list(b.named_modules(remove_duplicate=False))
+    if [n for n, _ in mods_a] != [n for n, _ in mods_b] or \
+            [n for n, _ in a.named_parameters()] != [n for n, _ in b.named_parameters()]:
+        return False
+    for (_, ma), (_, mb) in zip(mods_a, mods_b):
+        if type(ma) is not type(mb) or ma.__dict__.keys() != mb.__dict__.keys():
+            return False
+        for key, va in ma.__dict__.items():
+            vb = mb.__dict__[key]
+            if key == "training":
+                continue  # the compiled copy always trains
+            if key == "_modules":
+                if list(va) != list(vb):
+                    return False
+            elif key in ("_parameters", "_buffers"):
+                if list(va) != list(vb) or any(not _same_tensor_layout(va[k], vb[k])
+                                               for k in va):
+                    return False
+            elif not _same(va, vb):
+                return False
+    return True
+
+
+def _same_tensor_layout(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and a.requires_grad == b.requires_grad)
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Value equality for plain values, containers and attrs records (optimizers,
+    schedules); identity for anything else."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _PLAIN):
+        return bool(a == b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (set, frozenset)):
+        return all(isinstance(x, _PLAIN) for x in a) and a == b
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if attrs.has(type(a)):
+        return all(_same(getattr(a, f.name), getattr(b, f.name))
+                   for f in attrs.fields(type(a)) if not f.name.startswith("_"))
+    return False
+
+
+class _NotCapturable(Exception):
+    """Something of the step that cannot go into a compiled graph, found before tracing."""
+
+
+class _Model:
+    """A private copy of a state's template (meta skeleton) wrapped for functional_call,
+    in train mode for good (evaluation calls on the state's template cannot toggle it),
+    plus each part's trainable parameter names and the flat-name layout."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.template = state.model
+        self.apply = _bind._Apply(copy.deepcopy(state.model))
+        self.apply.train(True)
+        self.trainable: dict[str | None, set[str]] = {}
+        self.layout: list[tuple[str | None, list[tuple[str, str]]]] = []
+        for part, template, _, params, _, _ in parts(state):
+            names = {n for n in params if template.get_parameter(n).requires_grad}
+            self.trainable[part] = names
+            prefix = "model." if part is None else f"model.{part}."
+            self.layout.append((part, [(prefix + n, n) for n in params if n in names]))
+
+
+def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
+               device: torch.device, amp: Any, acc: Any, *, want_grad_norm: bool,
+               skip_nonfinite: bool) -> Callable[..., Metrics]:
+    """The function torch.compile traces: one whole iteration, in place on its inputs."""
+    apply = model.apply
+    layout = model.layout
+    dtype = None if amp is None else amp.dtype
+
+    def iteration(train: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                  buffers: dict[str, torch.Tensor], opt_states: list[Any], batch: Any,
+                  scale: dict[str, torch.Tensor] | None) -> Metrics:
+        micro = [batch] if acc is None else acc.split_batch(batch, 0)
+        weights = [1.0] if acc is None else acc.weights(micro)
+
+        def forward(train: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor],
+                    mb: Any, w: float) -> tuple[torch.Tensor, Any]:
+            seen: dict[str, torch.Tensor] = {}
+            tensors = {**train, **frozen, **bufs}
+            if dtype is None:
+                out = torch.func.functional_call(apply, tensors, (loss_fn, mb, seen),
+                                                 strict=False)
+                loss, metrics = split_loss(out, _WHERE)
+            else:
+                with torch.autocast(device.type, dtype=dtype):
+                    out = torch.func.functional_call(apply, tensors, (loss_fn, mb, seen),
+                                                     strict=False)
+                    loss, metrics = split_loss(out, _WHERE)
+            scaled = loss if w == 1.0 else loss * w
+            if scale is not None:
+                scaled = scaled * scale["scale"]
+            # buffers the forward reassigned instead of updating in place
+            changed = {"model." + n: v for n, v in seen.items()
+                       if "model." + n in bufs and v is not bufs["model." + n]}
+            return scaled, (metrics, changed)
+
+        grads: dict[str, torch.Tensor] = {}
+        metrics: Metrics = {}
+        for i, (mb, w) in enumerate(zip(micro, weights)):
+            g, (_, (m, changed)) = torch.func.grad_and_value(forward, has_aux=True)(
+                train, buffers, mb, w)
+            for name, value in changed.items():
+                buffers[name].copy_(value)
+            grads = g if i == 0 else {n: grads[n] + g[n] for n in g}
+            if len(micro) == 1:
+                metrics = m
+            else:
+                _add_weighted(metrics, m, w, _WHERE)
+        found_inf = None
+        if skip_nonfinite:
+            found_inf = (~torch.isfinite(metrics["loss"])).to(torch.float32)
+        if scale is not None:  # in place on this iteration's own gradient tensors
+            found_inf = _phases.combine(found_inf,
+                                        _phases.unscale_grads(list(grads.values()), scale))
+        if want_grad_norm:
+            metrics["grad_norm"] = _total_norm(list(grads.values()), device)
+        for (_, names), optimizer, opt_state in zip(layout, optimizers, opt_states):
+            if optimizer is None or not names:
+                continue
+            optimizer.update_capturable({n: train[f] for f, n in names},
+                                        {n: grads[f] for f, n in names}, opt_state, found_inf)
+        if scale is not None:
+            _phases.update_scale(amp, scale, found_inf)  # type: ignore[arg-type]
+        return metrics
+
+    return iteration
+
+
+def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def _graphs(mode: str, device: torch.device) -> bool:
+    """Whether this mode replays CUDA graphs on this device."""
+    return mode in _GRAPH_MODES and device.type == "cuda"
+
+
+class _Compiled:
+    """One torch.compile'd iteration: counts its graphs on the step (`compiles`) and
+    notes whether any of them draws random numbers (then each call is seeded)."""
+
+    def __init__(self, owner: CompiledStep) -> None:
+        self.owner = owner
+        self.graphs = 0
+        self.random = False
+
+    def compile(self, fn: Callable[..., Metrics], mode: str, fullgraph: bool,
+                dynamic: bool | None) -> Callable[..., Metrics]:
+        kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": dynamic}
+        params = inspect.signature(torch.compile).parameters
+        if "isolate_recompiles" in params:
+            kwargs["isolate_recompiles"] = True  # each variant's recompiles are its own
+        if hasattr(torch.compiler, "skip_guard_on_globals_unsafe"):  # has guard_filter_fn
+            kwargs["options"] = {"guard_filter_fn": _guard_filter}
+        wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
+        if wrapper is None:  # pragma: no cover - other torch versions: no count
+            self.random = True
+            return torch.compile(fn, mode=mode, **kwargs)  # type: ignore[no-any-return]
+        owner = self
+
+        class Counting(wrapper):  # type: ignore[misc, valid-type]
+            def __call__(self, model_: Any, inputs_: Any, **kw: Any) -> Any:
+                owner.graphs += 1
+                owner.owner.compiles += 1
+                owner.random = owner.random or _draws_random(model_)
+                return super().__call__(model_, inputs_, **kw)
+
+        # dynamo's guards already check every input's size and stride
+        backend = Counting(mode, {"size_asserts": False}, dynamic)
+        return torch.compile(fn, backend=backend, **kwargs)  # type: ignore[no-any-return]
+
+
+# Closure variables of `_iteration` (ftrain's own, immutable for a compiled variant) and
+# global names from torch and ftrain: not guarded on each call (saves ~20 us per step on
+# a tiny model). Guards on the inputs, on the loss function (and its closure and
+# globals) and on torch's global state stay.
+_OWN_CLOSURE = frozenset(("apply", "layout", "optimizers", "acc", "dtype", "want_grad_norm",
+                          "skip_nonfinite", "device"))
+_LIBRARY_GLOBALS = ("G['torch']", "G['__import_torch", "G['__import_ftrain",
+                    "G['__builtins_dict", "__import__('torch')")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _guard_filter(entries: list[Any]) -> list[bool]:
+    own_globals = set(globals())
+    keep = []
+    for e in entries:
+        name = str(e.name)
+        if e.is_global:
+            quoted = name[3:].split("'", 1)[0] if name.startswith("G['") else ""
+            keep.append(not (name.startswith(_LIBRARY_GLOBALS) or quoted in own_globals))
+        else:
+            root = _NAME.match(name)
+            keep.append(root is None or root.group(0) not in _OWN_CLOSURE)
+    return keep
+
+
+_RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|poisson|"
+                     r"exponential|cauchy|geometric|random|rrelu|seed", re.IGNORECASE)
+
+
+def _draws_random(gm: Any) -> bool:
+    """Whether a dynamo graph (or a subgraph of it) may draw from a random generator.
+
+    Conservative: any op named like a random one, any op tagged nondeterministic_seeded,
+    any custom (non-aten) operator and any opaque module call count as random.
+    """
+    for module in gm.modules():
+        graph = getattr(module, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            if node.op == "call_module":
+                sub = module.get_submodule(node.target)
+                if not hasattr(sub, "graph"):
+                    return True
+            elif node.op == "call_method":
+                if _RANDOM.search(str(node.target)):
+                    return True
+            elif node.op == "call_function":
+                target = node.target
+                if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                    if target.namespace not in ("aten", "prims"):
+                        return True
+                    overload = target if isinstance(target, torch._ops.OpOverload) else \
+                        getattr(target, "default", None)
+                    if overload is not None and \
+                            torch.Tag.nondeterministic_seeded in overload.tags:
+                        return True
+                name = getattr(target, "__qualname__", None) or getattr(
+                    target, "__name__", None) or str(target)
+                if _RANDOM.search(name):
+                    return True
+    return False
+
+
+def _reason(err: BaseException) -> str:
+    """The gist of a torch.compile failure: what could not be captured, and where."""
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines()]
+    head = next((ln for ln in lines if ln), type(err).__name__)
+    explanation = next((ln[len("Explanation:"):].strip() for ln in lines
+                        if ln.startswith("Explanation:")), "")
+    dependent = re.search(r"Could not guard on data-dependent expression (.+?)"
+                          r"(?: \(unhinted|\.\s|$)", text)
+    if dependent:
+        head = ("Python control flow depends on a tensor's value (data-dependent "
+                f"expression {dependent.group(1).strip()})")
+    reason = head if not explanation or explanation in head else f"{head} ({explanation})"
+    if head.startswith("ModuleNotFoundError"):
+        reason += (" (torch.compile imports the module each traced function was defined in; "
+                   "define the loss function in an importable module)")
+    if "from user code:" in text:
+        block = text.split("from user code:", 1)[1].splitlines()
+        frames = []
+        for i, ln in enumerate(block):
+            if ln.strip().startswith("File "):
+                code = block[i + 1].strip() if i + 1 < len(block) else ""
+                frames.append((ln.strip(), "" if code.startswith("File ") else code))
+        user = [f for f in frames if not _library_frame(f[0])]
+        if user or frames:
+            where, code = (user or frames)[-1]
+            reason += f"; at {where}" + (f": {code}" if code else "")
+    return reason
+
+
+def _library_frame(frame: str) -> bool:
+    path = frame.replace("\\", "/")
+    return "/ftrain/" in path or "/torch/" in path

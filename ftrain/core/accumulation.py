@@ -1,0 +1,116 @@
+"""`with_accumulation`: one update from several micro-batches of each batch.
+
+The layer splits each batch the loop hands the step into `micro_batches` parts, runs
+forward and backward on each (gradients add up, weighted by each part's share of the
+samples, so the update equals one on the whole batch), then updates once. One loop
+iteration is one update: `state.step`, logging intervals, `max_steps`, schedules and
+checkpoints all count updates, and a checkpoint never falls between micro-batches (there
+is no half-accumulated gradient to save). Under `with_ddp` gradients are all-reduced only
+for the last micro-batch. Give the loader the full batch size (micro-batch size times
+`micro_batches`); only one micro-batch's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ftrain.core import step as _step
+from ftrain.core.layer import Combinator
+from ftrain.core.phases import phases_of
+from ftrain.data.batches import batch_size
+from ftrain.errors import ConfigError, DataError
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """Split every tensor of a (nested) batch along dim 0 into `n` near-equal parts.
+
+    Non-tensor leaves (and 0-d tensors) are shared by every part. A batch smaller than `n`
+    gives as many parts as it has samples.
+
+    Examples:
+        >>> import torch
+        >>> from ftrain.core.accumulation import split_batch
+        >>> parts = split_batch((torch.zeros(10, 3), torch.arange(10)), 4)
+        >>> [len(p[1]) for p in parts]
+        [3, 3, 2, 2]
+    """
+    leaves, spec = pytree.tree_flatten(batch)
+    sizes = {int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if not sizes:
+        raise DataError(f"with_accumulation cannot split a batch without tensors of at least "
+                        f"one dimension (found {type(batch).__name__}); pass split=")
+    if len(sizes) > 1:
+        raise DataError(f"with_accumulation splits a batch along dim 0, but its tensors have "
+                        f"different lengths {sorted(sizes)}; pass split=")
+    parts = min(n, sizes.pop())
+    pieces = [torch.tensor_split(t, parts) if isinstance(t, torch.Tensor) and t.dim() > 0
+              else [t] * parts for t in leaves]
+    return [pytree.tree_unflatten([p[i] for p in pieces], spec) for i in range(parts)]
+
+
+class WithAccumulation(Combinator):
+    """The layer `with_accumulation` builds."""
+
+    def __init__(self, inner: Any, micro_batches: int,
+                 split: Callable[[Any], list[Any]] | None) -> None:
+        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) \
+                or micro_batches < 1:
+            raise ConfigError(f"with_accumulation: micro_batches must be an int >= 1, got "
+                              f"{micro_batches!r}")
+        if split is not None and not callable(split):
+            raise ConfigError(f"with_accumulation: split must be a function batch -> list of "
+                              f"micro-batches, got {type(split).__name__}")
+        super().__init__(inner)
+        from ftrain.core.step import TrainStep
+        core = _step.core(inner)
+        if not isinstance(core, TrainStep):
+            raise ConfigError(f"with_accumulation splits batches for ft.train_step; the core "
+                              f"here is {core!r} (in a manual step call m.backward per "
+                              "micro-batch, then m.apply once)")
+        self.micro_batches = micro_batches
+        self.split = split
+        phases_of(_step.core(inner), "with_accumulation").claim("accumulation", self)
+
+    def __repr__(self) -> str:
+        return f"with_accumulation({self.micro_batches})"
+
+    def split_batch(self, batch: Any, step: int) -> list[Any]:
+        if self.split is None:
+            return split_batch(batch, self.micro_batches)
+        parts = self.split(batch)
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise DataError(f"step {step}: split= must return a non-empty list of "
+                            f"micro-batches, got {type(parts).__name__}")
+        return list(parts)
+
+    @staticmethod
+    def weights(parts: list[Any]) -> list[float]:
+        """Each micro-batch's share of the samples (losses are means over samples)."""
+        sizes = [batch_size(p) for p in parts]
+        total = float(sum(sizes))
+        return [s / total for s in sizes]
+
+
+def with_accumulation(step: Any, micro_batches: int, *,
+                      split: Callable[[Any], list[Any]] | None = None) -> WithAccumulation:
+    """Accumulate gradients over `micro_batches` parts of each batch, then update once.
+
+    Each batch is split along dim 0 (or by `split(batch) -> [micro_batch, ...]`); the loss
+    of each part is weighted by its share of the samples, so the update equals a single
+    step on the whole batch (a mean loss assumed) while only one part's activations are in
+    memory. Steps, schedules and logging count updates.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> step = ft.with_accumulation(step, 4)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> state, metrics = step(state, (torch.randn(32, 3), torch.randn(32, 1)))
+        >>> state.step   # one update from four micro-batches of 8
+        1
+    """
+    return WithAccumulation(step, micro_batches, split)

@@ -1,0 +1,180 @@
+"""The phases of one update, shared by `train_step` and hand-written (manual) steps.
+
+Inner combinators (`with_amp`, `with_accumulation`, `with_ddp`) do not wrap the
+computation; they set options on the core step (a `Phases` record), and the core
+runs the phases in a fixed order whatever the wrapping order was:
+
+    forward and loss under autocast -> (scaled) backward -> gradient sync across ranks
+    -> unscale and finite check (agreed by all ranks) -> clipping -> update -> scale update
+
+Everything here runs on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ftrain.core.state import clone_tree
+from ftrain.errors import ConfigError
+
+
+class Phases:
+    """Options inner combinators set on a core step; each kind by at most one layer."""
+
+    def __init__(self) -> None:
+        self.amp: Any = None  # a WithAmp layer: dtype, scaler settings, slot name
+        self.accumulation: Any = None  # a WithAccumulation layer: micro_batches, split
+        self.ddp: Any = None  # a WithDDP layer
+
+    def claim(self, kind: str, layer: Any) -> None:
+        current = getattr(self, kind)
+        if current is not None and current is not layer:
+            raise ConfigError(f"this core step's {kind} option is already set by "
+                              f"{current!r}; a core step takes one (build a new train_step "
+                              "for another stack)")
+        setattr(self, kind, layer)
+
+    @property
+    def world(self) -> int:
+        return self.ddp.world if self.ddp is not None else 1
+
+
+def phases_of(core: Any, what: str) -> Phases:
+    """The options record of a core step (train_step or manual_step), or an error."""
+    phases = getattr(core, "phases", None)
+    if not isinstance(phases, Phases):
+        raise ConfigError(f"{what} sets options on the core step built by ft.train_step or "
+                          f"ft.manual_step; the innermost step here is {core!r}")
+    return phases
+
+
+def autocast(phases: Phases, device: torch.device) -> Any:
+    """Autocast for the forward and loss, or a no-op without `with_amp`."""
+    amp = phases.amp
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp.dtype)
+
+
+def scaler(phases: Phases, state: Any, slots: dict[str, Any] | None = None
+           ) -> dict[str, torch.Tensor] | None:
+    """The float16 loss scaler's slot of `state` (created on first use), or None.
+
+    A pure call passes its new `slots`: a copy of the slot goes there, the state's stays.
+    """
+    amp = phases.amp
+    if amp is None or not amp.scaling:
+        return None
+    slot = state.slots.get(amp.name)
+    if slot is None:
+        slot = amp.fresh_slot(state.device)
+    elif slots is not None:
+        slot = clone_tree(slot)
+    (state.slots if slots is None else slots)[amp.name] = slot
+    return slot  # type: ignore[no-any-return]
+
+
+def grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    yield from groups.values()
+
+
+def all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average gradients across ranks explicitly (pure calls and manual steps; a loop's
+    `train_step` lets DistributedDataParallel do it during backward instead)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    if not params:
+        return
+    # Ranks may have used different parameters (a branch taken on one rank only): agree
+    # on which have a gradient anywhere, give the others zeros, so every rank reduces the
+    # same list. One small all-reduce and a host read of it (sync here).
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                           device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, present.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for group in _by_dtype(grads(params)):
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+            g.copy_(synced)
+
+
+def unscale(params: list[torch.Tensor], slot: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Divide the params' gradients by the loss scale in place; 1.0 when any is inf or NaN
+    (device)."""
+    return unscale_grads(grads(params), slot)
+
+
+def unscale_grads(gradients: list[torch.Tensor], slot: dict[str, torch.Tensor]
+                  ) -> torch.Tensor:
+    """`unscale` on gradient tensors themselves (a compiled step's, which are no `.grad`)."""
+    found_inf = torch.zeros((), dtype=torch.float32, device=slot["scale"].device)
+    inv_scale = slot["scale"].double().reciprocal().float()
+    for group in _by_dtype(gradients):
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
+    return found_inf
+
+
+def agree(found_inf: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank skips if any rank must (one 4-byte all-reduce; none on one process)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    return found_inf
+
+
+def prepare(phases: Phases, leaves: list[torch.Tensor], loss_bad: torch.Tensor | None,
+            scale: dict[str, torch.Tensor] | None, sync: bool) -> torch.Tensor | None:
+    """The phases before an update: gradient sync across ranks (if `sync`; DDP's backward
+    did it otherwise), then unscaling. Returns the update's `found_inf` (None: nothing can
+    skip it), the same on every rank: `loss_bad`, a rank's own non-finite-loss flag, is
+    agreed by all; the unscale check needs no agreement, as it reads gradients that are
+    identical on every rank after their sync (as torch's GradScaler relies on)."""
+    world = phases.world
+    if sync and world > 1:
+        all_reduce_grads(leaves, world)
+    if loss_bad is not None:
+        agree(loss_bad, world)
+    if scale is None:
+        return loss_bad
+    return combine(loss_bad, unscale(leaves, scale))
+
+
+def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.maximum(a, b)
+
+
+def update_scale(amp: Any, slot: dict[str, torch.Tensor], found_inf: torch.Tensor) -> None:
+    """Back the scale off after an overflow, grow it after `growth_interval` clean steps
+    (`amp`: the `with_amp` layer's settings)."""
+    torch._amp_update_scale_(slot["scale"], slot["growth_tracker"], found_inf,
+                             amp.growth_factor, amp.backoff_factor, amp.growth_interval)
+    slot["skipped"].add_(found_inf.to(torch.int64))
+
+
+def apply_update(optimizer: Any, params: dict[str, torch.Tensor], opt_state: Any,
+                 found_inf: torch.Tensor | None) -> None:
+    """Run the optimizer chain in place and clear the gradients."""
+    if optimizer is not None:
+        with torch.no_grad():
+            optimizer.update(params, opt_state, found_inf)
+    for p in params.values():
+        p.grad = None

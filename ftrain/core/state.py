@@ -1,0 +1,295 @@
+"""`TrainState`: the whole training state as one frozen record that is also a pytree.
+
+A state holds data (params, buffers, optimizer state, step, seed, slots) and two static
+fields that are not data: `model`, a parameter-free skeleton of the user's module (on the
+meta device, so the weights are not held twice), and the pure `optimizer`. Several models
+are dicts of them; their params, buffers and optimizer states are dicts nested by name.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ftrain.errors import ConfigError, DonatedStateError
+
+Tensors = dict[str, torch.Tensor]
+
+# Slot the loops keep the data position in ({"epoch": e, "batch": i}: i batches of epoch
+# e consumed). A step asks a loop to stop by putting a reason string in STOP_SLOT.
+LOOP_SLOT = "loop"
+STOP_SLOT = "stop"
+
+_DATA_FIELDS = ("params", "buffers", "opt_state", "slots")
+_FIELDS = frozenset(("params", "buffers", "opt_state", "step", "seed", "slots", "model",
+                     "optimizer", "_binding"))
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """Copy `module` with every parameter and buffer replaced by a meta tensor.
+
+    deepcopy's memo maps each tensor to its meta twin, so no weight is copied and tied
+    parameters stay tied in the skeleton.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _copy_tensors(module: nn.Module) -> tuple[Tensors, Tensors]:
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    return params, buffers
+
+
+def _trainable(template: nn.Module, params: Tensors) -> Tensors:
+    return {n: t for n, t in params.items() if template.get_parameter(n).requires_grad}
+
+
+
+def clone_tree(tree: Any) -> Any:
+    """A copy of a pytree with every tensor cloned (detached): a pure call's inputs."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
+                           tree)
+
+@attrs.frozen(eq=False, slots=False)
+class TrainState:
+    """Params, buffers, optimizer state, step counter, seed and combinator slots.
+
+    Build one with `TrainState.create`; change one with `replace` (a new
+    record; assigning a field raises). `step` counts step calls (iterations) on the host.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
+        >>> sorted(state.params), state.step
+        (['bias', 'weight'], 0)
+        >>> state.replace(step=5).step
+        5
+    """
+
+    params: dict[str, Any]
+    buffers: dict[str, Any]
+    opt_state: dict[str, Any]
+    step: int
+    seed: int
+    slots: dict[str, Any]
+    model: Any = attrs.field(repr=False)
+    optimizer: Any = attrs.field(repr=False)
+    # The loop's live installation of these tensors in a real module (see ftrain.core.bind);
+    # not data: dropped by copy(), to(), flattening and checkpoints.
+    _binding: Any = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, model: nn.Module | Mapping[str, nn.Module], optimizer: Any = None,
+               *, seed: int = 0) -> TrainState:
+        """Copy `model`'s parameters and buffers into a new state and initialise `optimizer`.
+
+        The user's module is never changed by training. Parameters with
+        `requires_grad=False` stay frozen (no gradient, no optimizer state). Pass dicts
+        (`{"G": g, "D": d}` and `{"G": adam(...), "D": adam(...)}`) to train several models.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> nets = {"G": torch.nn.Linear(2, 2), "D": torch.nn.Linear(2, 1)}
+            >>> opts = {"G": ft.optim.adam(1e-3), "D": ft.optim.adam(1e-3)}
+            >>> state = ft.TrainState.create(nets, opts, seed=1)
+            >>> sorted(state.params["D"])
+            ['bias', 'weight']
+        """
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"seed must be an int, got {type(seed).__name__}")
+        if isinstance(model, Mapping):
+            if optimizer is not None and not isinstance(optimizer, Mapping):
+                raise ConfigError(
+                    f"several models {sorted(model)} need a dict of optimizers keyed the same "
+                    f"way (None for a model that is not trained), got {type(optimizer).__name__}")
+            optimizers = dict(optimizer or {})
+            unknown = sorted(set(optimizers) - set(model))
+            if unknown:
+                raise ConfigError(f"optimizers given for {unknown}, which are not among the "
+                                  f"models {sorted(model)}")
+            all_params: dict[str, Any] = {}
+            all_buffers: dict[str, Any] = {}
+            all_opt: dict[str, Any] = {}
+            skeletons = {}
+            for name, module in model.items():
+                _check_module(module, name)
+                skeletons[name] = _skeleton(module)
+                all_params[name], all_buffers[name] = _copy_tensors(module)
+                opt = optimizers.get(name)
+                all_opt[name] = (opt.init(_trainable(skeletons[name], all_params[name]))
+                                 if opt is not None else {})
+            return cls(params=all_params, buffers=all_buffers, opt_state=all_opt, step=0,
+                       seed=seed, slots={}, model=skeletons,
+                       optimizer={n: optimizers.get(n) for n in model})
+        if isinstance(optimizer, Mapping):
+            raise ConfigError("a dict of optimizers needs a dict of models with the same keys; "
+                              f"got one {type(model).__name__}")
+        _check_module(model, "model")
+        skeleton = _skeleton(model)
+        params, buffers = _copy_tensors(model)
+        opt_state = optimizer.init(_trainable(skeleton, params)) if optimizer is not None else {}
+        return cls(params=params, buffers=buffers, opt_state=opt_state, step=0, seed=seed,
+                   slots={}, model=skeleton, optimizer=optimizer)
+
+    # -- records are values ------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Return a new state with the given fields changed (the tensors are shared).
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1))
+            >>> s.replace(seed=3).seed, s.seed
+            (3, 0)
+        """
+        new = object.__new__(TrainState)
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        for key, value in changes.items():
+            if key not in _FIELDS or key.startswith("_"):
+                raise ConfigError(f"TrainState has no field {key!r}; fields: "
+                                  f"{sorted(f for f in _FIELDS if not f.startswith('_'))}")
+            fields[key] = value
+        if "step" in changes and (not isinstance(changes["step"], int)
+                                  or isinstance(changes["step"], bool)):
+            raise ConfigError(f"step must be an int, got {type(changes['step']).__name__}")
+        return new
+
+    def copy(self) -> TrainState:
+        """A deep copy: new tensors, new dicts; the copy is independent of this state.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1))
+            >>> c = s.copy(); _ = c.params["bias"].add_(1)
+            >>> bool((s.params["bias"] != c.params["bias"]).all())
+            True
+        """
+        return pytree.tree_map(_copy_leaf, self)  # type: ignore[no-any-return]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TrainState:
+        """Move every tensor (params, buffers, optimizer state, slots) to `device`.
+
+        Only the device changes (dtypes stay, so the model skeleton still fits).
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> ft.TrainState.create(torch.nn.Linear(2, 1)).to("cpu").device.type
+            'cpu'
+        """
+        if isinstance(device, torch.dtype) or not isinstance(device, (str, torch.device)):
+            raise ConfigError(f"TrainState.to moves between devices; got {device!r}. To change "
+                              "precision, build the model in that dtype before "
+                              "TrainState.create, or use with_amp")
+        target = torch.device(device)
+
+        def move(x: Any) -> Any:
+            return x.to(target, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
+        return pytree.tree_map(move, self)  # type: ignore[no-any-return]
+
+    # -- views ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter (or buffer); CPU for a tensor-free state."""
+        for tree in (self.params, self.buffers):
+            for leaf in pytree.tree_leaves(tree):
+                if isinstance(leaf, torch.Tensor):
+                    return leaf.device
+        return torch.device("cpu")
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far (the loops keep it in the `"loop"` slot)."""
+        return int(self.slots.get(LOOP_SLOT, {}).get("epoch", 0))
+
+    @property
+    def multi(self) -> bool:
+        """True when the state holds several models (dicts keyed by model name)."""
+        return isinstance(self.model, dict)
+
+
+def _copy_leaf(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    return copy.deepcopy(x)
+
+
+def _check_module(module: Any, name: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+    for pname, p in module.named_parameters():
+        if p.device.type == "meta":
+            raise ConfigError(f"{name}.{pname} is on the meta device; a state needs real "
+                              "weights (materialize the module first)")
+
+
+# -- pytree: flatten to the data fields; step, seed and the static fields are context ----
+
+def _flatten(s: TrainState) -> tuple[list[Any], Any]:
+    return [s.params, s.buffers, s.opt_state, s.slots], (s.step, s.seed, s.model, s.optimizer)
+
+
+def _flatten_with_keys(s: TrainState) -> tuple[list[tuple[Any, Any]], Any]:
+    children, context = _flatten(s)
+    return [(pytree.GetAttrKey(k), c) for k, c in zip(_DATA_FIELDS, children)], context
+
+
+def _unflatten(children: Any, context: Any) -> TrainState:
+    params, buffers, opt_state, slots = children
+    step, seed, model, optimizer = context
+    return TrainState(params=params, buffers=buffers, opt_state=opt_state, step=step, seed=seed,
+                      slots=slots, model=model, optimizer=optimizer)
+
+
+pytree.register_pytree_node(TrainState, _flatten, _unflatten,
+                            serialized_type_name="ftrain.TrainState",
+                            flatten_with_keys_fn=_flatten_with_keys)
+
+
+# -- donation --------------------------------------------------------------------------
+
+class _DonatedTrainState(TrainState):
+    """What a state becomes once a loop has taken it over: every read raises."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_donated_by":
+            return object.__getattribute__(self, name)
+        raise DonatedStateError(
+            f"this TrainState was donated to {object.__getattribute__(self, '_donated_by')}, "
+            "which updates its tensors in place; use the state the loop returned or yielded, "
+            "or pass donate=False (or state.copy()) to keep this one")
+
+    def __repr__(self) -> str:
+        return f"TrainState(<donated to {object.__getattribute__(self, '_donated_by')}>)"
+
+
+def donate(state: TrainState, to: str) -> None:
+    """Mark `state` as taken over by `to`: reading any of its fields raises from now on."""
+    if type(state) is TrainState:
+        state.__dict__["_donated_by"] = to
+        object.__setattr__(state, "__class__", _DonatedTrainState)
+
+
+def is_donated(state: Any) -> bool:
+    """True when `state` was donated to a loop and may no longer be read."""
+    return type(state) is _DonatedTrainState
+
+
+def parts(state: TrainState) -> list[tuple[str | None, nn.Module, Any, Tensors, Tensors, Any]]:
+    """(name, template, optimizer, params, buffers, opt_state) per model; name None if single."""
+    if isinstance(state.model, dict):
+        return [(n, state.model[n], state.optimizer[n], state.params[n], state.buffers[n],
+                 state.opt_state[n]) for n in state.model]
+    return [(None, state.model, state.optimizer, state.params, state.buffers, state.opt_state)]

@@ -1,0 +1,482 @@
+"""Steps: `train_step(loss_fn)` and `eval_step(fn)`, and the step protocol.
+
+A step is `step(state, batch) -> (state, metrics)`; a plain function is one. A step may
+also have `init(state) -> state`, `epoch_end(state) -> (state, metrics)`, `close(state)`
+and `inner` (the step it wraps). A step asks the loop to stop by `request_stop`, which
+puts a reason in `state.slots["stop"]`; it never raises to stop.
+
+The step `train_step` builds runs one iteration: seed the device generator from
+(seed, step, rank) -> forward and loss -> backward -> optimizer update. Called directly
+it is pure (copies in, new state out); inside a loop it runs on the loop's donated,
+bound state (see ftrain.core.bind). Both give bitwise the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from ftrain.core import bind as _bind
+from ftrain.core import health
+from ftrain.core import phases as _phases
+from ftrain.core import rng as _rng
+from ftrain.core.state import STOP_SLOT, TrainState, clone_tree, donate, parts
+from ftrain.errors import ConfigError, LossError
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Any], Any]
+NonFinite = Literal["raise", "skip", "ignore"]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+    return f"a {type(x).__name__}"
+
+
+def _metric(name: Any, value: Any, device: torch.device, where: str) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise LossError(f"{where}: metric names must be strings, got {name!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
+                            f"{_describe(value)} (reduce it, e.g. .mean())")
+        value = value.detach()
+        # half-precision metrics (computed under autocast) are reported in float32
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device)
+    raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
+                    f"{_describe(value)}")
+
+
+def split_loss(out: Any, where: str) -> tuple[torch.Tensor, Metrics]:
+    """`loss` or `(loss, {name: metric})` -> (loss, metrics with "loss"), checked."""
+    if isinstance(out, torch.Tensor):
+        loss, extra = out, None
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        loss, extra = out
+    else:
+        raise LossError(f"{where}: loss_fn must return a loss tensor or (loss, {{name: "
+                        f"metric}}), got {_describe(out)}")
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        raise LossError(f"{where}: the loss must be a 0-d floating-point tensor, got "
+                        f"{_describe(loss)} (reduce it, e.g. .mean())")
+    metrics = {"loss": loss.detach()}
+    if extra:
+        for name, value in extra.items():
+            if name == "loss":
+                raise LossError(f"{where}: metric name 'loss' is taken by the loss itself")
+            metrics[name] = _metric(name, value, loss.device, where)
+    return loss, metrics
+
+
+def eval_metrics(out: Any, where: str, device: torch.device) -> Metrics:
+    """An evaluation function's result (loss, (loss, metrics) or a dict) as metrics."""
+    if isinstance(out, Mapping):
+        if not out:
+            raise LossError(f"{where}: the metric function returned an empty dict")
+        return {k: _metric(k, v, device, where) for k, v in out.items()}
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
+        return {"loss": out.detach()}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        metrics = {"loss": _metric("loss", out[0], device, where)}
+        for k, v in out[1].items():
+            metrics[k] = _metric(k, v, device, where)
+        return metrics
+    raise LossError(f"{where}: an evaluation function must return a 0-d tensor, "
+                    f"(loss, {{name: metric}}) or {{name: metric}}, got {_describe(out)}")
+
+
+def _check_state(state: Any, what: str) -> None:
+    if type(state) is not TrainState:
+        if isinstance(state, TrainState):
+            _ = state.params  # a donated state: raises DonatedStateError saying so
+        raise ConfigError(f"{what} expects a TrainState as its first argument, got "
+                          f"{type(state).__name__}")
+
+
+class TrainStep:
+    """The core training step built by `train_step`."""
+
+    inner = None
+    # Set for one call by a logging layer at its interval: add the global gradient norm
+    # (after backward, before clipping and the update) to the metrics.
+    want_grad_norm = False
+
+    def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
+                 check_finite_every_step: bool = False) -> None:
+        check_core_args(loss_fn, "train_step needs a callable loss_fn(model, batch)",
+                        on_nonfinite)
+        self.loss_fn = loss_fn
+        self.on_nonfinite = on_nonfinite
+        self.check_finite_every_step = check_finite_every_step
+        self.phases = _phases.Phases()  # set by with_amp / with_accumulation / with_ddp
+
+    def __repr__(self) -> str:
+        name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
+        return f"train_step({name})"
+
+    # -- protocol ------------------------------------------------------------------------
+
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        return _nonfinite_epoch_end(state, self.on_nonfinite)
+
+    # -- the step ------------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if type(state) is not TrainState:
+            _check_state(state, "a training step")
+        binding = _bind.stepping(state)
+        if binding is not None:
+            return self._bound(state, binding, batch)
+        return self._pure(state, batch)
+
+    def _gradients(self, state: TrainState, batch: Any, call: Callable[[Any], Any],
+                   generator: torch.Generator, rank: int,
+                   inputs: list[torch.Tensor] | None, no_sync: Any,
+                   scale: dict[str, torch.Tensor] | None, prof: Any = None) -> Metrics:
+        """Forward and (scaled) backward over the batch's micro-batches; the metrics."""
+        acc = self.phases.accumulation
+        with _rng.step_seeded(generator, state.seed, state.step, rank):
+            if acc is None:  # the common case: one forward and backward
+                return self._micro(state, batch, 1.0, f"step {state.step}", call, inputs,
+                                   scale, prof)
+            micro = acc.split_batch(batch, state.step)
+            weights = acc.weights(micro)
+            last = len(micro) - 1
+            metrics: Metrics = {}
+            for i, (mb, w) in enumerate(zip(micro, weights)):
+                where = f"step {state.step}, micro-batch {i}"
+                if no_sync is not None and i < last:
+                    with no_sync():  # DDP: no gradient all-reduce until the last one
+                        m = self._micro(state, mb, w, where, call, inputs, scale, prof)
+                else:
+                    m = self._micro(state, mb, w, where, call, inputs, scale, prof)
+                _add_weighted(metrics, m, w, where)
+            return metrics
+
+    def _micro(self, state: TrainState, batch: Any, weight: float, where: str,
+               call: Callable[[Any], Any], inputs: list[torch.Tensor] | None,
+               scale: dict[str, torch.Tensor] | None, prof: Any) -> Metrics:
+        """One forward (under autocast with with_amp) and its scaled backward."""
+        if self.phases.amp is None:
+            out = call(batch)
+        else:
+            with _phases.autocast(self.phases, state.device):
+                out = call(batch)
+        loss, metrics = split_loss(out, where)
+        if prof is not None:
+            prof.lap("forward")
+        if self.check_finite_every_step and not bool(torch.isfinite(loss)):
+            raise health.NonFiniteLossError(  # host sync (opt-in)
+                f"the loss was {loss.item()} at {where}")
+        if not loss.requires_grad:
+            raise LossError(f"{where}: the loss does not require grad; no trainable "
+                            "parameter of the state was used to compute it")
+        scaled = loss if weight == 1.0 else loss * weight
+        if scale is not None:
+            scaled = scaled * scale["scale"]
+        scaled.backward(inputs=inputs)  # pure: gradients go to the copies only
+        if prof is not None:
+            prof.lap("backward")
+        return metrics
+
+    def _update(self, state: TrainState, metrics: Metrics, trainable: list[Any],
+                leaves: list[torch.Tensor], opt_state: Any,
+                scale: dict[str, torch.Tensor] | None, explicit_sync: bool) -> None:
+        """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
+        loss_bad = None
+        if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
+            loss_bad = (~torch.isfinite(metrics["loss"])).to(torch.float32)
+        found_inf = _phases.prepare(self.phases, leaves, loss_bad, scale, explicit_sync)
+        if self.want_grad_norm:
+            metrics["grad_norm"] = _grad_norm(leaves)
+        for part, optimizer, params in trainable:
+            _phases.apply_update(optimizer, params,
+                                 opt_state if part is None else opt_state[part], found_inf)
+        if scale is not None:
+            _phases.update_scale(self.phases.amp, scale, found_inf)  # type: ignore[arg-type]
+
+    def _begin(self, binding: Any) -> Any:
+        """A bound step starts: train mode, this step's non-finite policy, the profiler."""
+        binding.set_mode(True)
+        binding.nonfinite_policy = self.on_nonfinite
+        prof = binding.profiler
+        if prof is not None:
+            prof.start()
+        return prof
+
+    def _bound(self, state: TrainState, binding: Any, batch: Any
+               ) -> tuple[TrainState, Metrics]:
+        prof = self._begin(binding)
+        scale = _phases.scaler(self.phases, state)
+        ddp = self.phases.ddp
+        module = ddp.module_for(binding) if ddp is not None else None
+        if module is None:
+            loss_fn, model = self.loss_fn, binding.model_arg
+
+            def call(mb: Any) -> Any:
+                return loss_fn(model, mb)
+            no_sync = None
+        else:  # DistributedDataParallel sees the forward and syncs during backward
+            def call(mb: Any) -> Any:
+                return module(self.loss_fn, mb)
+            no_sync = module.no_sync
+        metrics = self._gradients(state, batch, call, binding.generator, binding.rank, None,
+                                  no_sync, scale, prof)
+        trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
+                     for part, ps in binding.trainable.items()]
+        binding.changed = True  # from here on a failure cannot be rolled back
+        self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
+                     explicit_sync=module is None)
+        if prof is not None:
+            prof.lap("optimizer")
+        return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics
+
+    def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        require_optimizer(state)
+        params: dict[Any, Any] = {}
+        buffers: dict[Any, Any] = {}
+        trainable: list[tuple[Any, Any, dict[str, torch.Tensor]]] = []
+        for part, template, optimizer, p, b, _ in parts(state):
+            copies = {}
+            chosen = {}
+            for name, t in p.items():
+                c = t.detach().clone()
+                if template.get_parameter(name).requires_grad:
+                    c.requires_grad_(True)
+                    chosen[name] = c
+                copies[name] = c
+            params[part] = copies
+            buffers[part] = {n: t.detach().clone() for n, t in b.items()}
+            trainable.append((part, optimizer, chosen))
+        if not state.multi:
+            params, buffers = params[None], buffers[None]
+        opt_state = clone_tree(state.opt_state)
+        slots = dict(state.slots)
+        scale = _phases.scaler(self.phases, state, slots)
+        leaves = [t for _, _, chosen in trainable for t in chosen.values()]
+
+        def call(mb: Any) -> Any:
+            return _bind.pure_call(state, self.loss_fn, mb, params, buffers, True,
+                                   update_buffers=True)
+        metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
+                                  _rng.rank(), leaves, None, scale)
+        self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
+        for t in leaves:
+            t.requires_grad_(False)
+        return pure_result(state, metrics, params, buffers, opt_state, slots,
+                           self.on_nonfinite), metrics
+
+def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
+    """Micro-batch metrics into the batch's: each weighted by its share of the samples."""
+    if total and total.keys() != metrics.keys():
+        raise LossError(f"{where}: the loss function returned metrics {sorted(metrics)}, "
+                        f"earlier micro-batches {sorted(total)}")
+    for k, v in metrics.items():
+        part = v.float() * weight
+        total[k] = part if k not in total else total[k] + part
+
+
+def advance(state: TrainState, binding: Any, losses: list[torch.Tensor], on_nonfinite: str,
+            what: str = "a training step") -> TrainState:
+    """A loop's step is done: note its `losses` for the non-finite check, take reassigned
+    buffers, return the next state (step + 1) and donate `state`."""
+    if on_nonfinite != "ignore" and losses:
+        binding.pending.extend(losses)
+        binding.pending_steps.extend([state.step] * len(losses))
+        if len(binding.pending) >= health.FOLD_EVERY:
+            health.pending_record(state)
+    if binding.buffer_slots:
+        binding.sync_buffers()
+    new = state.replace()
+    new.__dict__["step"] = state.step + 1
+    binding.latest = new
+    donate(state, what)
+    return new
+
+
+def pure_result(state: TrainState, metrics: Metrics, params: Any, buffers: Any,
+                opt_state: Any, slots: dict[str, Any], on_nonfinite: str) -> TrainState:
+    """A pure call's new state: the loss noted for the non-finite check, step + 1."""
+    if on_nonfinite != "ignore":
+        record = health.fold(slots.get(health.SLOT), [metrics["loss"]], [state.step])
+        record["policy"] = on_nonfinite
+        slots[health.SLOT] = record
+    new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
+                        step=state.step + 1, slots=slots)
+    new.__dict__["_binding"] = None
+    return new
+
+
+def check_core_args(fn: Any, needs: str, on_nonfinite: Any) -> None:
+    """The arguments every core step takes: a function, and a non-finite policy."""
+    if not callable(fn):
+        raise ConfigError(f"{needs}, got {type(fn).__name__}")
+    if on_nonfinite not in ("raise", "skip", "ignore"):
+        raise ConfigError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got "
+                          f"{on_nonfinite!r}")
+
+
+def require_optimizer(state: TrainState) -> None:
+    if state.optimizer is None or (state.multi and all(
+            o is None for o in state.optimizer.values())):
+        raise ConfigError("this state has no optimizer; create it with "
+                          "TrainState.create(model, optimizer)")
+
+
+def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
+                         ) -> tuple[TrainState, Metrics]:
+    """A core step's epoch end: report a non-finite loss (host sync: once per epoch)."""
+    if on_nonfinite == "raise":
+        health.check_finite(state)
+    elif on_nonfinite == "skip":
+        bad = health.check_finite(state, raise_error=False)
+        if bad is not None:
+            health.log.warning("skipped updates with a non-finite loss, the first at "
+                               "step %d", bad)
+            health.clear(state)
+    return state, {}
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = _phases.grads(params)
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.nn.utils.get_total_norm(grads).detach()
+
+
+def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
+               check_finite_every_step: bool = False) -> TrainStep:
+    """Turn `loss_fn(model, batch) -> loss | (loss, metrics)` into a training step.
+
+    Inside `loss_fn`, `model` (and its submodules; a dict of modules for a multi-model
+    state) runs in train mode with the state's params and buffers. The step returns the
+    new state and `{"loss": ..., **metrics}` (0-d tensors left on the device).
+
+    A NaN or infinite loss is an error by default, raised at the next point where the
+    host reads values anyway (epoch end, logging, validation) and naming the step;
+    `check_finite_every_step=True` checks each step (a host sync per step);
+    `on_nonfinite="skip"` skips such updates on the device; `"ignore"` does nothing.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> step = ft.train_step(loss_fn)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> new_state, metrics = step(state, (torch.randn(8, 3), torch.randn(8, 1)))
+        >>> new_state.step, sorted(metrics), state.step   # the input is untouched
+        (1, ['loss'], 0)
+    """
+    return TrainStep(loss_fn, on_nonfinite=on_nonfinite,
+                     check_finite_every_step=check_finite_every_step)
+
+
+class EvalStep:
+    """The evaluation step built by `eval_step`: `(state, batch) -> metrics`."""
+
+    inner = None
+
+    def __init__(self, fn: LossFn) -> None:
+        if not callable(fn):
+            raise ConfigError(f"eval_step needs a callable fn(model, batch), got "
+                              f"{type(fn).__name__}")
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"eval_step({getattr(self.fn, '__qualname__', repr(self.fn))})"
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        if type(state) is not TrainState:
+            _check_state(state, "an evaluation step")
+        binding = _bind.binding_of(state)
+        with torch.no_grad():
+            if binding is not None:
+                binding.set_mode(False)
+                out = self.fn(binding.model_arg, batch)
+            else:  # nothing is copied: eval mode under no_grad changes no tensor
+                out = _bind.pure_call(state, self.fn, batch, state.params, state.buffers,
+                                      False)
+        return eval_metrics(out, "evaluation", state.device)
+
+
+def eval_step(fn: LossFn) -> EvalStep:
+    """Turn `fn(model, batch)` into an evaluation step: no grad, eval mode, state unchanged.
+
+    `fn` returns a 0-d tensor (reported as "loss"), `(loss, {name: metric})` or a dict
+    of metrics.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> def metric_fn(model, batch):
+        ...     x, y = batch
+        ...     return {"acc": (model(x).argmax(-1) == y).float().mean()}
+        >>> evaluator = ft.eval_step(metric_fn)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> sorted(evaluator(state, (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))))
+        ['acc']
+    """
+    return EvalStep(fn)
+
+
+# -- the protocol, as the loops drive it -------------------------------------------------
+
+def init(step: Any, state: TrainState) -> TrainState:
+    """Call `step.init(state)` if the step has one."""
+    fn = getattr(step, "init", None)
+    return fn(state) if fn is not None else state
+
+
+def epoch_end(step: Any, state: TrainState) -> tuple[TrainState, Metrics]:
+    """Call `step.epoch_end(state)` if the step has one."""
+    fn = getattr(step, "epoch_end", None)
+    if fn is None:
+        return state, {}
+    result = fn(state)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"{step!r}.epoch_end must return (state, metrics), got "
+                          f"{_describe(result)}")
+    return result  # type: ignore[no-any-return]
+
+
+def close(step: Any, state: TrainState) -> None:
+    """Call `step.close(state)` if the step has one."""
+    fn = getattr(step, "close", None)
+    if fn is not None:
+        fn(state)
+
+
+def core(step: Any) -> Any:
+    """The innermost step of a combinator stack (following `.inner`)."""
+    seen = set()
+    while getattr(step, "inner", None) is not None:
+        if id(step) in seen:
+            raise ConfigError("a step's .inner chain loops back on itself")
+        seen.add(id(step))
+        step = step.inner
+    return step
+
+
+def request_stop(state: TrainState, reason: str) -> TrainState:
+    """Ask the loop to stop after this step (or epoch end); `reason` is logged.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> s = ft.request_stop(ft.TrainState.create(torch.nn.Linear(1, 1)), "done")
+        >>> ft.stop_reason(s)
+        'done'
+    """
+    return state.replace(slots={**state.slots, STOP_SLOT: str(reason)})
+
+
+def stop_reason(state: TrainState) -> str | None:
+    """The reason a step gave for stopping, or None."""
+    reason = state.slots.get(STOP_SLOT)
+    return None if reason is None else str(reason)

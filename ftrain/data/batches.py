@@ -1,0 +1,365 @@
+"""Batches for the loops: shuffling ordered by (seed, epoch), skipping, moving to a device.
+
+`data` is a `DataLoader` or any re-iterable collection of batches (a list, a tuple, an
+object whose `__iter__` starts over). A `DataLoader`'s random sampler (also the one
+`shuffle=True` makes) is given a generator seeded from `(seed, epoch)` at the start of each
+epoch, and the loader one for its worker seeds, so the order is a function of the state
+and a resumed run sees the same batches. A `DistributedSampler` gets `set_epoch(epoch)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ftrain.core import rng as _rng
+from ftrain.errors import DataError
+
+
+def _generator(*key: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_rng.mix(*key))
+    return g
+
+
+# The main process's per-epoch base for sample_seed (workers derive theirs from the
+# worker seed, which the loader draws from its (seed, epoch) generator).
+_epoch_base: int = 0
+
+
+def sample_seed(index: int) -> int:
+    """A seed for randomly augmenting sample `index` in the current epoch of a loop.
+
+    Call it in a Dataset's `__getitem__` and draw the augmentation from a generator seeded
+    with it: the value depends only on (the run's seed, the epoch, `index`) — not on which
+    worker loads the sample or in which order — so a resumed run augments every sample
+    exactly as the uninterrupted run did (with the same `num_workers`). Randomness drawn
+    from the worker's global generator is not exact across a mid-epoch resume.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> g = torch.Generator().manual_seed(ft.sample_seed(7))
+        >>> noise = torch.randn(3, generator=g)
+    """
+    info = torch.utils.data.get_worker_info()
+    base = (info.seed - info.id) if info is not None else _epoch_base
+    return _rng.mix(base, int(index), _rng.SAMPLE)
+
+
+_warned_persistent = False
+
+
+def _warn_persistent() -> None:
+    global _warned_persistent
+    _warned_persistent = True
+    logging.getLogger("ftrain").warning(
+        "DataLoader(persistent_workers=True) seeds its workers once, not per epoch: worker "
+        "randomness (and ft.sample_seed) then repeats across epochs and a mid-epoch resume "
+        "is exact only for augmentation-free data")
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make `loader`'s order for `epoch` a function of (seed, epoch)."""
+    batch_sampler: Any = loader.batch_sampler
+    # a custom batch sampler without .sampler keeps its own order (no (seed, epoch) shuffle)
+    sampler: Any = getattr(batch_sampler, "sampler", None) if batch_sampler is not None \
+        else loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # DistributedSampler: ordered by (its seed, epoch)
+    if sampler is not None and hasattr(sampler, "generator"):
+        sampler.generator = _generator(seed, epoch, _rng.SHUFFLE)
+    # worker base seeds (and nothing else) draw from the loader's generator; per rank, so
+    # ranks' workers draw independent streams
+    loader.generator = _generator(seed, epoch, _rng.rank(), _rng.WORKERS)
+    if loader.persistent_workers and loader.num_workers > 0 and not _warned_persistent:
+        _warn_persistent()
+
+
+class _SkipBatches:
+    """A batch sampler without its first `skip` batches: index lists only, no data read."""
+
+    def __init__(self, batch_sampler: Iterable[Any], skip: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)  # type: ignore[arg-type]
+
+
+def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    """A loader's settings other than dataset and sampling, to build a sibling loader."""
+    kwargs: dict[str, Any] = dict(
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator, pin_memory_device=loader.pin_memory_device)
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return kwargs
+
+
+def _skipping_loader(loader: DataLoader, skip: int) -> Iterable[Any]:
+    if isinstance(loader.dataset, IterableDataset) or (
+            loader.batch_sampler is None and loader.sampler is None):
+        return itertools.islice(loader, skip, None)  # must read and drop (documented)
+    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else \
+        loader.sampler
+    kwargs = _loader_kwargs(loader)
+    skipped = _SkipBatches(index_sampler, skip)
+    if loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=skipped, **kwargs)
+    return DataLoader(loader.dataset, sampler=skipped, batch_size=None, **kwargs)
+
+
+# -- sharding across ranks (with_ddp) ----------------------------------------------------
+
+class Interleaved:
+    """Batch `rank`, `rank + world`, ... of `data`: each rank takes whole batches in turn.
+
+    For training (`complete=True`) a last round with fewer than `world` batches is dropped,
+    so every rank runs the same number of steps (a rank with one step more would wait
+    forever in its gradient all-reduce). For evaluation every batch is kept.
+    """
+
+    def __init__(self, data: Any, rank: int, world: int, complete: bool) -> None:
+        self.data, self.rank, self.world, self.complete = data, rank, world, complete
+
+    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
+        group: list[Any] = []
+        for batch in source:
+            group.append(batch)
+            if len(group) == self.world:
+                yield group[self.rank]
+                group = []
+        if group and not self.complete and self.rank < len(group):
+            yield group[self.rank]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.batches(self.data)
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.world if self.complete else len(range(self.rank, n, self.world))
+
+
+def _plain_batching(loader: DataLoader) -> Any:
+    """The loader's sampler when it batches a map-style dataset with torch's BatchSampler
+    over a sequential or random sampler (what `batch_size=`/`shuffle=` build), else None."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    if type(loader.batch_sampler) is not BatchSampler:
+        return None
+    sampler = loader.batch_sampler.sampler
+    if type(sampler) is RandomSampler and not sampler.replacement and \
+            sampler._num_samples is None:
+        return sampler
+    return sampler if type(sampler) is SequentialSampler else None
+
+
+def _has_own_distributed_sampler(loader: DataLoader) -> bool:
+    """Whether the user already sharded this loader with a DistributedSampler."""
+    from torch.utils.data.distributed import DistributedSampler
+    return isinstance(getattr(loader.batch_sampler, "sampler", loader.sampler),
+                      DistributedSampler)
+
+
+def _distributed_seed(seed: int) -> int:
+    """The seed `shard` gives DistributedSampler (which draws with seed + epoch)."""
+    return _rng.mix(seed, _rng.SHUFFLE) & 0x7FFFFFFF
+
+
+def shard(data: Any, rank: int, world: int, seed: int) -> Any:
+    """This rank's share of training data, every rank with the same number of batches.
+
+    A DataLoader over a map-style dataset gets a `DistributedSampler` (samples interleaved
+    by rank, shuffled by (seed, epoch) if the loader shuffled, padded to equal length as
+    torch does); a loader that already has one is kept. Other data (lists of batches,
+    iterable datasets, custom batch samplers) is shared out in whole batches.
+    """
+    if world <= 1:
+        return data
+    from torch.utils.data.distributed import DistributedSampler
+    if isinstance(data, DataLoader):
+        if _has_own_distributed_sampler(data):
+            return data
+        sampler = _plain_batching(data)
+        if sampler is not None:
+            from torch.utils.data import RandomSampler
+            dist_sampler: DistributedSampler[Any] = DistributedSampler(
+                data.dataset, num_replicas=world, rank=rank,
+                shuffle=type(sampler) is RandomSampler, seed=_distributed_seed(seed),
+                drop_last=data.drop_last)
+            return DataLoader(data.dataset, batch_size=data.batch_size, sampler=dist_sampler,
+                              drop_last=data.drop_last, **_loader_kwargs(data))
+    if isinstance(data, Iterator):
+        raise DataError("with_ddp cannot share a one-shot iterator between ranks; pass a "
+                        "DataLoader or a list of batches")
+    return Interleaved(data, rank, world, complete=True)
+
+
+def shard_eval(data: Any, rank: int, world: int) -> Any:
+    """This rank's share of evaluation data: every sample on exactly one rank."""
+    if world <= 1:
+        return data
+    if isinstance(data, DataLoader):
+        if _has_own_distributed_sampler(data):
+            return data  # already this rank's share (its padding may repeat samples)
+        if _plain_batching(data) is not None:  # order does not matter for evaluation
+            mine = range(rank, len(data.dataset), world)  # type: ignore[arg-type]
+            return DataLoader(data.dataset, batch_size=data.batch_size, sampler=mine,
+                              drop_last=data.drop_last, **_loader_kwargs(data))
+    return Interleaved(data, rank, world, complete=False)
+
+
+# -- a mid-epoch resume under another world size ------------------------------------------
+
+def units_per_batch(source: Any) -> int | None:
+    """How a rank's batch counts in the epoch's global order: its samples for a plain
+    map-style DataLoader (sharded by sample), 1 for data shared out in whole batches, None
+    for a loader with its own DistributedSampler (its order cannot be re-dealt)."""
+    if isinstance(source, DataLoader):
+        if _has_own_distributed_sampler(source):
+            return None
+        if _plain_batching(source) is not None:
+            return int(source.batch_size)  # type: ignore[arg-type]
+    return 1
+
+
+def sample_count(loader: Any) -> int | None:
+    """The number of samples of a map-style DataLoader's dataset, else None."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _sample_order(loader: DataLoader, seed: int, epoch: int, origin: int) -> list[int]:
+    """The epoch's samples in the order a run of `origin` processes deals them out: the
+    loader's own (seed, epoch) order on one process, DistributedSampler's permutation
+    (unpadded; the same for any number of ranks) on several."""
+    from torch.utils.data import RandomSampler
+    sampler = _plain_batching(loader)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if type(sampler) is not RandomSampler:
+        return list(range(n))
+    if origin <= 1:
+        return list(RandomSampler(loader.dataset,  # type: ignore[arg-type]
+                                  generator=_generator(seed, epoch, _rng.SHUFFLE)))
+    g = torch.Generator()  # what shard's DistributedSampler draws in this epoch
+    g.manual_seed(_distributed_seed(seed) + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def remainder(source: Any, *, seed: int, epoch: int, start: int, origin: int, rank: int,
+              world: int) -> tuple[Iterable[Any], int | None]:
+    """This rank's batches of the rest of an epoch whose first `start` units (samples or
+    whole batches, see `units_per_batch`) were trained by a run of another world size, and
+    how many there are (None: unknown). The rest keeps the epoch's order and is dealt out
+    as DistributedSampler deals (interleaved by rank, padded to equal shares, or trimmed
+    with drop_last); whole batches as `Interleaved` (an incomplete last round dropped)."""
+    units = units_per_batch(source)
+    if units is None:
+        raise DataError("this DataLoader has its own DistributedSampler: its order cannot "
+                        "be dealt out again over another number of processes")
+    if isinstance(source, DataLoader) and _plain_batching(source) is not None:
+        rest = _sample_order(source, seed, epoch, origin)[start:]
+        if source.drop_last:
+            rest = rest[:len(rest) - len(rest) % world]
+        elif rest and len(rest) % world:
+            pad = world - len(rest) % world
+            rest = rest + (rest * (pad // len(rest) + 1))[:pad]
+        mine = rest[rank::world]
+        loader = DataLoader(source.dataset, batch_size=source.batch_size, sampler=mine,
+                            drop_last=source.drop_last, **_loader_kwargs(source))
+        seed_epoch(loader, seed, epoch)  # worker seeds as the epoch's own
+        return loader, len(loader)
+    whole = epoch_batches(source, seed=seed, epoch=epoch)
+    rest_batches = itertools.islice(iter(whole), start, None)
+    total = num_batches(source)
+    left = None if total is None else max(total - start, 0) // world
+    if world == 1:
+        return rest_batches, left
+    return Interleaved(None, rank, world, complete=True).batches(rest_batches), left
+
+
+def skipped(batches: Iterable[Any], skip: int) -> Iterable[Any]:
+    """`batches` without the first `skip` (a DataLoader skips by index, reading nothing)."""
+    if not skip:
+        return batches
+    if isinstance(batches, DataLoader):
+        return _skipping_loader(batches, skip)
+    return itertools.islice(batches, skip, None)
+
+
+def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterable[Any]:
+    """The batches of `epoch`, without the first `skip` (for a resumed, mid-epoch run)."""
+    global _epoch_base
+    _epoch_base = _rng.mix(seed, epoch, _rng.SAMPLE)
+    if isinstance(data, Interleaved):  # skipping whole rounds keeps the ranks' turns
+        return data.batches(epoch_batches(data.data, seed=seed, epoch=epoch,
+                                          skip=skip * data.world))
+    if isinstance(data, DataLoader):
+        seed_epoch(data, seed, epoch)
+        return skipped(data, skip)
+    if isinstance(data, Iterator):
+        if epoch > 0 or skip:
+            raise DataError("data is a one-shot iterator (e.g. a generator), which cannot "
+                            "be read again for another epoch or a resumed run; pass a list "
+                            "of batches or a DataLoader")
+        return data
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be a DataLoader or an iterable of batches, got "
+                        f"{type(data).__name__}")
+    return skipped(data, skip)
+
+
+def num_batches(data: Any) -> int | None:
+    """Batches per epoch, or None when the data has no length (iterable datasets)."""
+    if isinstance(data, Iterator) or not isinstance(data, Sized):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`; non-blocking from pinned memory."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(b, device) for b in batch]
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*moved)
+        return type(batch)(moved) if not isinstance(batch, list) else moved
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """The length of the first tensor's first dimension in a (nested) batch, else 1."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)):
+        for b in batch:
+            if isinstance(b, (torch.Tensor, list, tuple, dict)):
+                return batch_size(b)
+        return len(batch)
+    if isinstance(batch, dict):
+        for b in batch.values():
+            if isinstance(b, (torch.Tensor, list, tuple, dict)):
+                return batch_size(b)
+    return 1

@@ -1,0 +1,95 @@
+"""`ft.every`: run a function of yours every n steps or epochs (Lightning's callbacks).
+
+Anything a callback would do (print, adjust, save something of your own, look at the
+metrics) is a function `fn(state, metrics)`; `every` calls it after every n-th step with
+that step's metrics, or at every n-th completed epoch with the epoch-end metrics. It
+returns None (nothing changes), a state (replaces the loop's state, e.g. with a changed
+slot) or `(state, {name: value})`: metrics added to that step's or epoch end's, so outer
+layers (logging, `early_stop`, `with_checkpointing(monitor=...)`) see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ftrain.core import step as _step
+from ftrain.core.layer import Combinator
+from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.errors import ConfigError, check_int
+
+Hook = Callable[[TrainState, dict[str, Any]], Any]
+
+
+class Every(Combinator):
+    """The combinator built by `every`."""
+
+    def __init__(self, inner: Any, fn: Hook, every_n_steps: int | None,
+                 every_n_epochs: int | None) -> None:
+        super().__init__(inner)
+        if not callable(fn):
+            raise ConfigError(f"every needs a function fn(state, metrics), got "
+                              f"{type(fn).__name__}")
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("every_n_epochs", every_n_epochs, 1)
+        if every_n_steps is None and every_n_epochs is None:
+            raise ConfigError("every needs every_n_steps= or every_n_epochs=")
+        self.fn = fn
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return (f"every({name}, every_n_steps={self.every_n_steps}, "
+                f"every_n_epochs={self.every_n_epochs})")
+
+    def _call(self, state: TrainState, metrics: dict[str, Any]
+              ) -> tuple[TrainState, dict[str, Any]]:
+        out = self.fn(state, metrics)
+        if out is None:
+            return state, metrics
+        if isinstance(out, TrainState):
+            return out, metrics
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState) \
+                and isinstance(out[1], dict):
+            return out[0], {**metrics, **out[1]}  # e.g. an epoch score for early_stop
+        raise ConfigError(f"{self!r}: fn must return None, a TrainState or (TrainState, "
+                          f"dict of metrics), got {type(out).__name__}")
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        state, metrics = self.inner(state, batch)
+        n = self.every_n_steps
+        if n is not None and state.step % n == 0:
+            state, metrics = self._call(state, metrics)
+        return state, metrics
+
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
+        state, metrics = _step.epoch_end(self.inner, state)
+        n = self.every_n_epochs
+        pos = state.slots.get(LOOP_SLOT)
+        if n is not None and pos is not None and pos["batch"] == 0 and pos["epoch"] % n == 0:
+            state, metrics = self._call(state, metrics)
+        return state, metrics
+
+
+def every(step: Any, fn: Hook, *, every_n_steps: int | None = None,
+          every_n_epochs: int | None = None) -> Every:
+    """Call `fn(state, metrics)` after every n-th step and/or every n-th completed epoch.
+
+    `state.step` (after the step) and `state.epoch` (completed epochs) say where the loop
+    is. `fn` returns None, a new state (kept), or `(state, metrics)` to add metrics that
+    outer layers see (e.g. an epoch score to monitor).
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> seen = []
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> step = ft.every(step, lambda s, m: seen.append(s.step), every_n_steps=2)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+        >>> state = ft.fit(step, state, data, epochs=1, logger=False, checkpoint=False,
+        ...                progress=False)
+        >>> seen
+        [2, 4]
+    """
+    return Every(step, fn, every_n_steps, every_n_epochs)

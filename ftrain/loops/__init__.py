@@ -1,0 +1,1 @@
+"""The loops that drive a step over data: `iterate`, `fit`, `evaluate`, `predict`."""

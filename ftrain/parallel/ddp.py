@@ -1,0 +1,132 @@
+"""`with_ddp`: data parallelism over torch.distributed, launched with `torchrun`.
+
+At `init` the layer joins the process group torchrun describes (nccl on CUDA, gloo on the
+CPU, with a training-sized collective timeout), checks that every rank starts at the same
+step and data position, and broadcasts rank 0's params, buffers and optimizer state. In a
+loop the core step then runs its forward through torch's `DistributedDataParallel` on
+the bound module (the loss function is called inside a small wrapper module, so DDP sees
+the forward and overlaps the gradient all-reduce with backward); a direct (pure) call and
+a manual step all-reduce gradients explicitly. The loops shard the data by rank
+(`DistributedSampler` order), evaluation shards too and all-reduces its weighted sums,
+logged metrics are reduced across ranks, and files are written by rank 0 only.
+
+Run as one process (plain `python`), the layer does nothing: the same script runs both
+ways.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ftrain.core import step as _step
+from ftrain.core.bind import _Apply
+from ftrain.core.layer import Combinator
+from ftrain.core.phases import phases_of
+from ftrain.core.run import run_info
+from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.errors import ConfigError
+from ftrain.parallel import dist as _dist
+
+
+class WithDDP(Combinator):
+    """The layer `with_ddp` builds."""
+
+    def __init__(self, inner: Any, *, backend: str | None, timeout: datetime.timedelta,
+                 find_unused_parameters: bool, sync_buffers: bool,
+                 bucket_cap_mb: float | None, gradient_as_bucket_view: bool,
+                 static_graph: bool) -> None:
+        if backend not in (None, "gloo", "nccl", "mpi", "xccl"):
+            raise ConfigError(f"with_ddp: backend must be None, 'gloo' or 'nccl', got "
+                              f"{backend!r}")
+        if not isinstance(timeout, datetime.timedelta):
+            raise ConfigError(f"with_ddp: timeout must be a datetime.timedelta, got "
+                              f"{type(timeout).__name__}")
+        super().__init__(inner)
+        self.backend = backend
+        self.timeout = timeout
+        self.options: dict[str, Any] = dict(find_unused_parameters=find_unused_parameters,
+                            forward_sync_buffers=sync_buffers, bucket_cap_mb=bucket_cap_mb,
+                            gradient_as_bucket_view=gradient_as_bucket_view,
+                            static_graph=static_graph)
+        phases_of(_step.core(inner), "with_ddp").claim("ddp", self)
+
+    def __repr__(self) -> str:
+        return f"with_ddp(world={self.world})"
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        # Where this rank is, for a peer whose collective times out (plain int stores).
+        _dist.at_step = state.step
+        state, metrics = self.inner(state, batch)
+        _dist.at_step = state.step
+        return state, metrics
+
+    @property
+    def world(self) -> int:
+        return _dist.rank_world()[1]
+
+    def init(self, state: TrainState) -> TrainState:
+        rank, world = _dist.setup(self.backend, self.timeout)
+        run = run_info(state)
+        if run is not None:
+            run.rank, run.world = rank, world
+            run.on_error = _dist.fail
+        if world > 1:
+            pos = state.slots.get(LOOP_SLOT) or {}
+            _dist.check_same((state.step, int(pos.get("epoch", 0)), int(pos.get("batch", 0))),
+                             "the starting (step, epoch, batch)")
+            tensors = [t for t in pytree.tree_leaves((state.params, state.buffers,
+                                                      state.opt_state))
+                       if isinstance(t, torch.Tensor)]
+            _dist.broadcast(tensors)  # in place: a loop's bound module sees rank 0's values
+        return _step.init(self.inner, state)
+
+    def module_for(self, binding: Any) -> Any:
+        """The binding's modules under DistributedDataParallel (built once per binding),
+        or None on a single process."""
+        if self.world <= 1:
+            return None
+        ddp = binding.ddp
+        if ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+            apply = _Apply(binding.model_arg)
+            device = binding.leaves[0].device
+            ddp = DistributedDataParallel(
+                apply, device_ids=[device] if device.type == "cuda" else None,
+                init_sync=False,  # init already broadcast rank 0's state
+                **{k: v for k, v in self.options.items() if v is not None})
+            binding.ddp = ddp
+        return ddp
+
+
+def with_ddp(step: Any, *, backend: str | None = None,
+             timeout: datetime.timedelta = _dist.DEFAULT_TIMEOUT,
+             find_unused_parameters: bool = False, sync_buffers: bool = True,
+             bucket_cap_mb: float | None = None, gradient_as_bucket_view: bool = False,
+             static_graph: bool = False) -> WithDDP:
+    """Train on every process `torchrun` starts, as one data-parallel run.
+
+    Each rank gets its own shard of every epoch (interleaved by rank, ordered by
+    (seed, epoch)); gradients are averaged with torch's DistributedDataParallel, so 2
+    ranks with batch b train as 1 process with batch 2b. Logs and checkpoints come from
+    rank 0; metrics are averaged across ranks when logged. If a rank fails, it logs its
+    traceback and takes the process group down, so every rank exits promptly.
+    `timeout` bounds every collective (torch's default is 30 minutes); when one times
+    out, the waiting rank raises `CollectiveTimeoutError` naming the ranks that never
+    reached it, with their step and Python stack, and those ranks are stopped too. The
+    remaining arguments go to `DistributedDataParallel`. On one process the layer does nothing.
+
+    Examples:
+        >>> import torch, ftrain as ft
+        >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> step = ft.with_ddp(step)   # launch with: torchrun --nproc_per_node=2 train.py
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
+        >>> state, metrics = step(state, (torch.randn(8, 3), torch.randn(8, 1)))
+    """
+    return WithDDP(step, backend=backend, timeout=timeout,
+                   find_unused_parameters=find_unused_parameters,
+                   sync_buffers=sync_buffers, bucket_cap_mb=bucket_cap_mb,
+                   gradient_as_bucket_view=gradient_as_bucket_view, static_graph=static_graph)

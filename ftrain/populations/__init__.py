@@ -1,0 +1,1 @@
+"""Populations: many models trained at once with `vmap`."""
