@@ -100,7 +100,6 @@ def assert_gradients(loss_fn: Callable[[Any, Any], Any], state: TrainState, batc
     if not inputs:
         raise AssertionError("the state has no trainable parameters to check")
     double_state = state.replace(params=params, buffers=buffers)
-    double_state.__dict__["_binding"] = None
 
     def f(*tensors: torch.Tensor) -> torch.Tensor:
         current = pytree.tree_map(lambda x: x, params)

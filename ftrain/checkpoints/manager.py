@@ -28,6 +28,7 @@ import torch
 
 from ftrain.checkpoints import folders as _folders
 
+from ftrain.core import bind as _bind
 from ftrain.core import rng as _rng
 
 from ftrain.core import slots as _slots
@@ -493,7 +494,7 @@ class WithCheckpointing(Combinator):
         return self._render(epoch, state.step, values), score, epoch
 
     def _defer(self, state: TrainState, action: Any) -> TrainState:
-        binding = state.__dict__.get("_binding")
+        binding = _bind.binding_of(state)
         if binding is not None and binding.live and binding.owner is not None:
             binding.deferred.append(action)  # the loop runs it after the whole stack
             return state
@@ -541,7 +542,7 @@ class WithCheckpointing(Combinator):
                     "last": LAST if self.save_last else None, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: new_slot})
         if _rng.rank() == 0:  # files from rank 0 only; no collective in here
-            binding = state.__dict__.get("_binding")
+            binding = _bind.binding_of(state)
             prof = binding.profiler if binding is not None else None
             t0 = time.perf_counter()
             self._write(state, name, entry in kept, new_slot, dropped)

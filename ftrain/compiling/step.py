@@ -201,7 +201,7 @@ class CompiledStep(TrainStep):
         self.fallback_reason = reason
         log.warning("ft.compile: running the training step of %s eagerly: %s", name, reason)
         if bound:
-            return TrainStep._bound(self, state, state.__dict__["_binding"], batch)
+            return TrainStep._bound(self, state, _bind.stepping(state), batch)
         if probe is not None:
             return probe
         return TrainStep._pure(self, state, batch)

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftrain.core import context, health
 from ftrain.core import rng as _rng
+from ftrain.core.context import binding_of as binding_of
+from ftrain.core.context import stepping as stepping
 from ftrain.core.state import TrainState, parts
 from ftrain.errors import ConfigError
 
@@ -68,16 +71,17 @@ def install(module: nn.Module, params: dict[str, torch.Tensor],
 
 
 class Binding:
-    """A loop's live installation of a state's tensors in real modules.
+    """A loop's live installation of a state's tensors in real modules: the run context.
 
-    A state carries its binding; a step runs bound only while `live` is True and the
-    state's `params` dict is the one installed (identity check), so a state whose params
-    were replaced is rebound rather than silently trained on the old tensors.
+    It holds what a run needs beyond the state's data: the modules, the DDP wrapper, the
+    loop's settings (`run`), losses pending a non-finite check, the profiler's recorder
+    and the requests layers make of the loop. Registered while live; `end` unregisters.
     """
 
     def __init__(self, state: TrainState, training: bool = True) -> None:
         self.params = state.params
         self.live = True
+        context.register(self)
         self.modules: dict[str | None, nn.Module] = {}
         self.trainable: dict[str | None, dict[str, nn.Parameter]] = {}
         self.buffers: dict[str | None, dict[str, torch.Tensor]] = {}
@@ -109,6 +113,8 @@ class Binding:
         self.in_step = False  # True while the loop itself calls the step: run bound then
         self.owner: object | None = None  # the loop that runs this binding
         self.deferred: list[Any] = []  # actions for the loop once the whole stack returned
+        # A logging layer's request for this step: add the gradient norm to the metrics.
+        self.want_grad_norm = False
         self.run: Any = None  # the loop's RunInfo
         self.latest: Any = None  # the newest state the core step produced (error recovery)
         # Set by a step once it starts changing params in place (the optimizer update): a
@@ -133,7 +139,6 @@ class Binding:
     def hand_over(self, state: TrainState) -> None:
         """Fold losses still pending a non-finite check into `state`'s slot (no sync)."""
         if self.pending:
-            from ftrain.core import health
             state.slots[health.SLOT] = health.fold(state.slots.get(health.SLOT), self.pending,
                                                    self.pending_steps)
             self.pending, self.pending_steps = [], []
@@ -169,6 +174,11 @@ class Binding:
     def fits(self, state: TrainState) -> bool:
         return self.live and state.params is self.params
 
+    def end(self) -> None:
+        """Stop being live: states holding these params are plain data again."""
+        self.live = False
+        context.unregister(self)
+
     def release(self, state: TrainState) -> TrainState:
         """End the binding; return `state` unbound.
 
@@ -177,38 +187,19 @@ class Binding:
         sync), so `ft.check_finite` on the returned state still sees them.
         """
         self.hand_over(state)
-        self.live = False
+        self.end()
         self.modules = {}
         self.model_arg = None
         self.trainable = {}
         self.leaves = []
         self.ddp = None  # frees DDP's reducer and its hold on the process group
-        return _unbound(state)
-
-
-def _unbound(state: TrainState) -> TrainState:
-    new = state.replace()
-    new.__dict__["_binding"] = None
-    return new
+        return state
 
 
 def bound(state: TrainState, training: bool = True) -> TrainState:
     """`state` with a fresh binding (its tensors installed in a real module)."""
-    new = state.replace()
-    new.__dict__["_binding"] = Binding(state, training)
-    return new
-
-
-def binding_of(state: TrainState) -> Binding | None:
-    b = state.__dict__.get("_binding")
-    return b if b is not None and b.fits(state) else None
-
-
-def stepping(state: TrainState) -> Binding | None:
-    """The binding of a loop that is calling a step on `state` right now (the step then
-    runs bound, in place), or None: a direct call, which is pure."""
-    b = state.__dict__["_binding"]
-    return b if b is not None and b.in_step and b.fits(state) else None
+    Binding(state, training)
+    return state
 
 
 class _Apply(nn.Module):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ftrain.core import slots as _slots
+from ftrain.core.context import binding_of
 from ftrain.errors import NonFiniteLossError
 
 SLOT = "nonfinite"
@@ -69,7 +70,7 @@ def fold(record: dict[str, Any] | None, losses: list[torch.Tensor],
 def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
     """The state's record with its live binding's pending losses folded in (no sync)."""
     record = state.slots.get(SLOT)
-    binding = state.__dict__.get("_binding")
+    binding = binding_of(state)
     if binding is not None and binding.live and binding.pending:
         binding.hand_over(state)  # the state is donated to the loop: updated in place
         record = state.slots[SLOT]
@@ -78,7 +79,7 @@ def pending_record(state: Any) -> dict[str, torch.Tensor] | None:
 
 def policy(state: Any) -> str:
     """The core step's `on_nonfinite` for this state's run ("raise" unless told)."""
-    binding = state.__dict__.get("_binding")
+    binding = binding_of(state)
     if binding is not None and binding.live:
         return str(binding.nonfinite_policy)
     return str((state.slots.get(SLOT) or {}).get("policy", "raise"))

@@ -171,7 +171,8 @@ class ManualStep:
             return self._run(state, binding, batch)
         # pure: the same code on a bound copy, which is then released
         work = _bind.bound(state.copy(), training=True)
-        tmp = work.__dict__["_binding"]
+        tmp = _bind.binding_of(work)
+        assert tmp is not None
         try:
             new, metrics = self._run(work, tmp, batch)
         finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftrain.core.context import binding_of
+
 
 class RunInfo:
     """The loop's settings; combinators read them through `run_info(state)`."""
@@ -49,5 +51,5 @@ def run_info(state: Any) -> RunInfo | None:
         >>> ft.run_info(ft.TrainState.create(torch.nn.Linear(1, 1))) is None
         True
     """
-    binding = state.__dict__.get("_binding")
-    return getattr(binding, "run", None) if binding is not None and binding.live else None
+    binding = binding_of(state)
+    return binding.run if binding is not None else None

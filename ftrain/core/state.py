@@ -28,7 +28,7 @@ STOP_SLOT = "stop"
 
 _DATA_FIELDS = ("params", "buffers", "opt_state", "slots")
 _FIELDS = frozenset(("params", "buffers", "opt_state", "step", "seed", "slots", "model",
-                     "optimizer", "_binding"))
+                     "optimizer"))
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
@@ -85,9 +85,6 @@ class TrainState:
     slots: dict[str, Any]
     model: Any = attrs.field(repr=False)
     optimizer: Any = attrs.field(repr=False)
-    # The loop's live installation of these tensors in a real module (see ftrain.core.bind);
-    # not data: dropped by copy(), to(), flattening and checkpoints.
-    _binding: Any = attrs.field(default=None, repr=False)
 
     @classmethod
     def create(cls, model: nn.Module | Mapping[str, nn.Module], optimizer: Any = None,
@@ -145,7 +142,10 @@ class TrainState:
     # -- records are values ------------------------------------------------------------
 
     def replace(self, **changes: Any) -> TrainState:
-        """Return a new state with the given fields changed (the tensors are shared).
+        """Return a new state with the given fields changed.
+
+        The tensors (and the params, buffers and optimizer-state dicts holding them) are
+        shared, as a value's parts are; the `slots` dict is the new record's own.
 
         Examples:
             >>> import torch, ftrain as ft
@@ -156,6 +156,10 @@ class TrainState:
         new = object.__new__(TrainState)
         fields = new.__dict__
         fields.update(self.__dict__)
+        # The slots dict is the container layers write into: each record gets its own, so
+        # writing into one record's slots never changes another's (the values are shared:
+        # a layer puts a new value under its name rather than changing the old one).
+        fields["slots"] = dict(self.slots)
         for key, value in changes.items():
             if key not in _FIELDS or key.startswith("_"):
                 raise ConfigError(f"TrainState has no field {key!r}; fields: "

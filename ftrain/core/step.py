@@ -310,7 +310,6 @@ def pure_result(state: TrainState, metrics: Metrics, params: Any, buffers: Any,
         slots[health.SLOT] = record
     new = state.replace(params=params, buffers=buffers, opt_state=opt_state,
                         step=state.step + 1, slots=slots)
-    new.__dict__["_binding"] = None
     return new
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from ftrain.core import bind as _bind
 from ftrain.core import step as _step
 from ftrain.core.health import log
 from ftrain.core.layer import Combinator
@@ -73,7 +74,7 @@ class Recorder:
 
 def recorder_of(state: TrainState) -> Recorder | None:
     """The recorder of the run `state` belongs to, or None when not profiling."""
-    binding = state.__dict__.get("_binding")
+    binding = _bind.binding_of(state)
     return getattr(binding, "profiler", None) if binding is not None else None
 
 
@@ -102,7 +103,7 @@ class WithProfiling(Combinator):
 
     def init(self, state: TrainState) -> TrainState:
         state = _step.init(self.inner, state)
-        binding = state.__dict__.get("_binding")
+        binding = _bind.binding_of(state)
         if self.kind == "simple":
             if binding is None:
                 log.warning("with_profiling('simple') times loop phases; outside a loop it "
@@ -143,7 +144,7 @@ class WithProfiling(Combinator):
 
     def _finish(self, state: TrainState) -> None:
         if self.kind == "simple" and self.recorder is not None:
-            binding = state.__dict__.get("_binding")
+            binding = _bind.binding_of(state)
             if binding is not None:
                 binding.profiler = None
             self.report = "ftrain profile (simple)\n" + self.recorder.table()

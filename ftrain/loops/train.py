@@ -78,7 +78,7 @@ def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
     """
     if _bind.binding_of(state) is None:
         state = _bind.bound(state, training=True)
-    binding = state.__dict__["_binding"]
+    binding = _bind.binding_of(state)
     binding.run = run
     binding.owner = owner
     if state.slots.get(LOOP_SLOT) is not pos:
@@ -90,11 +90,11 @@ def _deferred(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: objec
               ) -> TrainState:
     """Run what layers asked to do once the whole stack has returned (checkpoint saves),
     so a checkpoint holds every layer's slot as it is after this step."""
-    binding = state.__dict__["_binding"]
+    binding = _bind.binding_of(state)
     while binding is not None and binding.deferred:
         state = binding.deferred.pop(0)(state)
         state = _adopt(state, pos, run, owner)
-        binding = state.__dict__["_binding"]
+        binding = _bind.binding_of(state)
     return state
 
 
@@ -192,7 +192,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             index = skip
             metrics: Metrics = {}
             while nxt is not _END:
-                prof = state.__dict__["_binding"].profiler
+                prof = _bind.binding_of(state).profiler
                 if prof is None:
                     batch = _data.to_device(nxt, device)
                 else:
@@ -201,7 +201,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     prof.add("data", time.perf_counter() - t0)
                 before = state
                 step_no = before.step
-                binding = before.__dict__["_binding"]
+                binding = _bind.binding_of(before)
                 binding.changed = False
                 try:
                     # The batch counts as consumed inside the step already, so a
@@ -236,7 +236,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     complete = (at_limit or (
                         epoch_length is not None and index >= epoch_length)) and not dev_run
                 else:
-                    prof = state.__dict__["_binding"].profiler
+                    prof = _bind.binding_of(state).profiler
                     if prof is None:
                         nxt = next(batches, _END)
                     else:  # profiling: time the fetch (the move is timed above)
@@ -283,9 +283,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 sent = yield state, metrics
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
-                    old = state.__dict__["_binding"]
+                    old = _bind.binding_of(state)
                     state = _adopt(sent, pos, run, owner)
-                    new = state.__dict__["_binding"]
+                    new = _bind.binding_of(state)
                     if new is not old:  # losses still pending belong to this run
                         old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots
@@ -358,7 +358,7 @@ def _finish(step: Any, state: Any, owner: object, failed: bool) -> Any:
         if binding is not None and binding.live and not is_donated(state):
             state = binding.release(state)
         elif binding is not None:
-            binding.live = False
+            binding.end()
     return state
 
 
@@ -378,7 +378,7 @@ def _on_signal(step: Any, state: TrainState, metrics: Metrics, signals: list[str
 
 
 def _latest_binding(state: Any) -> Any:
-    return object.__getattribute__(state, "__dict__").get("_binding")
+    return _bind.binding_of(state)
 
 
 def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
@@ -563,7 +563,7 @@ def _eval_state(state: TrainState) -> tuple[TrainState, _bind.Binding | None]:
     if _bind.binding_of(state) is not None:
         return state, None
     tmp = _bind.bound(state, training=False)
-    return tmp, tmp.__dict__["_binding"]
+    return tmp, _bind.binding_of(tmp)
 
 
 def _batches(data: Any, limit: int | None, what: str) -> Any:
@@ -658,7 +658,7 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         if bar is not None:
             bar.close()
         if own is not None:
-            own.live = False
+            own.end()
     if world > 1:
         return _reduce_across_ranks(values, weights, world)
     if not weights:
@@ -733,7 +733,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
     """
     data = resolve(data, "predict")
     state, own = _eval_state(state)
-    binding = state.__dict__["_binding"]
+    binding = _bind.binding_of(state)
     binding.set_mode(False)
     target = binding.model_arg
     if isinstance(target, dict):
@@ -760,5 +760,5 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
                                     f"{err}") from err
     finally:
         if own is not None:
-            own.live = False
+            own.end()
     return outputs

@@ -175,7 +175,7 @@ class WithLogging(Combinator):
         finally:
             if core is not None:
                 core.want_grad_norm = False
-        binding = state.__dict__["_binding"]
+        binding = _bind.binding_of(state)
         prof = binding.profiler if binding is not None else None
         t0 = time.perf_counter() if prof is not None else 0.0
         _check_metrics(metrics, state.step)
