@@ -27,21 +27,18 @@ import attrs
 import torch
 
 from ftrain.checkpoints import folders as _folders
-
-from ftrain.core import bind as _bind
-from ftrain.core import rng as _rng
-
-from ftrain.core import slots as _slots
-
-from ftrain.core import health
-from ftrain.core import step as _step
-from ftrain.checkpoints.folders import SUFFIX, TMP_PREFIX
-from ftrain.core.run import RunInfo, run_info
-from ftrain.core.host import to_host
 from ftrain.checkpoints.file import atomic_write, fsync_dir, payload, read
-from ftrain.core.layer import Combinator
-from ftrain.errors import CheckpointError, ConfigError, MonitorError
+from ftrain.checkpoints.folders import SUFFIX, TMP_PREFIX
+from ftrain.core import bind as _bind
+from ftrain.core import health
+from ftrain.core import rng as _rng
+from ftrain.core import slots as _slots
+from ftrain.core.host import to_host
+from ftrain.core.layer import Combinator, Metrics
+from ftrain.core.run import RunInfo, run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.core.trigger import Trigger, ended_epoch
+from ftrain.errors import CheckpointError, ConfigError, MonitorError
 
 log = logging.getLogger("ftrain")
 INDEX = "checkpoints.json"
@@ -269,6 +266,8 @@ def _better(a: float, b: float, mode: str) -> bool:
 class WithCheckpointing(Combinator):
     """The combinator built by `with_checkpointing`."""
 
+    role = "checkpointing"
+
     def __init__(self, inner: Any, dirpath: str | None = None, *,
                  every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  monitor: str | None = None, mode: Mode = "min", save_top_k: int = 1,
@@ -277,10 +276,8 @@ class WithCheckpointing(Combinator):
                  ) -> None:
         super().__init__(inner, name)
         self.name = name
-        for label, value in (("every_n_steps", every_n_steps),
-                             ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{label} must be a positive int or None, got {value!r}")
+        self.trigger = Trigger(every_n_steps, every_n_epochs, on_last=True)
+        self.reads = (monitor,) if monitor is not None else ()
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(save_top_k, int) or save_top_k < -1:
@@ -305,6 +302,7 @@ class WithCheckpointing(Combinator):
         self.hparams = dict(hparams) if hparams is not None else None
         self._lock: _folders.FolderLock | None = None
         self._owned: set[str] = set()  # files this layer may delete: its own saves
+        self._checked()
 
     def __repr__(self) -> str:
         return f"with_checkpointing({self.dirpath!r}, monitor={self.monitor!r})"
@@ -323,8 +321,7 @@ class WithCheckpointing(Combinator):
                 "last_step": None, "monitor": self.monitor, "mode": self.mode,
                 "dir": None, "run": None}
 
-    def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
+    def after_init(self, state: TrainState) -> TrainState:
         run = run_info(state)
         self.run_hparams = self.hparams if self.hparams is not None else (
             dict(run.hparams) if run is not None and run.hparams is not None else None)
@@ -426,26 +423,18 @@ class WithCheckpointing(Combinator):
             self._lock.release()
             self._lock = None
 
-    def close(self, state: TrainState) -> None:
-        try:
-            _step.close(self.inner, state)
-        finally:
-            self._release()  # the folder is free for the next run that continues it
+    def at_close(self, state: TrainState) -> None:
+        self._release()  # the folder is free for the next run that continues it
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
-        if self.every_n_steps is not None and state.step % self.every_n_steps == 0:
+        if self.trigger.step_due(state.step):
             state = self._request(state, metrics)
         return state, metrics
 
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
-        state, metrics = _step.epoch_end(self.inner, state)
-        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
-        run = run_info(state)
-        last_epoch = run is not None and run.epochs is not None and pos["epoch"] >= run.epochs
-        completed = pos["batch"] == 0
-        due = self.every_n_epochs is not None and completed and (
-            pos["epoch"] % self.every_n_epochs == 0 or last_epoch)
+    def at_epoch_end(self, state: TrainState, metrics: Metrics) -> tuple[TrainState, Any]:
+        completed = ended_epoch(state)
+        due = self.trigger.epoch_due(state)
         # an epoch end mid-epoch means training ends here (max_steps, a stop): save too
         if due or not completed:
             state = self._request(state, metrics, final=not completed)
@@ -505,6 +494,13 @@ class WithCheckpointing(Combinator):
         """Write a checkpoint of `state` now, ranked by `metrics`; return the new state."""
         name, score, epoch = self._plan(state, dict(metrics or {}))
         return self._commit(state, name, score, epoch)
+
+    def on_request(self, state: TrainState, what: str) -> tuple[TrainState, str | None]:
+        """The loop's requests: "save" writes `last.ckpt` now (a signal stops the run)."""
+        if what != "save":
+            return state, None
+        state = self.save_last_now(state)
+        return state, os.path.join(self.dirpath or "", LAST)
 
     def save_last_now(self, state: TrainState) -> TrainState:
         """Write only `last.ckpt` (outside the top k; no metric needed), e.g. on SIGTERM."""

@@ -7,10 +7,10 @@ import os
 from typing import Any
 
 from ftrain.checkpoints.file import load, read
-from ftrain.checkpoints.manager import WithCheckpointing, latest_valid
-from ftrain.core.layer import find
-from ftrain.errors import ConfigError
+from ftrain.checkpoints.manager import latest_valid
+from ftrain.core.layer import layers
 from ftrain.core.state import TrainState, donate
+from ftrain.errors import ConfigError
 
 log = logging.getLogger("ftrain")
 
@@ -42,7 +42,7 @@ def _find_own(step: Any, state: TrainState, root_dir: str | None, hparams: Any,
     folder. A folder the user named is one run's: another run's checkpoint there is an
     error, as continuing would overwrite it.
     """
-    layer = find(step, WithCheckpointing)
+    layer = next((la for la in layers(step) if hasattr(la, "resume_folders")), None)
     if layer is None:
         raise ConfigError("resume='auto' looks in the checkpoint folder of a "
                           "checkpointing layer, and this step has none (checkpoint="

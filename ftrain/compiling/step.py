@@ -36,9 +36,10 @@ import attrs
 import torch
 
 from ftrain.core import bind as _bind
+from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
-from ftrain.core.layer import layers
+from ftrain.core.layer import map_core
 from ftrain.core.state import TrainState, clone_tree, parts
 from ftrain.core.step import (
     TrainStep,
@@ -49,7 +50,6 @@ from ftrain.core.step import (
     require_optimizer,
     split_loss,
 )
-from ftrain.core.step import core as core_of
 from ftrain.errors import ConfigError, NonFiniteLossError
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -60,7 +60,7 @@ _GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-c
 _WHERE = "compiled step"
 
 log = logging.getLogger("ftrain")
-Metrics = dict[str, torch.Tensor]
+Metrics = _layer.Metrics
 
 
 def compile(step: Any, mode: Mode = "default", *, fullgraph: bool = True,
@@ -104,29 +104,20 @@ def compile(step: Any, mode: Mode = "default", *, fullgraph: bool = True,
         raise ConfigError(f"ft.compile: mode must be one of {list(_MODES)}, got {mode!r}")
     if dynamic not in (None, True, False):
         raise ConfigError(f"ft.compile: dynamic must be None, True or False, got {dynamic!r}")
-    core = core_of(step)
-    if isinstance(core, CompiledStep):
-        raise ConfigError(f"ft.compile: {core!r} is compiled already")
-    from ftrain.populations.population import PopulationStep
-    if isinstance(core, PopulationStep):  # a population's vmapped step compiles itself
-        return _swap_core(step, core, core.compiled(mode=mode, fullgraph=fullgraph,
-                                                    dynamic=dynamic, fallback=fallback))
-    if type(core) is not TrainStep:
-        raise ConfigError(f"ft.compile compiles the core step built by ft.train_step; the "
-                          f"innermost step here is {core!r} (a manual step or a plain "
-                          "function: compile its parts with torch.compile yourself)")
-    return _swap_core(step, core, CompiledStep(core, mode, fullgraph=fullgraph,
-                                               fallback=fallback, dynamic=dynamic))
-
-
-def _swap_core(step: Any, core: Any, new: Any) -> Any:
-    """`step` with its core replaced by `new` (the layer above it now wraps `new`)."""
-    if core is step:
-        return new
-    for layer in layers(step):
-        if getattr(layer, "inner", None) is core:
-            layer.inner = new
-    return step
+    def compiled(core: Any) -> Any:
+        if isinstance(core, CompiledStep):
+            raise ConfigError(f"ft.compile: {core!r} is compiled already")
+        own = getattr(core, "compiled", None)
+        if own is not None:  # e.g. a population's vmapped step compiles itself
+            return own(mode=mode, fullgraph=fullgraph, dynamic=dynamic, fallback=fallback)
+        if type(core) is not TrainStep:
+            raise ConfigError(f"ft.compile compiles the core step built by ft.train_step; "
+                              f"the innermost step here is {core!r} (a manual step or a "
+                              "plain function: compile its parts with torch.compile "
+                              "yourself)")
+        return CompiledStep(core, mode, fullgraph=fullgraph, fallback=fallback,
+                            dynamic=dynamic)
+    return map_core(step, compiled)  # a new stack: `step` is unchanged
 
 
 class CompiledStep(TrainStep):
@@ -139,8 +130,8 @@ class CompiledStep(TrainStep):
     def __init__(self, eager: TrainStep, mode: str, *, fullgraph: bool, fallback: bool,
                  dynamic: bool | None) -> None:
         super().__init__(eager.loss_fn, on_nonfinite=eager.on_nonfinite,  # type: ignore[arg-type]
-                         check_finite_every_step=eager.check_finite_every_step)
-        self.phases = eager.phases  # shared: inner combinators set options on either
+                         check_finite_every_step=eager.check_finite_every_step,
+                         phases=eager.phases)
         self.eager_step = eager
         self.mode = mode
         self.fullgraph = fullgraph
@@ -157,6 +148,12 @@ class CompiledStep(TrainStep):
 
     def __repr__(self) -> str:
         return f"compile({super().__repr__()}, mode={self.mode!r})"
+
+    def with_phases(self, phases: _phases.Phases) -> CompiledStep:
+        """A new compiled step (its own graphs) around the eager step with `phases`."""
+        return CompiledStep(self.eager_step.with_phases(phases), self.mode,
+                            fullgraph=self.fullgraph, fallback=self.fallback,
+                            dynamic=self.dynamic)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -313,7 +310,8 @@ class CompiledStep(TrainStep):
         """The compiled iteration for this state's model and the step's current options."""
         amp = self.phases.amp
         acc = self.phases.accumulation
-        fast = (state.model, state.optimizer, device, graphs, mode, self.want_grad_norm, amp,
+        want_grad_norm = _phases.GRAD_NORM.get()
+        fast = (state.model, state.optimizer, device, graphs, mode, want_grad_norm, amp,
                 acc)
         last = self._last
         if last is not None and last[0] == fast:
@@ -332,12 +330,12 @@ class CompiledStep(TrainStep):
                                             amp.backoff_factor, amp.growth_interval)
         acc_key = None if acc is None else (acc.micro_batches, acc.split)
         key = (id(model), tuple(id(o) for o in optimizers), device, graphs, mode,
-               bool(self.want_grad_norm), amp_key, acc_key, self.on_nonfinite,
+               want_grad_norm, amp_key, acc_key, self.on_nonfinite,
                self.check_finite_every_step)
         entry = self._fns.get(key)
         if entry is None:
             iteration = _iteration(self.loss_fn, model, optimizers, device, amp, acc,
-                                   want_grad_norm=bool(self.want_grad_norm),
+                                   want_grad_norm=want_grad_norm,
                                    skip_nonfinite=self.on_nonfinite == "skip"
                                    or self.check_finite_every_step)
             compiled = _Compiled(self)

@@ -1,8 +1,9 @@
 """`with_accumulation`: one update from several micro-batches of each batch.
 
-The layer splits each batch the loop hands the step into `micro_batches` parts, runs
-forward and backward on each (gradients add up, weighted by each part's share of the
-samples, so the update equals one on the whole batch), then updates once. One loop
+`with_accumulation` returns a new stack whose core step splits each batch the loop hands
+it into `micro_batches` parts, runs forward and backward on each (gradients add up,
+weighted by each part's share of the samples, so the update equals one on the whole
+batch), then updates once. One loop
 iteration is one update: `state.step`, logging intervals, `max_steps`, schedules and
 checkpoints all count updates, and a checkpoint never falls between micro-batches (there
 is no half-accumulated gradient to save). Under `with_ddp` gradients are all-reduced only
@@ -15,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from ftrain.core import step as _step
-from ftrain.core.layer import Combinator
-from ftrain.core.phases import phases_of
+from ftrain.core.layer import Step
+from ftrain.core.phases import with_option
 from ftrain.data.batches import batch_size
 from ftrain.errors import ConfigError, DataError
 
@@ -52,28 +53,21 @@ def split_batch(batch: Any, n: int) -> list[Any]:
     return [pytree.tree_unflatten([p[i] for p in pieces], spec) for i in range(parts)]
 
 
-class WithAccumulation(Combinator):
-    """The layer `with_accumulation` builds."""
+@attrs.frozen
+class Accumulation:
+    """The micro-batching option `with_accumulation` gives a core step (a frozen record)."""
 
-    def __init__(self, inner: Any, micro_batches: int,
-                 split: Callable[[Any], list[Any]] | None) -> None:
-        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) \
-                or micro_batches < 1:
+    micro_batches: int
+    split: Callable[[Any], list[Any]] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        n = self.micro_batches
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"with_accumulation: micro_batches must be an int >= 1, got "
-                              f"{micro_batches!r}")
-        if split is not None and not callable(split):
+                              f"{n!r}")
+        if self.split is not None and not callable(self.split):
             raise ConfigError(f"with_accumulation: split must be a function batch -> list of "
-                              f"micro-batches, got {type(split).__name__}")
-        super().__init__(inner)
-        from ftrain.core.step import TrainStep
-        core = _step.core(inner)
-        if not isinstance(core, TrainStep):
-            raise ConfigError(f"with_accumulation splits batches for ft.train_step; the core "
-                              f"here is {core!r} (in a manual step call m.backward per "
-                              "micro-batch, then m.apply once)")
-        self.micro_batches = micro_batches
-        self.split = split
-        phases_of(_step.core(inner), "with_accumulation").claim("accumulation", self)
+                              f"micro-batches, got {type(self.split).__name__}")
 
     def __repr__(self) -> str:
         return f"with_accumulation({self.micro_batches})"
@@ -96,7 +90,7 @@ class WithAccumulation(Combinator):
 
 
 def with_accumulation(step: Any, micro_batches: int, *,
-                      split: Callable[[Any], list[Any]] | None = None) -> WithAccumulation:
+                      split: Callable[[Any], list[Any]] | None = None) -> Step:
     """Accumulate gradients over `micro_batches` parts of each batch, then update once.
 
     Each batch is split along dim 0 (or by `split(batch) -> [micro_batch, ...]`); the loss
@@ -113,4 +107,6 @@ def with_accumulation(step: Any, micro_batches: int, *,
         >>> state.step   # one update from four micro-batches of 8
         1
     """
-    return WithAccumulation(step, micro_batches, split)
+    return with_option(step, "accumulation", Accumulation(micro_batches, split),
+                       "with_accumulation",
+                       " (in a manual step call m.backward per micro-batch, then m.apply once)")

@@ -1,6 +1,6 @@
 """`with_amp`: mixed precision (autocast), with a dynamic loss scaler for float16.
 
-The layer sets the core step's autocast dtype (see ftrain.core.phases for the phase order).
+`with_amp` sets the core step's autocast dtype (see ftrain.core.phases for the phase order).
 bfloat16 keeps float32's range and needs no scaler. float16 gets one that lives in a slot,
 `{"scale", "growth_tracker", "skipped"}` (0-d device tensors): the loss is multiplied by
 `scale` before backward, gradients are unscaled before clipping, and a step whose gradients
@@ -14,55 +14,61 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 
-from ftrain.core import step as _step
-from ftrain.core.layer import Combinator
-from ftrain.core.phases import phases_of
+from ftrain.core.layer import Step
+from ftrain.core.phases import with_option
 from ftrain.core.state import TrainState
 from ftrain.errors import CheckpointError, ConfigError
 
 _SLOT_KEYS = {"scale": torch.float32, "growth_tracker": torch.int32, "skipped": torch.int64}
 
 
-class WithAmp(Combinator):
-    """The layer `with_amp` builds."""
+@attrs.frozen
+class Amp:
+    """The precision option `with_amp` gives a core step (a frozen record)."""
 
-    def __init__(self, inner: Any, dtype: torch.dtype, *, init_scale: float,
-                 growth_factor: float, backoff_factor: float, growth_interval: int,
-                 name: str) -> None:
-        if dtype not in (torch.bfloat16, torch.float16):
+    dtype: torch.dtype
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    name: str = "amp"
+
+    def __attrs_post_init__(self) -> None:
+        if self.dtype not in (torch.bfloat16, torch.float16):
             raise ConfigError(f"with_amp: dtype must be torch.bfloat16 or torch.float16, got "
-                              f"{dtype!r}")
-        self.dtype = dtype
-        self.scaling = dtype == torch.float16
+                              f"{self.dtype!r}")
         if self.scaling:
-            if not (init_scale > 0 and growth_factor > 1.0 and 0.0 < backoff_factor < 1.0):
+            if not (self.init_scale > 0 and self.growth_factor > 1.0
+                    and 0.0 < self.backoff_factor < 1.0):
                 raise ConfigError(
                     f"with_amp: need init_scale > 0, growth_factor > 1 and 0 < "
-                    f"backoff_factor < 1, got init_scale={init_scale}, growth_factor="
-                    f"{growth_factor}, backoff_factor={backoff_factor}")
-            if not isinstance(growth_interval, int) or growth_interval < 1:
+                    f"backoff_factor < 1, got init_scale={self.init_scale}, growth_factor="
+                    f"{self.growth_factor}, backoff_factor={self.backoff_factor}")
+            if not isinstance(self.growth_interval, int) or self.growth_interval < 1:
                 raise ConfigError(f"with_amp: growth_interval must be an int >= 1, got "
-                                  f"{growth_interval!r}")
-        super().__init__(inner, name if self.scaling else None)
-        self.name = name
-        self.init_scale = float(init_scale)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.growth_interval = growth_interval
-        phases_of(_step.core(inner), "with_amp").claim("amp", self)
+                                  f"{self.growth_interval!r}")
+            if not isinstance(self.name, str) or not self.name:
+                raise ConfigError(f"name= must be a non-empty string, got {self.name!r}")
 
     def __repr__(self) -> str:
         return f"with_amp({self.dtype})"
 
+    @property
+    def scaling(self) -> bool:
+        """float16 scales the loss (a slot); bfloat16 does not need to."""
+        return self.dtype == torch.float16
+
     def fresh_slot(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"scale": torch.full((), self.init_scale, dtype=torch.float32, device=device),
+        return {"scale": torch.full((), float(self.init_scale), dtype=torch.float32,
+                                    device=device),
                 "growth_tracker": torch.zeros((), dtype=torch.int32, device=device),
                 "skipped": torch.zeros((), dtype=torch.int64, device=device)}
 
     def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
+        """Create the loss scaler's slot, or check the one a checkpoint brought."""
         if not self.scaling:
             return state
         slot = state.slots.get(self.name)
@@ -86,15 +92,16 @@ def _shape(slot: Any) -> Any:
 
 def with_amp(step: Any, dtype: torch.dtype = torch.bfloat16, *, init_scale: float = 2.0**16,
              growth_factor: float = 2.0, backoff_factor: float = 0.5,
-             growth_interval: int = 2000, name: str = "amp") -> WithAmp:
+             growth_interval: int = 2000, name: str = "amp") -> Step:
     """Run the forward and loss under autocast in `dtype` on the state's device type.
 
     `torch.bfloat16` (the default; CPU and recent GPUs) needs no loss scaling.
     `torch.float16` adds a dynamic loss scaler in `state.slots[name]`: overflowing steps
     are skipped on the device (params, optimizer state and schedule position unchanged),
     the scale backs off by `backoff_factor` and grows by `growth_factor` after
-    `growth_interval` clean steps, as torch's GradScaler does. The layer sets an option on
-    the core step (`train_step` or `manual_step`), so it may sit anywhere in the stack.
+    `growth_interval` clean steps, as torch's GradScaler does. It returns a new stack
+    whose core step (`train_step` or `manual_step`) has this option set, so it may be
+    applied anywhere in the stack; `step` itself is unchanged.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -105,8 +112,9 @@ def with_amp(step: Any, dtype: torch.dtype = torch.bfloat16, *, init_scale: floa
         >>> state.step
         1
     """
-    return WithAmp(step, dtype, init_scale=init_scale, growth_factor=growth_factor,
-                   backoff_factor=backoff_factor, growth_interval=growth_interval, name=name)
+    amp = Amp(dtype, float(init_scale), float(growth_factor), float(backoff_factor),
+              growth_interval, name)
+    return with_option(step, "amp", amp, "with_amp")
 
 
 def loss_scale(state: TrainState, name: str = "amp") -> float | None:

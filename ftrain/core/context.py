@@ -21,8 +21,9 @@ def register(binding: Any) -> None:
 
 
 def unregister(binding: Any) -> None:
-    if _LIVE.get(id(binding.params)) is binding:
-        del _LIVE[id(binding.params)]
+    key = id(binding.params)
+    if _LIVE.get(key) is binding:
+        del _LIVE[key]
 
 
 def binding_of(state: Any) -> Any:

@@ -18,6 +18,7 @@ import torch
 
 from ftrain.core import bind as _bind
 from ftrain.core import health
+from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
 from ftrain.core.state import TrainState
@@ -26,13 +27,14 @@ from ftrain.core.step import (
     _check_state,
     _grad_norm,
     _nonfinite_epoch_end,
+    _Value,
     advance,
     check_core_args,
     eval_metrics,
 )
 from ftrain.errors import ConfigError, LossError
 
-Metrics = dict[str, torch.Tensor]
+Metrics = _layer.Metrics
 
 
 class Manual:
@@ -101,7 +103,7 @@ class Manual:
         if self._core.on_nonfinite == "skip":
             loss_bad = (~torch.isfinite(torch.stack(losses)).all()).to(torch.float32)
         found_inf = _phases.prepare(self._core.phases, leaves, loss_bad, self._scale, True)
-        if self._core.want_grad_norm:
+        if _phases.GRAD_NORM.get():
             self.metrics["grad_norm" if part is None else f"grad_norm/{part}"] = \
                 _grad_norm(leaves)
         state = self.state
@@ -145,11 +147,12 @@ class Manual:
             _phases.update_scale(self._core.phases.amp, self._scale, found_inf)
 
 
-class ManualStep:
+class ManualStep(_Value):
     """The step built by `manual_step`."""
 
     inner = None
-    want_grad_norm = False
+    options = ("amp", "ddp")
+    _fixed = ("fn", "on_nonfinite", "phases")
 
     def __init__(self, fn: Callable[[Manual, Any], Any], on_nonfinite: NonFinite) -> None:
         check_core_args(fn, "manual_step needs a callable fn(m, batch)", on_nonfinite)

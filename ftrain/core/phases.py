@@ -1,8 +1,9 @@
 """The phases of one update, shared by `train_step` and hand-written (manual) steps.
 
 Inner combinators (`with_amp`, `with_accumulation`, `with_ddp`) do not wrap the
-computation; they set options on the core step (a `Phases` record), and the core
-runs the phases in a fixed order whatever the wrapping order was:
+computation: each returns a new stack whose core step has one more option set (a frozen
+`Phases` record; `with_option` below), and the core runs the phases in this fixed order
+whatever the wrapping order was:
 
     forward and loss under autocast -> (scaled) backward -> gradient sync across ranks
     -> unscale and finite check (agreed by all ranks) -> clipping -> update -> scale update
@@ -13,43 +14,70 @@ Everything here runs on the device: no host sync.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import torch
 
+from ftrain.core.layer import map_core
 from ftrain.core.state import clone_tree
 from ftrain.errors import ConfigError
 
+# A logging layer's request for this call: add the global gradient norm (after backward,
+# before clipping) to the metrics. A context variable, set around one call, so no step
+# object is ever changed to ask for it (one `.get()` per step).
+GRAD_NORM: contextvars.ContextVar[bool] = contextvars.ContextVar("ftrain_grad_norm",
+                                                                 default=False)
 
+
+@attrs.frozen
 class Phases:
-    """Options inner combinators set on a core step; each kind by at most one layer."""
+    """The options inner combinators give a core step; each kind set at most once.
 
-    def __init__(self) -> None:
-        self.amp: Any = None  # a WithAmp layer: dtype, scaler settings, slot name
-        self.accumulation: Any = None  # a WithAccumulation layer: micro_batches, split
-        self.ddp: Any = None  # a WithDDP layer
+    `amp`: `ftrain.core.amp.Amp` (autocast dtype, loss scaler); `accumulation`:
+    `ftrain.core.accumulation.Accumulation` (micro-batches); `ddp`:
+    `ftrain.parallel.ddp.DDP` (process group, DistributedDataParallel options).
+    """
 
-    def claim(self, kind: str, layer: Any) -> None:
-        current = getattr(self, kind)
-        if current is not None and current is not layer:
-            raise ConfigError(f"this core step's {kind} option is already set by "
-                              f"{current!r}; a core step takes one (build a new train_step "
-                              "for another stack)")
-        setattr(self, kind, layer)
+    amp: Any = None
+    accumulation: Any = None
+    ddp: Any = None
 
     @property
     def world(self) -> int:
         return self.ddp.world if self.ddp is not None else 1
 
+    def init(self, state: Any) -> Any:
+        """What the options need before the first step: join the process group (ddp),
+        create or check the loss scaler's slot (float16)."""
+        if self.ddp is not None:
+            state = self.ddp.init(state)
+        if self.amp is not None:
+            state = self.amp.init(state)
+        return state
 
-def phases_of(core: Any, what: str) -> Phases:
-    """The options record of a core step (train_step or manual_step), or an error."""
-    phases = getattr(core, "phases", None)
-    if not isinstance(phases, Phases):
-        raise ConfigError(f"{what} sets options on the core step built by ft.train_step or "
-                          f"ft.manual_step; the innermost step here is {core!r}")
-    return phases
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return (self.amp.name,) if self.amp is not None and self.amp.scaling else ()
+
+
+def with_option(step: Any, kind: str, value: Any, what: str, unsupported: str = "") -> Any:
+    """`step` rebuilt around a core that has option `kind` set to `value` (`map_core`):
+    the given stack and its core are unchanged. Setting a kind twice is an error."""
+    def change(core: Any) -> Any:
+        phases = getattr(core, "phases", None)
+        if not isinstance(phases, Phases) or kind not in getattr(core, "options", ()):
+            raise ConfigError(f"{what} sets an option of the core step built by "
+                              f"ft.train_step or ft.manual_step; the innermost step here is "
+                              f"{core!r}{unsupported}")
+        current = getattr(phases, kind)
+        if current is not None:
+            raise ConfigError(f"this core step's {kind} option is already set ({current!r}); "
+                              f"{what} sets it once per stack")
+        return core.with_phases(attrs.evolve(phases, **{kind: value}))
+    return map_core(step, change)
 
 
 def autocast(phases: Phases, device: torch.device) -> Any:

@@ -13,6 +13,7 @@ bound state (see ftrain.core.bind). Both give bitwise the same numbers.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -20,12 +21,13 @@ import torch
 
 from ftrain.core import bind as _bind
 from ftrain.core import health
+from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
 from ftrain.core.state import STOP_SLOT, TrainState, clone_tree, donate, parts
 from ftrain.errors import ConfigError, LossError
 
-Metrics = dict[str, torch.Tensor]
+Metrics = _layer.Metrics
 LossFn = Callable[[Any, Any], Any]
 NonFinite = Literal["raise", "skip", "ignore"]
 
@@ -100,22 +102,49 @@ def _check_state(state: Any, what: str) -> None:
                           f"{type(state).__name__}")
 
 
-class TrainStep:
+class _Value:
+    """A core step is a value: its options are fixed once built. Inner combinators return
+    a new core (`with_phases`); assigning an option raises."""
+
+    options: tuple[str, ...] = ()
+    _fixed: tuple[str, ...] = ("phases",)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._fixed and name in self.__dict__:
+            raise ConfigError(f"{self!r} is a value: its {name} cannot change; build a new "
+                              "step (inner combinators such as ft.with_amp return one)")
+        object.__setattr__(self, name, value)
+
+    def with_phases(self, phases: _phases.Phases) -> Any:
+        """A copy of this core step with other options (this one is unchanged)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "phases", phases)
+        return new
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return self.phases.slot_names  # type: ignore[attr-defined, no-any-return]
+
+    def init(self, state: TrainState) -> TrainState:
+        return self.phases.init(state)  # type: ignore[attr-defined, no-any-return]
+
+
+class TrainStep(_Value):
     """The core training step built by `train_step`."""
 
     inner = None
-    # Set for one call by a logging layer at its interval: add the global gradient norm
-    # (after backward, before clipping and the update) to the metrics.
-    want_grad_norm = False
+    options = ("amp", "accumulation", "ddp")
+    _fixed = ("loss_fn", "on_nonfinite", "check_finite_every_step", "phases")
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
-                 check_finite_every_step: bool = False) -> None:
+                 check_finite_every_step: bool = False,
+                 phases: _phases.Phases | None = None) -> None:
         check_core_args(loss_fn, "train_step needs a callable loss_fn(model, batch)",
                         on_nonfinite)
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
         self.check_finite_every_step = check_finite_every_step
-        self.phases = _phases.Phases()  # set by with_amp / with_accumulation / with_ddp
+        self.phases = phases if phases is not None else _phases.Phases()
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
@@ -194,7 +223,7 @@ class TrainStep:
         if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
             loss_bad = (~torch.isfinite(metrics["loss"])).to(torch.float32)
         found_inf = _phases.prepare(self.phases, leaves, loss_bad, scale, explicit_sync)
-        if self.want_grad_norm:
+        if _phases.GRAD_NORM.get():
             metrics["grad_norm"] = _grad_norm(leaves)
         for part, optimizer, params in trainable:
             _phases.apply_update(optimizer, params,
@@ -425,42 +454,12 @@ def eval_step(fn: LossFn) -> EvalStep:
     return EvalStep(fn)
 
 
-# -- the protocol, as the loops drive it -------------------------------------------------
+# -- the protocol, as the loops drive it (defined in ftrain.core.layer) -------------------
 
-def init(step: Any, state: TrainState) -> TrainState:
-    """Call `step.init(state)` if the step has one."""
-    fn = getattr(step, "init", None)
-    return fn(state) if fn is not None else state
-
-
-def epoch_end(step: Any, state: TrainState) -> tuple[TrainState, Metrics]:
-    """Call `step.epoch_end(state)` if the step has one."""
-    fn = getattr(step, "epoch_end", None)
-    if fn is None:
-        return state, {}
-    result = fn(state)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise ConfigError(f"{step!r}.epoch_end must return (state, metrics), got "
-                          f"{_describe(result)}")
-    return result  # type: ignore[no-any-return]
-
-
-def close(step: Any, state: TrainState) -> None:
-    """Call `step.close(state)` if the step has one."""
-    fn = getattr(step, "close", None)
-    if fn is not None:
-        fn(state)
-
-
-def core(step: Any) -> Any:
-    """The innermost step of a combinator stack (following `.inner`)."""
-    seen = set()
-    while getattr(step, "inner", None) is not None:
-        if id(step) in seen:
-            raise ConfigError("a step's .inner chain loops back on itself")
-        seen.add(id(step))
-        step = step.inner
-    return step
+init = _layer.init
+epoch_end = _layer.epoch_end
+close = _layer.close
+core = _layer.core
 
 
 def request_stop(state: TrainState, reason: str) -> TrainState:

@@ -12,18 +12,17 @@ import math
 from typing import Any, Literal
 
 from ftrain.core import slots as _slots
-from ftrain.core import step as _step
 from ftrain.core.health import log
 from ftrain.core.host import to_host
-from ftrain.core.layer import Combinator, find
+from ftrain.core.layer import Combinator, Metrics, matcher, written_inside
 from ftrain.core.state import TrainState
 from ftrain.core.step import request_stop
 from ftrain.errors import ConfigError, MonitorError
-from ftrain.layers.validation import WithValidation
 from ftrain.parallel.dist import across_ranks
 
 _FIELDS = {"best": (_slots.optional(_slots.number), "a number or None"),
            "wait": (_slots.count, "an int >= 0"), "seen": (_slots.count, "an int >= 0"),
+           "at": (_slots.optional(_slots.count), "an int >= 0 or None"),
            "reason": (_slots.optional(_slots.text), "a string or None"),
            "monitor": (_slots.optional(_slots.text), "a string or None"),
            "mode": (_slots.optional(_slots.text), "a string or None")}
@@ -54,24 +53,24 @@ class EarlyStop(Combinator):
         self.check_finite = check_finite
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
-        validation = find(inner, WithValidation)
-        self.validation_slot = validation.name if validation is not None else None
+        self.reads = (monitor,)
+        # A monitor some layer inside adds (validation's "val_*") is checked whenever such
+        # results arrive; any other (a train metric, "loss_epoch") at each epoch's end.
+        self.results = matcher(written_inside(inner, monitor))
+        self.on_results = bool(written_inside(inner, monitor))
         self._last_metrics: dict[str, Any] = {}  # the epoch's last step's, for epoch checks
+        self._checked()
 
     def __repr__(self) -> str:
         return f"early_stop({self.monitor!r}, patience={self.patience})"
-
-    def _checks(self, state: TrainState) -> int:
-        slot = state.slots.get(self.validation_slot or "", {})
-        return int(slot.get("checks", 0))
 
     def _ensure(self, state: TrainState) -> TrainState:
         slot = state.slots.get(self.name)
         if slot is None:
             return state.replace(slots={**state.slots, self.name: {
-                "best": None, "wait": 0, "seen": self._checks(state), "reason": None,
+                "best": None, "wait": 0, "seen": 0, "at": None, "reason": None,
                 "monitor": self.monitor, "mode": self.mode}})
-        _slots.check(slot, self.name, _FIELDS)
+        _slots.check(slot, self.name, _FIELDS, may_lack=("at",))
         if (slot.get("monitor"), slot.get("mode")) != (self.monitor, self.mode):
             raise ConfigError(
                 f"the {self.name!r} slot of this state tracks monitor={slot.get('monitor')!r}, "
@@ -79,27 +78,32 @@ class EarlyStop(Combinator):
                 f"mode={self.mode!r}. Keep them, or give it another name= to start afresh")
         return state
 
-    def init(self, state: TrainState) -> TrainState:
-        return self._ensure(_step.init(self.inner, state))
+    def after_init(self, state: TrainState) -> TrainState:
+        return self._ensure(state)
+
+    def _arrived(self, state: TrainState, metrics: Metrics) -> bool:
+        """Results the monitor is among arrived (once per step: an epoch end may repeat
+        the results of a check made at its last step)."""
+        match = self.results
+        return any(match(k) for k in metrics) and \
+            state.slots[self.name].get("at") != state.step
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
         if self.name not in state.slots:
             state = self._ensure(state)
         self._last_metrics = metrics
-        if self.validation_slot is not None and self._checks(state) != \
-                state.slots[self.name]["seen"]:
+        if self.on_results and self._arrived(state, metrics):
             state = self._check(state, metrics)
         return state, metrics
 
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
-        state, metrics = _step.epoch_end(self.inner, state)
+    def at_epoch_end(self, state: TrainState, metrics: Metrics) -> tuple[TrainState, Any]:
         state = self._ensure(state)
-        if self.validation_slot is None:
+        if not self.on_results:
             if state.slots.get("loop", {}).get("batch", 0) == 0:  # a completed epoch
                 # the epoch's last step's metrics too (a train metric may be monitored)
                 state = self._check(state, {**self._last_metrics, **metrics})
-        elif self._checks(state) != state.slots[self.name]["seen"]:
+        elif self._arrived(state, metrics):
             state = self._check(state, metrics)
         return state, metrics
 
@@ -120,7 +124,8 @@ class EarlyStop(Combinator):
         # host sync: a check decides here
         value = to_host(across_ranks(state, [metrics[self.monitor]]))[0]
         slot = dict(state.slots[self.name])
-        slot["seen"] = self._checks(state)
+        slot["seen"] = int(slot["seen"]) + 1
+        slot["at"] = state.step
         reason = None
         if self.check_finite and not math.isfinite(value):
             reason = f"{self.monitor} = {value} is not finite"
@@ -156,9 +161,11 @@ def early_stop(step: Any, monitor: str, patience: int = 3, mode: Literal["min", 
                ) -> EarlyStop:
     """Stop the loop when `monitor` has not improved by `min_delta` for `patience` checks.
 
-    Checks are validation runs of a `with_validation` layer inside it (or epoch ends
-    without one). Also stops on a non-finite value (`check_finite`), on reaching
-    `stopping_threshold`, or on passing `divergence_threshold`. `ft.stop_reason(state)`
+    Checks are the moments the monitored value arrives: each validation run, for a metric
+    a `with_validation` layer inside it adds; each epoch end otherwise. Placing it
+    inside the layer that adds its metric is an error when the stack is built. Also stops
+    on a non-finite value (`check_finite`), on reaching `stopping_threshold`, or on
+    passing `divergence_threshold`. `ft.stop_reason(state)`
     says why. A monitored key never produced is an error at the first check, listing
     the keys that exist.
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ftrain.core import step as _step
-from ftrain.core.layer import Combinator
+from ftrain.core.layer import Combinator, Metrics
 from ftrain.core.state import LOOP_SLOT, TrainState
-from ftrain.errors import ConfigError, check_int
+from ftrain.core.trigger import Trigger
+from ftrain.errors import ConfigError
 
 Hook = Callable[[TrainState, dict[str, Any]], Any]
 
@@ -30,13 +30,11 @@ class Every(Combinator):
         if not callable(fn):
             raise ConfigError(f"every needs a function fn(state, metrics), got "
                               f"{type(fn).__name__}")
-        check_int("every_n_steps", every_n_steps, 1)
-        check_int("every_n_epochs", every_n_epochs, 1)
-        if every_n_steps is None and every_n_epochs is None:
-            raise ConfigError("every needs every_n_steps= or every_n_epochs=")
+        self.trigger = Trigger(every_n_steps, every_n_epochs).require("every")
         self.fn = fn
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
+        self._checked()
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
@@ -58,16 +56,12 @@ class Every(Combinator):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
-        n = self.every_n_steps
-        if n is not None and state.step % n == 0:
+        if self.trigger.step_due(state.step):
             state, metrics = self._call(state, metrics)
         return state, metrics
 
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Any]:
-        state, metrics = _step.epoch_end(self.inner, state)
-        n = self.every_n_epochs
-        pos = state.slots.get(LOOP_SLOT)
-        if n is not None and pos is not None and pos["batch"] == 0 and pos["epoch"] % n == 0:
+    def at_epoch_end(self, state: TrainState, metrics: Metrics) -> tuple[TrainState, Any]:
+        if LOOP_SLOT in state.slots and self.trigger.epoch_due(state):
             state, metrics = self._call(state, metrics)
         return state, metrics
 

@@ -21,7 +21,6 @@ from typing import Any, Literal
 import torch
 
 from ftrain.core import bind as _bind
-from ftrain.core import step as _step
 from ftrain.core.health import log
 from ftrain.core.layer import Combinator
 from ftrain.core.run import run_info
@@ -101,8 +100,7 @@ class WithProfiling(Combinator):
     def __repr__(self) -> str:
         return f"with_profiling({self.kind!r})"
 
-    def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
+    def after_init(self, state: TrainState) -> TrainState:
         binding = _bind.binding_of(state)
         if self.kind == "simple":
             if binding is None:
@@ -136,13 +134,7 @@ class WithProfiling(Combinator):
             self.torch_profiler.step()
         return result  # type: ignore[no-any-return]
 
-    def close(self, state: TrainState) -> None:
-        try:
-            _step.close(self.inner, state)
-        finally:
-            self._finish(state)
-
-    def _finish(self, state: TrainState) -> None:
+    def at_close(self, state: TrainState) -> None:
         if self.kind == "simple" and self.recorder is not None:
             binding = _bind.binding_of(state)
             if binding is not None:

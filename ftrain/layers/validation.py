@@ -15,10 +15,10 @@ import torch
 
 from ftrain.core import health
 from ftrain.core import slots as _slots
-from ftrain.core import step as _step
-from ftrain.core.layer import Combinator
+from ftrain.core.layer import Combinator, Metrics
 from ftrain.core.run import run_info
-from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.core.state import TrainState
+from ftrain.core.trigger import Trigger, ended_epoch
 from ftrain.data.module import resolve
 from ftrain.errors import ConfigError, check_int
 
@@ -26,7 +26,6 @@ SLOT_FIELDS = {"checks": (_slots.count, "an int >= 0"),
                "last": (_slots.dict_of(_slots.number), "a dict of numbers"),
                "step": (_slots.optional(_slots.count), "an int >= 0")}
 
-Metrics = dict[str, Any]
 
 
 class WithValidation(Combinator):
@@ -42,13 +41,11 @@ class WithValidation(Combinator):
         if not callable(evaluator):
             raise ConfigError(f"with_validation needs an evaluator (ft.eval_step(fn)), got "
                               f"{type(evaluator).__name__}")
-        for label, value, low in (("every_n_epochs", every_n_epochs, 1),
-                                  ("every_n_steps", every_n_steps, 1),
-                                  ("sanity_steps", sanity_steps, 0),
+        for label, value, low in (("sanity_steps", sanity_steps, 0),
                                   ("limit_val_batches", limit_val_batches, 1)):
             check_int(label, value, low)
-        if every_n_epochs is None and every_n_steps is None:
-            raise ConfigError("with_validation needs every_n_epochs= or every_n_steps=")
+        self.trigger = Trigger(every_n_steps, every_n_epochs, on_last=True).require(
+            "with_validation")
         self.evaluator = evaluator
         self.sets = dict(val_data) if isinstance(val_data, Mapping) else {None: val_data}
         if not self.sets:
@@ -58,6 +55,8 @@ class WithValidation(Combinator):
         self.sanity_steps = sanity_steps
         self.limit = limit_val_batches
         self.prefix = prefix
+        self.writes = (prefix + "*",)  # its results; logging and monitors find them so
+        self._checked()
 
     def __repr__(self) -> str:
         return (f"with_validation(every_n_epochs={self.every_n_epochs}, "
@@ -83,8 +82,7 @@ class WithValidation(Combinator):
             out.update({head + k: v for k, v in values.items()})
         return out
 
-    def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
+    def after_init(self, state: TrainState) -> TrainState:
         if self.sanity_steps:
             limit = self._limit(state, self.sanity_steps)
             self._evaluate(state, limit)  # not logged, not counted
@@ -104,21 +102,17 @@ class WithValidation(Combinator):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         state, metrics = self.inner(state, batch)
-        every = self.every_n_steps
-        if every is not None and state.step % every == 0:
+        if self.trigger.step_due(state.step):
             state, results = self._validate(state)
             metrics = {**metrics, **results}
         return state, metrics
 
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        state, metrics = _step.epoch_end(self.inner, state)
-        pos = state.slots.get(LOOP_SLOT, {"epoch": 0, "batch": 0})
+    def at_epoch_end(self, state: TrainState, metrics: Metrics
+                     ) -> tuple[TrainState, Metrics]:
         run = run_info(state)
         # fast_dev_run leaves the epoch open (the state stays a valid start) but validates
-        completed = pos["batch"] == 0 or bool(run is not None and run.fast_dev_run)
-        last_epoch = run is not None and run.epochs is not None and pos["epoch"] >= run.epochs
-        due = self.every_n_epochs is not None and completed and (
-            pos["epoch"] % self.every_n_epochs == 0 or last_epoch)
+        completed = ended_epoch(state) or bool(run is not None and run.fast_dev_run)
+        due = self.trigger.epoch_due(state, completed=completed)
         slot = state.slots.get(self.name) or {}
         if due and slot.get("step") == state.step:
             # validated at this very step already (every_n_steps): report, don't rerun

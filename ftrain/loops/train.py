@@ -25,16 +25,21 @@ from typing import Any
 
 import torch
 
+from ftrain.checkpoints.manager import with_checkpointing
 from ftrain.checkpoints.resume import resume_from
 from ftrain.core import bind as _bind
 from ftrain.core import health
 from ftrain.core import step as _step
+from ftrain.core.layer import provides, request
 from ftrain.core.run import RunInfo, run_info
 from ftrain.core.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 from ftrain.data import batches as _data
 from ftrain.data.module import Data, resolve
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
+from ftrain.layers.logging import with_logging
+from ftrain.layers.logging.loggers import check_logger
 from ftrain.loops import position as _pos
+from ftrain.parallel import dist as _dist
 from ftrain.parallel.lockstep import Lockstep
 
 log = logging.getLogger("ftrain")
@@ -210,6 +215,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     binding.in_step = True  # steps run bound only when the loop calls them
                     if binding.buffer_slots:
                         binding.save_buffers()  # a failing step puts them back
+                    _dist.at_step = step_no  # for a peer's stuck-rank report (a plain int)
                     state, metrics = step(before, batch)
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
@@ -364,13 +370,10 @@ def _finish(step: Any, state: Any, owner: object, failed: bool) -> Any:
 
 def _on_signal(step: Any, state: TrainState, metrics: Metrics, signals: list[str]
                ) -> TrainState:
-    from ftrain.checkpoints.manager import WithCheckpointing
-    from ftrain.core.layer import find
-    layer = find(step, WithCheckpointing)
-    if layer is not None:
-        state = layer.save_last_now(state)
-        log.warning("%s received: saved %s at step %d", signals[0],
-                    os.path.join(layer.dirpath or "", "last.ckpt"), state.step)
+    state, saved = request(step, state, "save")  # layers that can save, save now
+    if saved:
+        log.warning("%s received: saved %s at step %d", signals[0], ", ".join(saved),
+                    state.step)
     else:
         log.warning("%s received at step %d; no checkpointing layer to save with",
                     signals[0], state.step)
@@ -529,12 +532,7 @@ def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
     `logger`: True (TensorBoard under `root_dir`), a logger, a list of loggers, or False.
     A step that already has a logging layer keeps it (and shows the bar if `progress`).
     """
-    from ftrain.checkpoints.manager import WithCheckpointing, with_checkpointing
-    from ftrain.core.layer import find
-    from ftrain.layers.logging import WithLogging, with_logging
-    from ftrain.layers.logging.loggers import check_logger
-
-    if find(step, WithLogging) is None and (logger is not False or progress):
+    if not provides(step, "logging") and (logger is not False or progress):
         if logger is True:
             loggers = None
         elif logger is False:
@@ -544,7 +542,7 @@ def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
             for one in loggers:
                 check_logger(one)
         step = with_logging(step, loggers)
-    if find(step, WithCheckpointing) is None and checkpoint is not False:
+    if not provides(step, "checkpointing") and checkpoint is not False:
         if checkpoint is True:
             step = with_checkpointing(step)
         elif isinstance(checkpoint, (str, os.PathLike)):

@@ -19,56 +19,44 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from ftrain.core import step as _step
 from ftrain.core.bind import _Apply
-from ftrain.core.layer import Combinator
-from ftrain.core.phases import phases_of
+from ftrain.core.layer import Step
+from ftrain.core.phases import with_option
 from ftrain.core.run import run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.errors import ConfigError
 from ftrain.parallel import dist as _dist
 
 
-class WithDDP(Combinator):
-    """The layer `with_ddp` builds."""
+@attrs.frozen(eq=False)
+class DDP:
+    """The data-parallel option `with_ddp` gives a core step (a frozen record)."""
 
-    def __init__(self, inner: Any, *, backend: str | None, timeout: datetime.timedelta,
-                 find_unused_parameters: bool, sync_buffers: bool,
-                 bucket_cap_mb: float | None, gradient_as_bucket_view: bool,
-                 static_graph: bool) -> None:
-        if backend not in (None, "gloo", "nccl", "mpi", "xccl"):
+    backend: str | None
+    timeout: datetime.timedelta
+    options: dict[str, Any]
+
+    def __attrs_post_init__(self) -> None:
+        if self.backend not in (None, "gloo", "nccl", "mpi", "xccl"):
             raise ConfigError(f"with_ddp: backend must be None, 'gloo' or 'nccl', got "
-                              f"{backend!r}")
-        if not isinstance(timeout, datetime.timedelta):
+                              f"{self.backend!r}")
+        if not isinstance(self.timeout, datetime.timedelta):
             raise ConfigError(f"with_ddp: timeout must be a datetime.timedelta, got "
-                              f"{type(timeout).__name__}")
-        super().__init__(inner)
-        self.backend = backend
-        self.timeout = timeout
-        self.options: dict[str, Any] = dict(find_unused_parameters=find_unused_parameters,
-                            forward_sync_buffers=sync_buffers, bucket_cap_mb=bucket_cap_mb,
-                            gradient_as_bucket_view=gradient_as_bucket_view,
-                            static_graph=static_graph)
-        phases_of(_step.core(inner), "with_ddp").claim("ddp", self)
+                              f"{type(self.timeout).__name__}")
 
     def __repr__(self) -> str:
         return f"with_ddp(world={self.world})"
-
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
-        # Where this rank is, for a peer whose collective times out (plain int stores).
-        _dist.at_step = state.step
-        state, metrics = self.inner(state, batch)
-        _dist.at_step = state.step
-        return state, metrics
 
     @property
     def world(self) -> int:
         return _dist.rank_world()[1]
 
     def init(self, state: TrainState) -> TrainState:
+        """Join the process group; every rank starts where rank 0 does, with its tensors."""
         rank, world = _dist.setup(self.backend, self.timeout)
         run = run_info(state)
         if run is not None:
@@ -82,7 +70,7 @@ class WithDDP(Combinator):
                                                       state.opt_state))
                        if isinstance(t, torch.Tensor)]
             _dist.broadcast(tensors)  # in place: a loop's bound module sees rank 0's values
-        return _step.init(self.inner, state)
+        return state
 
     def module_for(self, binding: Any) -> Any:
         """The binding's modules under DistributedDataParallel (built once per binding),
@@ -106,7 +94,7 @@ def with_ddp(step: Any, *, backend: str | None = None,
              timeout: datetime.timedelta = _dist.DEFAULT_TIMEOUT,
              find_unused_parameters: bool = False, sync_buffers: bool = True,
              bucket_cap_mb: float | None = None, gradient_as_bucket_view: bool = False,
-             static_graph: bool = False) -> WithDDP:
+             static_graph: bool = False) -> Step:
     """Train on every process `torchrun` starts, as one data-parallel run.
 
     Each rank gets its own shard of every epoch (interleaved by rank, ordered by
@@ -126,7 +114,8 @@ def with_ddp(step: Any, *, backend: str | None = None,
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.optim.sgd(0.1))
         >>> state, metrics = step(state, (torch.randn(8, 3), torch.randn(8, 1)))
     """
-    return WithDDP(step, backend=backend, timeout=timeout,
-                   find_unused_parameters=find_unused_parameters,
-                   sync_buffers=sync_buffers, bucket_cap_mb=bucket_cap_mb,
-                   gradient_as_bucket_view=gradient_as_bucket_view, static_graph=static_graph)
+    options: dict[str, Any] = dict(
+        find_unused_parameters=find_unused_parameters, forward_sync_buffers=sync_buffers,
+        bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view,
+        static_graph=static_graph)
+    return with_option(step, "ddp", DDP(backend, timeout, options), "with_ddp")

@@ -19,13 +19,14 @@ import torch
 
 from ftrain.core import bind as _bind
 from ftrain.core import health
+from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
 from ftrain.core import slots as _slots
-from ftrain.core import step as _step
 from ftrain.core.host import to_host
-from ftrain.core.layer import Combinator
+from ftrain.core.layer import Combinator, layers
 from ftrain.core.run import run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.core.trigger import Trigger
 from ftrain.data.batches import batch_size
 from ftrain.errors import ConfigError, LossError
 from ftrain.layers.logging import accumulate
@@ -63,6 +64,9 @@ def _check_metrics(metrics: Any, step: int) -> None:
 class WithLogging(Combinator):
     """The combinator built by `with_logging`."""
 
+    role = "logging"
+    writes = ("*_epoch",)  # the epoch reductions it adds at each epoch end
+
     def __init__(self, inner: Any, loggers: Any = None, *, every_n_steps: int | None = 50,
                  prog_bar: bool | Sequence[str] = ("loss",), on_step: bool | Sequence[str] = True,
                  on_epoch: bool | Sequence[str] = True, reduce: Mapping[str, Any] | None = None,
@@ -71,10 +75,7 @@ class WithLogging(Combinator):
                  name: str = "logging") -> None:
         super().__init__(inner, name)
         self.name = name
-        if every_n_steps is not None and (not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ConfigError(f"every_n_steps must be a positive int or None, got "
-                              f"{every_n_steps!r}")
+        self.trigger = Trigger(every_n_steps)
         if progress not in (None, True, False, "always"):
             raise ConfigError(f"progress must be True, False, 'always' or None (follow the "
                               f"loop), got {progress!r}")
@@ -98,6 +99,7 @@ class WithLogging(Combinator):
         self.val_prefixes: tuple[str, ...] = (VAL_PREFIX,)
         self.run_hparams: dict[str, Any] | None = None
         self._ready = False
+        self._checked()
 
     def __repr__(self) -> str:
         return f"with_logging(every_n_steps={self.every_n_steps}, slot={self.slot_name!r})"
@@ -122,16 +124,16 @@ class WithLogging(Combinator):
             dict(run.hparams) if run is not None and run.hparams is not None else None)
         if run is not None and run.fast_dev_run:
             self.loggers = []  # a quick check writes nothing
-        from ftrain.core.layer import layers
-        from ftrain.layers.validation import WithValidation
-        prefixes = tuple(layer.prefix for layer in layers(self.inner)
-                         if isinstance(layer, WithValidation))
+        # evaluation results are what layers inside declare they add ("val_*"): logged
+        # when they arrive, not accumulated as training metrics
+        prefixes = tuple(p[:-1] for layer in layers(self.inner)
+                         for p in getattr(layer, "writes", ())
+                         if p.endswith("*") and not any(c in p[:-1] for c in "*?["))
         self.val_prefixes = prefixes or (VAL_PREFIX,)
         self.final = {}
         self._ready = True
 
-    def init(self, state: TrainState) -> TrainState:
-        state = _step.init(self.inner, state)
+    def after_init(self, state: TrainState) -> TrainState:
         self._setup(state)
         if self.name not in state.slots:
             state = state.replace(slots={**state.slots, self.name: accumulate.empty()})
@@ -156,12 +158,10 @@ class WithLogging(Combinator):
     # -- per step ----------------------------------------------------------------------
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        every = self.every_n_steps
-        log_now = every is not None and (state.step + 1) % every == 0
-        core = None
-        if log_now and self.log_grad_norm:
-            core = _step.core(self.inner)
-            core.want_grad_norm = True
+        log_now = self.trigger.step_due(state.step + 1)  # the step about to run
+        token = None
+        if log_now and self.log_grad_norm:  # ask the core step for the gradient norm
+            token = _phases.GRAD_NORM.set(True)
         bar = self.bar
         if bar is not None:
             pos = state.slots.get(LOOP_SLOT)
@@ -173,8 +173,8 @@ class WithLogging(Combinator):
         try:
             state, metrics = self.inner(state, batch)
         finally:
-            if core is not None:
-                core.want_grad_norm = False
+            if token is not None:
+                _phases.GRAD_NORM.reset(token)
         binding = _bind.binding_of(state)
         prof = binding.profiler if binding is not None else None
         t0 = time.perf_counter() if prof is not None else 0.0
@@ -246,8 +246,8 @@ class WithLogging(Combinator):
 
     # -- epoch end and close -----------------------------------------------------------
 
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        state, metrics = _step.epoch_end(self.inner, state)
+    def at_epoch_end(self, state: TrainState, metrics: Metrics
+                     ) -> tuple[TrainState, Metrics]:
         state, slot = self._slot(state)
         pos = state.slots.get(LOOP_SLOT)
         complete = pos is None or pos["batch"] == 0
@@ -282,18 +282,15 @@ class WithLogging(Combinator):
                 flush()
         return state, out
 
-    def close(self, state: TrainState) -> None:
-        try:
-            _step.close(self.inner, state)
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-            for logger in self.loggers:
-                hparams = getattr(self, "run_hparams", self.hparams)
-                if hparams is not None:
-                    logger.log_hparams(hparams, self.final)
-                logger.finalize()
-            self._ready = False
+    def at_close(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for logger in self.loggers:
+            hparams = getattr(self, "run_hparams", self.hparams)
+            if hparams is not None:
+                logger.log_hparams(hparams, self.final)
+            logger.finalize()
+        self._ready = False
 
 
 def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 50,
