@@ -1018,3 +1018,69 @@ def test_schedule_lr_with_default_fused_kernel_on_cuda(which: str) -> None:
                      make_sched=lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5))
     assert state["count"].device.type == "cuda"
     assert_close(got, want)
+
+
+# -- defects found against torch's own optimizer tests (issue 13) -----------------------------
+
+def test_adamw_schedule_single_tensor_keeps_0d_float32_params_in_float32() -> None:
+    init = {"scale": torch.tensor(0.75), **initial_params()}
+    grads = random_grads(init, steps=10)
+    sched = schedules.warmup_cosine(1e-2, 3, 10)
+    got, _ = run_ft(ft.optim.adamw(sched, weight_decay=0.1, fused=False, foreach=False),
+                    init, grads)
+    want = run_torch(lambda p: torch.optim.AdamW(params_list(p), lr=1.0, weight_decay=0.1,
+                                                 foreach=False), init, grads,
+                     make_sched=lambda o: torch.optim.lr_scheduler.LambdaLR(
+                         o, lambda k: float(sched(k))))
+    assert got["scale"].dtype == torch.float32
+    assert_equal(got, want)
+
+
+@pytest.mark.parametrize("make", [ft.optim.adam, ft.optim.adamw, ft.optim.sgd])
+def test_fused_and_foreach_together_is_a_config_error_naming_both(make: Callable) -> None:
+    with pytest.raises(ft.ConfigError, match=r"fused=True and foreach=True"):
+        make(0.1, fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda: ft.optim.adamw(1e-2, weight_decay=0.1),
+    lambda: ft.optim.adam(1e-2, weight_decay=0.05, amsgrad=True),
+    lambda: ft.optim.chain(ft.optim.clip_grad_norm(0.5),
+                           ft.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+], ids=["adamw", "adam_amsgrad", "clip_sgd"])
+def test_population_update_of_one_member_equals_the_eager_update(make_opt: Callable) -> None:
+    """The population path (stacked tensors, `members=True`) runs the same update function
+    as the eager one: with shared settings, one member's numbers are the eager ones."""
+    init = initial_params()
+    grads = random_grads(init, steps=10)
+    want, want_state = run_ft(make_opt(), init, grads)
+    opt = make_opt()
+    params = {n: t.clone().unsqueeze(0) for n, t in init.items()}
+    state = opt.init({n: t[0] for n, t in params.items()})
+    state = {k: ({kk: {n: t.unsqueeze(0) for n, t in vv.items()} if isinstance(vv, dict)
+                  else vv for kk, vv in v.items()} if isinstance(v, dict)
+                 else v.unsqueeze(0)) for k, v in state.items()}
+    for g in grads:
+        opt.apply_gradients(params, {n: t.clone().unsqueeze(0) for n, t in g.items()}, state,
+                            members=True, lockstep=True)
+    assert_equal({n: t[0] for n, t in params.items()}, want)
+    assert int(state["count"][0]) == int(want_state["count"]) == 10
+
+
+def test_population_update_with_per_member_lr_follows_each_members_eager_update() -> None:
+    init = initial_params()
+    grads = random_grads(init, steps=10)
+    lrs = [1e-3, 3e-2]
+    opt = ft.optim.adamw(1e-3, weight_decay=0.1)
+    params = {n: torch.stack([t, t]) for n, t in init.items()}
+    one = opt.init(init)
+    state = {"count": torch.zeros(2, dtype=torch.int64),
+             "adamw": {k: {n: torch.stack([t, t]) for n, t in v.items()}
+                       for k, v in one["adamw"].items()}}
+    for g in grads:
+        opt.apply_gradients(params, {n: torch.stack([t, t]) for n, t in g.items()}, state,
+                            settings={"lr": torch.tensor(lrs, dtype=torch.float64)},
+                            members=True, lockstep=True)
+    for i, lr in enumerate(lrs):
+        want, _ = run_ft(ft.optim.adamw(lr, weight_decay=0.1), init, grads)
+        assert_close({n: t[i] for n, t in params.items()}, want)

@@ -6,9 +6,9 @@ Examples:
     ...                      ft.optim.adamw(ft.optim.schedules.warmup_cosine(1e-3, 100, 1000)))
 """
 
-from ftrain.optim import schedules
+from ftrain.optim import schedules, updates
 from ftrain.optim._core import Groups, Optimizer, Transform, chain
 from ftrain.optim._kernels import adam, adamw, clip_grad_norm, sgd
 
 __all__ = ["Groups", "Optimizer", "Transform", "adam", "adamw", "chain", "clip_grad_norm",
-           "schedules", "sgd"]
+           "schedules", "sgd", "updates"]

@@ -82,10 +82,7 @@ class Optimizer:
         count = opt_state["count"]
         for key, t in zip(self.keys, self.transforms):
             t.apply(params, opt_state[key], count, found_inf)
-        if found_inf is None:
-            count.add_(1)
-        else:  # skipped updates do not advance the schedule (no host sync)
-            count.add_(1 - found_inf.to(torch.int64))
+        _advance(count, found_inf)
 
     def update_capturable(self, params: Tensors, grads: Tensors, opt_state: dict[str, Any],
                           found_inf: torch.Tensor | None = None) -> None:
@@ -108,19 +105,97 @@ class Optimizer:
             (1, [0.9293, 0.9293])
         """
         count = opt_state["count"]
-        for key, t in zip(self.keys, self.transforms):
-            fn = getattr(t, "apply_capturable", None)
-            if fn is None:
-                raise ConfigError(
-                    f"optimizer transform {key!r} ({type(t).__name__}) has no capturable "
-                    "update (an apply_capturable(params, grads, state, count, found_inf) "
-                    "method), so it cannot run inside a compiled step")
-            grads = fn(params, grads, opt_state[key], count, found_inf)
         with torch.no_grad():
-            if found_inf is None:
-                count.add_(1)
-            else:
-                count.add_(1 - found_inf.to(torch.int64))
+            for key, t in zip(self.keys, self.transforms):
+                fn = getattr(t, "apply_capturable", None)
+                if fn is None:
+                    raise ConfigError(
+                        f"optimizer transform {key!r} ({type(t).__name__}) has no capturable "
+                        "update (an apply_capturable(params, grads, state, count, found_inf) "
+                        "method), so it cannot run inside a compiled step")
+                grads = fn(params, grads, opt_state[key], count, found_inf)
+            _advance(count, found_inf)
+
+    def apply_gradients(self, params: Tensors, grads: Tensors, opt_state: dict[str, Any],
+                        found_inf: torch.Tensor | None = None, *,
+                        settings: Mapping[str, Any] | None = None, capturable: bool = False,
+                        members: bool = False, lockstep: bool = False,
+                        keep: list[torch.Tensor] | None = None) -> None:
+        """One update from explicit gradients, in place, with settings that may be tensors.
+
+        `settings` replace the transforms' base settings (`lr`, `weight_decay`, ...; groups
+        that set one keep theirs) with numbers or tensors: 0-d, or `[N]` per member when
+        `members=True` (every tensor leads with the member dimension N, and clipping is
+        per member). `lockstep`: every parameter's step is the update count, the same for
+        all members (a population), so Adam's bias corrections are computed once.
+        `capturable` forces the tensor path (no host read, as `update_capturable`).
+        `keep` collects per-member factors (see `ftrain.optim.updates.Factors`).
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> opt = ft.optim.sgd(0.1)
+            >>> w = torch.ones(2, 3)   # two members of a population
+            >>> state = opt.init({"w": w})
+            >>> opt.apply_gradients({"w": w}, {"w": torch.ones(2, 3)}, state, members=True,
+            ...                     settings={"lr": torch.tensor([0.1, 0.5])})
+            >>> w[:, 0].tolist()
+            [0.8999999761581421, 0.5]
+        """
+        count = opt_state["count"]
+        with torch.no_grad():
+            for key, t in zip(self.keys, self.transforms):
+                fn = getattr(t, "apply_gradients", None)
+                if fn is None:
+                    raise ConfigError(
+                        f"optimizer transform {key!r} ({type(t).__name__}) has no "
+                        "apply_gradients method (ftrain's adam, adamw, sgd and "
+                        "clip_grad_norm have one)")
+                grads = fn(params, grads, opt_state[key], count, found_inf, settings=settings,
+                           capturable=capturable, members=members, lockstep=lockstep,
+                           keep=keep)
+            _advance(count, found_inf)
+
+    def settings(self) -> dict[str, Any]:
+        """The base settings of every transform (`lr`, `momentum`, ...), by setting name.
+
+        Examples:
+            >>> import ftrain as ft
+            >>> ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.sgd(0.1)).settings()
+            {'lr': 0.1, 'momentum': 0.0, 'nesterov': False, 'weight_decay': 0.0}
+        """
+        out: dict[str, Any] = {}
+        for t in self.transforms:
+            out.update(getattr(t, "settings", {}))
+        return out
+
+    def with_settings(self, values: Mapping[str, Any]) -> Optimizer:
+        """This optimizer with its base settings replaced by `values` (validated; groups
+        that set a value keep theirs).
+
+        Examples:
+            >>> import ftrain as ft
+            >>> ft.optim.adamw(1e-3).with_settings({"lr": 3e-3}).settings()["lr"]
+            0.003
+        """
+        unknown = sorted(set(values) - set(self.settings()))
+        if unknown:
+            raise ConfigError(f"this optimizer has no setting {unknown}; its settings are "
+                              f"{sorted(self.settings())}")
+        return Optimizer(tuple(t.with_settings(values) if hasattr(t, "with_settings") else t
+                               for t in self.transforms))
+
+    def same_kind(self, other: Any) -> bool:
+        """Whether `other` is this optimizer up to base settings (same transforms, groups).
+
+        Examples:
+            >>> import ftrain as ft
+            >>> ft.optim.adam(1e-3).same_kind(ft.optim.adam(1e-2)), \\
+            ...     ft.optim.adam(1e-3).same_kind(ft.optim.adamw(1e-3))
+            (True, False)
+        """
+        return isinstance(other, Optimizer) and len(other.transforms) == len(
+            self.transforms) and all(hasattr(a, "same_kind") and a.same_kind(b)
+                                     for a, b in zip(self.transforms, other.transforms))
 
     def learning_rates(self, opt_state: dict[str, Any]) -> dict[str, Any]:
         """The learning rate each transform would use now, by transform key (and group)."""
@@ -131,6 +206,14 @@ class Optimizer:
                 for group, lr in lrs(opt_state["count"]).items():
                     out[key if group is None else f"{key}/{group}"] = lr
         return out
+
+
+def _advance(count: torch.Tensor, found_inf: torch.Tensor | None) -> None:
+    """One more applied update; a skipped one does not advance the schedule (no host read)."""
+    if found_inf is None:
+        count.add_(1)
+    else:
+        count.add_(1 - found_inf.to(torch.int64))
 
 
 def chain(*parts: Any) -> Optimizer:
@@ -235,11 +318,6 @@ def resolve_lr(lr: LR, count: torch.Tensor) -> Any:
             and value.dtype != torch.float32:
         value = value.to(torch.float32)
     return value
-
-
-def write(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:
-    """`dst.copy_(new)`, or keep `dst` where the 0-d bool `skip` is set (no host sync)."""
-    dst.copy_(new if skip is None else torch.where(skip, dst, new))
 
 
 def check_lr(lr: Any, what: str) -> None:

@@ -1,24 +1,20 @@
-"""SGD, Adam and AdamW as transforms over torch's own optimizer kernels.
+"""SGD, Adam, AdamW and gradient clipping as transforms: settings by parameter group and
+state in plain dicts, laid out as `torch.optim`'s (per-parameter `step`, `exp_avg`, ...).
 
-The math is torch's (`torch.optim.adam.adam`, `torch.optim.sgd.sgd` with foreach or fused
-implementations); ftrain only keeps the state in a plain dict and the update count on the
-device. State layout mirrors `torch.optim` (per-parameter `step`, `exp_avg`, ...), so the
-numbers match the torch optimizers exactly when the same implementation is chosen.
-
-Each transform also has `apply_capturable`, the same math as device tensor ops on
-explicitly given gradients, with no host sync or value-dependent Python branch, for
-whole-step capture (`ft.compile`, CUDA graphs); see `Optimizer.update_capturable`.
+Every path of a transform runs one update function of `ftrain.optim.updates`: `apply`
+(eager, from `.grad`: torch's own kernels, bitwise torch.optim), `apply_capturable`
+(explicit gradients as device tensor ops, for `ft.compile`) and `apply_gradients` (the
+general form: per-member settings for populations). Transforms also answer what a
+population asks of them: `settings`, `with_settings(values)` and `same_kind(other)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
-from torch.optim.adam import adam as _adam_kernel
-from torch.optim.sgd import sgd as _sgd_kernel
 
 from ftrain.errors import ConfigError
 from ftrain.optim._core import (
@@ -30,45 +26,102 @@ from ftrain.optim._core import (
     check_lr,
     choose_impl,
     resolve_lr,
-    write,
 )
+from ftrain.optim.updates import adam_update, clip_grad_norm_update, sgd_update
 
 
-def _with_grads(params: Tensors, names: list[str]) -> tuple[list[str], list[torch.Tensor]]:
-    keep = [n for n in names if params[n].grad is not None]
-    return keep, [params[n] for n in keep]
-
-
-def _skip_on_host(found_inf: torch.Tensor | None, fused: bool) -> bool:
-    # Only the fused kernels take found_inf; elsewhere decide on the host (sync here).
-    return found_inf is not None and not fused and bool(found_inf.item())
-
-
-def _groups_to_update(transform: Any, params: Tensors, names: Any, count: torch.Tensor,
-                      found_inf: torch.Tensor | None) -> Iterator[tuple[Any, ...]]:
-    """Per parameter group with gradients: (names, params, fused, foreach, settings, lr)."""
-    for gi, group in transform.groups.split(names).items():
-        group, ps = _with_grads(params, group)
-        if not ps:
-            continue
-        fused, foreach = choose_impl(ps, transform.fused, transform.foreach)
-        if _skip_on_host(found_inf, fused):
-            continue
-        opts = transform.groups.settings(gi)
-        yield group, ps, fused, foreach, opts, resolve_lr(opts["lr"], count)
-
-
-def _capture_groups(groups: Groups, params: Tensors, grads: Tensors, count: torch.Tensor
-                    ) -> Iterator[tuple[list[str], dict[str, Any], Any]]:
-    """Per parameter group with gradients: (names, settings, lr at `count`), for capture."""
-    for gi, names in groups.split([n for n in params if n in grads]).items():
-        opts = groups.settings(gi)
-        yield names, opts, resolve_lr(opts["lr"], count)
+def _group_settings(groups: Groups, index: int, given: Mapping[str, Any] | None,
+                    count: torch.Tensor) -> dict[str, Any]:
+    """A group's settings now: `given` values (e.g. per-member tensors) replace the base
+    settings the group does not set itself; a schedule is evaluated at `count`."""
+    opts = groups.settings(index)
+    if given:
+        own = groups.overrides[index - 1][1] if index else {}
+        opts.update({k: v for k, v in given.items() if k in opts and k not in own})
+    opts["lr"] = resolve_lr(opts["lr"], count)
+    betas = opts.get("betas")
+    if isinstance(betas, torch.Tensor):
+        opts["betas"] = tuple(betas.unbind(-1))
+    return opts
 
 
 @attrs.frozen(eq=False)
-class _Adam:
+class _Grouped:
+    """What Adam and SGD share: settings by parameter group, validated by `check`."""
+
     groups: Groups
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The base settings, which a population's members may have of their own."""
+        return self.groups.base
+
+    def with_settings(self, values: Mapping[str, Any]) -> Any:
+        """This transform with base settings replaced by `values` (groups keep theirs)."""
+        mine = {k: v for k, v in values.items() if k in self.groups.base}
+        if not mine:
+            return self
+        base = {**self.groups.base, **mine}
+        overrides = {pat: dict(opts) for pat, opts in self.groups.overrides}
+        self.check(base, overrides)
+        return attrs.evolve(self, groups=Groups.build(base, overrides))
+
+    def same_kind(self, other: Any) -> bool:
+        """Equal to `other` in everything but the base settings."""
+        if type(other) is not type(self):
+            return False
+        for field in attrs.fields(type(self)):
+            x, y = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(x, Groups):
+                if [(p, dict(o)) for p, o in x.overrides] != \
+                        [(p, dict(o)) for p, o in y.overrides]:
+                    return False
+            elif x != y:
+                return False
+        return True
+
+    def check(self, base: Mapping[str, Any], groups: Any) -> None:
+        raise NotImplementedError
+
+    def apply_gradients(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                        count: torch.Tensor, found_inf: torch.Tensor | None = None, *,
+                        settings: Mapping[str, Any] | None = None, capturable: bool = False,
+                        members: bool = False, lockstep: bool = False,
+                        keep: list[torch.Tensor] | None = None) -> Tensors:
+        """The update from explicit gradients, per parameter group (see
+        `Optimizer.apply_gradients`)."""
+        names = [n for n in params if n in grads]
+        for gi, group in self.groups.split(names).items():
+            opts = _group_settings(self.groups, gi, settings, count)
+            ps = [params[n] for n in group]
+            fused, foreach = choose_impl(ps, self.fused, self.foreach)  # type: ignore
+            self._group(group, ps, [grads[n] for n in group], state, opts, count,
+                        found_inf, fused=fused, foreach=foreach, capturable=capturable,
+                        lockstep=lockstep, keep=keep)
+        return grads
+
+    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
+              found_inf: torch.Tensor | None) -> None:
+        """The eager update from each parameter's `.grad` (None: left alone)."""
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        self.apply_gradients(params, grads, state, count, found_inf)
+
+    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
+        """The same update as device tensor ops (no host read): for capture."""
+        return self.apply_gradients(params, grads, state, count, found_inf, capturable=True)
+
+    def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
+        return _current_lrs(self.groups, count)
+
+    def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
+               state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
+               found_inf: torch.Tensor | None, **how: Any) -> None:
+        raise NotImplementedError
+
+
+@attrs.frozen(eq=False)
+class _Adam(_Grouped):
     decoupled: bool
     amsgrad: bool
     fused: bool | None
@@ -94,68 +147,28 @@ class _Adam:
             state["max_exp_avg_sq"] = {n: zeros(p) for n, p in params.items()}
         return state
 
-    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
-              found_inf: torch.Tensor | None) -> None:
-        for names, ps, fused, foreach, opts, lr in _groups_to_update(
-                self, params, state["step"], count, found_inf):
-            if isinstance(lr, torch.Tensor) and foreach:
-                lr = float(lr)  # torch's foreach kernel takes no tensor lr (host sync here)
-            beta1, beta2 = opts["betas"]
-            _adam_kernel(
-                ps, [p.grad for p in ps],  # type: ignore[misc]
-                [state["exp_avg"][n] for n in names], [state["exp_avg_sq"][n] for n in names],
-                [state["max_exp_avg_sq"][n] for n in names] if self.amsgrad else [],
-                [state["step"][n] for n in names],
-                foreach=foreach, fused=fused, capturable=False, differentiable=False,
-                grad_scale=None, found_inf=found_inf if fused else None, has_complex=False,
-                decoupled_weight_decay=self.decoupled, amsgrad=self.amsgrad,
-                beta1=beta1, beta2=beta2, lr=lr, weight_decay=opts["weight_decay"],
-                eps=opts["eps"], maximize=False)
+    def check(self, base: Mapping[str, Any], groups: Any) -> None:
+        for where, opts in _each_group(self.name, dict(base), groups):
+            check_lr(opts["lr"], where)
+            _check_betas(opts["betas"], opts["eps"], opts["weight_decay"], where)
 
-    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
-                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
-        """The update of `apply` (torch's Adam math) as device tensor ops: for capture."""
-        skip = None if found_inf is None else found_inf > 0
-        with torch.no_grad():
-            for names, opts, lr in _capture_groups(self.groups, params, grads, count):
-                beta1, beta2 = opts["betas"]
-                wd, eps = opts["weight_decay"], opts["eps"]
-                for n in names:
-                    p, g = params[n], grads[n]
-                    step_t = state["step"][n]
-                    step = step_t + 1
-                    new_p = p
-                    if wd != 0:
-                        if self.decoupled:
-                            new_p = p * (1 - lr * wd)
-                        else:
-                            g = g.add(p, alpha=wd)
-                    exp_avg = state["exp_avg"][n].lerp(g, 1 - beta1)
-                    exp_avg_sq = state["exp_avg_sq"][n].mul(beta2).addcmul(
-                        g, g, value=1 - beta2)
-                    s64 = step.to(torch.float64)
-                    step_size = lr / (1 - torch.pow(beta1, s64))
-                    bc2_sqrt = (1 - torch.pow(beta2, s64)).sqrt()
-                    if self.amsgrad:
-                        biggest = torch.maximum(state["max_exp_avg_sq"][n], exp_avg_sq)
-                        write(state["max_exp_avg_sq"][n], biggest, skip)
-                        denom = biggest.sqrt() / bc2_sqrt + eps
-                    else:
-                        denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
-                    new_p = new_p - (exp_avg / denom) * step_size
-                    write(p, new_p.to(p.dtype), skip)
-                    write(state["exp_avg"][n], exp_avg, skip)
-                    write(state["exp_avg_sq"][n], exp_avg_sq, skip)
-                    write(step_t, step, skip)
-        return grads
-
-    def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
-        return _current_lrs(self.groups, count)
+    def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
+               state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
+               found_inf: torch.Tensor | None, **how: Any) -> None:
+        beta1, beta2 = opts["betas"]
+        lockstep = how.pop("lockstep")
+        adam_update(
+            ps, gs, [state["exp_avg"][n] for n in names],
+            [state["exp_avg_sq"][n] for n in names],
+            [state["max_exp_avg_sq"][n] for n in names] if self.amsgrad else [],
+            [state["step"][n] for n in names], lr=opts["lr"], beta1=beta1, beta2=beta2,
+            eps=opts["eps"], weight_decay=opts["weight_decay"], decoupled=self.decoupled,
+            amsgrad=self.amsgrad, found_inf=found_inf,
+            shared_step=count.reshape(-1)[0] + 1 if lockstep else None, **how)
 
 
 @attrs.frozen(eq=False)
-class _SGD:
-    groups: Groups
+class _SGD(_Grouped):
     fused: bool | None
     foreach: bool | None
     name: str = "sgd"
@@ -169,40 +182,19 @@ class _SGD:
         return {"momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}
                 if momentum else {}, "names": sorted(params)}
 
-    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
-              found_inf: torch.Tensor | None) -> None:
-        for names, ps, fused, foreach, opts, lr in _groups_to_update(
-                self, params, state["names"], count, found_inf):
-            bufs = ([state["momentum_buffer"][n] for n in names] if opts["momentum"]
-                    else [None] * len(names))
-            _sgd_kernel(
-                ps, [p.grad for p in ps], bufs,  # type: ignore[misc]
-                foreach=foreach, fused=fused, grad_scale=None,
-                found_inf=found_inf if fused else None,
-                weight_decay=opts["weight_decay"], momentum=opts["momentum"], lr=lr,
-                dampening=0.0, nesterov=opts["nesterov"], maximize=False)
+    def check(self, base: Mapping[str, Any], groups: Any) -> None:
+        _check_sgd(dict(base), groups)
 
-    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
-                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
-        """The update of `apply` (torch's SGD math) as device tensor ops: for capture."""
-        skip = None if found_inf is None else found_inf > 0
-        with torch.no_grad():
-            for names, opts, lr in _capture_groups(self.groups, params, grads, count):
-                momentum, wd = opts["momentum"], opts["weight_decay"]
-                for n in names:
-                    p, g = params[n], grads[n]
-                    if wd != 0:
-                        g = g.add(p, alpha=wd)
-                    if momentum:
-                        buf = state["momentum_buffer"][n]
-                        new_buf = buf.mul(momentum).add(g)
-                        write(buf, new_buf, skip)
-                        g = g.add(new_buf, alpha=momentum) if opts["nesterov"] else new_buf
-                    write(p, (p - g * lr).to(p.dtype), skip)
-        return grads
-
-    def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
-        return _current_lrs(self.groups, count)
+    def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
+               state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
+               found_inf: torch.Tensor | None, **how: Any) -> None:
+        how.pop("lockstep")
+        mom, bufs = opts["momentum"], state["momentum_buffer"]
+        with_bufs = bool(names) and names[0] in bufs and (
+            isinstance(mom, torch.Tensor) or mom != 0)
+        sgd_update(ps, gs, [bufs[n] for n in names] if with_bufs else [None] * len(names),
+                   lr=opts["lr"], momentum=mom, weight_decay=opts["weight_decay"],
+                   nesterov=opts["nesterov"], found_inf=found_inf, **how)
 
 
 def _current_lrs(groups: Groups, count: torch.Tensor) -> dict[str | None, Any]:
@@ -231,15 +223,31 @@ def _each_group(name: str, base: dict[str, Any], groups: Any
     return out
 
 
+def _check_impl(name: str, fused: bool | None, foreach: bool | None) -> None:
+    if fused and foreach:
+        raise ConfigError(f"{name}: fused=True and foreach=True cannot both be set (torch "
+                          "raises too); pick one kernel")
+
+
+def _check_sgd(base: dict[str, Any], groups: Any) -> None:
+    for where, opts in _each_group("sgd", base, groups):
+        check_lr(opts["lr"], where)
+        if opts["momentum"] < 0 or opts["weight_decay"] < 0:
+            raise ConfigError(f"{where}: momentum and weight_decay must be >= 0, got "
+                              f"momentum={opts['momentum']}, "
+                              f"weight_decay={opts['weight_decay']}")
+        if opts["nesterov"] and opts["momentum"] <= 0:
+            raise ConfigError(f"{where}: nesterov=True needs momentum > 0")
+
+
 def _adam_like(name: str, decoupled: bool, lr: LR, betas: tuple[float, float], eps: float,
                weight_decay: float, amsgrad: bool, groups: Any, fused: bool | None,
                foreach: bool | None) -> Optimizer:
+    _check_impl(name, fused, foreach)
     base = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-    for where, opts in _each_group(name, base, groups):
-        check_lr(opts["lr"], where)
-        _check_betas(opts["betas"], opts["eps"], opts["weight_decay"], where)
-    return Optimizer((_Adam(Groups.build(base, groups), decoupled, amsgrad, fused, foreach,
-                            name),))
+    made = _Adam(Groups.build(base, {}), decoupled, amsgrad, fused, foreach, name)
+    made.check(base, groups)
+    return Optimizer((attrs.evolve(made, groups=Groups.build(base, groups)),))
 
 
 def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -284,15 +292,9 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
         >>> import ftrain as ft
         >>> opt = ft.optim.sgd(0.1, momentum=0.9, nesterov=True)
     """
+    _check_impl("sgd", fused, foreach)
     base = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
-    for where, opts in _each_group("sgd", base, groups):
-        check_lr(opts["lr"], where)
-        if opts["momentum"] < 0 or opts["weight_decay"] < 0:
-            raise ConfigError(f"{where}: momentum and weight_decay must be >= 0, got "
-                              f"momentum={opts['momentum']}, "
-                              f"weight_decay={opts['weight_decay']}")
-        if opts["nesterov"] and opts["momentum"] <= 0:
-            raise ConfigError(f"{where}: nesterov=True needs momentum > 0")
+    _check_sgd(base, groups)
     return Optimizer((_SGD(Groups.build(base, groups), fused, foreach),))
 
 
@@ -302,25 +304,40 @@ class _ClipGradNorm:
     norm_type: float
     name: str = "clip_grad_norm"
 
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return {}  # no setting a population's members have of their own
+
+    def with_settings(self, values: Mapping[str, Any]) -> _ClipGradNorm:
+        return self
+
+    def same_kind(self, other: Any) -> bool:
+        return isinstance(other, _ClipGradNorm) and (other.max_norm, other.norm_type) == (
+            self.max_norm, self.norm_type)
+
     def init(self, params: Tensors) -> dict[str, Any]:
         return {}
 
+    def apply_gradients(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                        count: torch.Tensor, found_inf: torch.Tensor | None = None, *,
+                        settings: Mapping[str, Any] | None = None, capturable: bool = False,
+                        members: bool = False, lockstep: bool = False,
+                        keep: list[torch.Tensor] | None = None) -> Tensors:
+        """torch's clip_grad_norm_ on the given gradients, in place (per member)."""
+        gs = [grads[n] for n in params if n in grads]
+        clip_grad_norm_update(gs, self.max_norm, self.norm_type, members=members, keep=keep)
+        return grads
+
     def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
               found_inf: torch.Tensor | None) -> None:
-        with_grad = [p for p in params.values() if p.grad is not None]
-        if with_grad:  # torch's clip: norm and scale on the device, no host sync
-            torch.nn.utils.clip_grad_norm_(with_grad, self.max_norm, self.norm_type)
+        """Scale each parameter's `.grad` in place (torch's clip: no host read)."""
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        self.apply_gradients(params, grads, state, count, found_inf)
 
     def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
                          count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
-        """torch's clip_grad_norm_ math on explicit gradients (returned scaled): for capture."""
-        names = [n for n in params if n in grads]
-        if not names:
-            return grads
-        with torch.no_grad():
-            total = torch.nn.utils.get_total_norm([grads[n] for n in names], self.norm_type)
-            coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
-            return {**grads, **{n: grads[n] * coef.to(grads[n].dtype) for n in names}}
+        """The same clipping on explicit gradients: for capture."""
+        return self.apply_gradients(params, grads, state, count, found_inf, capturable=True)
 
 
 def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> _ClipGradNorm:
