@@ -47,7 +47,9 @@ from ftrain.layers.hooks import every
 from ftrain.layers.logging import loggers, with_logging
 from ftrain.layers.profile import with_profiling
 from ftrain.layers.validation import with_validation
-from ftrain.loops.train import evaluate, fit, iterate, predict
+from ftrain.loops.evaluate import evaluate, predict
+from ftrain.loops.fit import fit
+from ftrain.loops.train import iterate
 from ftrain.parallel.ddp import with_ddp
 from ftrain.parallel.dist import (
     CollectiveError,

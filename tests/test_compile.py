@@ -22,6 +22,7 @@ import ftrain as ft
 from ftrain import testing
 from ftrain.compiling.step import CompiledStep
 from ftrain.compiling.step import compile as ft_compile
+from ftrain.core.layer import core as core_of
 from ftrain.optim import schedules
 
 OFF = {"logger": False, "checkpoint": False, "progress": False}
@@ -155,10 +156,10 @@ def test_outer_combinators_and_accumulation_around_a_compiled_core(tmp_path):
         return ft.with_logging(step, ft.loggers.CSV(str(tmp_path / type(core).__name__)),
                                every_n_steps=10)
 
-    core = ft_compile(ft.train_step(loss_fn), fallback=False)
+    built = stack(ft_compile(ft.train_step(loss_fn), fallback=False))
+    core = core_of(built)  # the compiled core with accumulation set: a new value
     data = DATA[:30]
-    compiled = ft.fit(stack(core), fresh(ft.optim.adam(1e-2)), data, epochs=2,
-                      progress=False)
+    compiled = ft.fit(built, fresh(ft.optim.adam(1e-2)), data, epochs=2, progress=False)
     eager = ft.fit(stack(ft.train_step(loss_fn)), fresh(ft.optim.adam(1e-2)), data,
                    epochs=2, progress=False)
     assert core.compiles == 1 and core.fallback_reason is None
@@ -173,10 +174,10 @@ def test_outer_combinators_and_accumulation_around_a_compiled_core(tmp_path):
 
 
 def test_bf16_autocast_inside_the_graph_tracks_eager():
-    core = ft_compile(ft.train_step(loss_fn), fallback=False)
-    compiled, c_losses = run(ft.with_amp(core, torch.bfloat16), fresh(), DATA)
+    amp = ft.with_amp(ft_compile(ft.train_step(loss_fn), fallback=False), torch.bfloat16)
+    compiled, c_losses = run(amp, fresh(), DATA)
     eager, e_losses = run(ft.with_amp(ft.train_step(loss_fn), torch.bfloat16), fresh(), DATA)
-    assert core.compiles == 1
+    assert core_of(amp).compiles == 1
     # bf16 roundings differ between fused and eager kernels; the runs stay together
     torch.testing.assert_close(c_losses, e_losses, rtol=0.03, atol=0.03)
     assert max_diff(compiled, eager) < 0.05
@@ -187,10 +188,10 @@ def test_fp16_loss_scaling_skips_overflowing_steps_as_eager_does():
         return ft.with_amp(core, torch.float16, init_scale=2.0**30, growth_interval=3)
 
     opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.adam(1e-2))
-    core = ft_compile(ft.train_step(loss_fn), fallback=False)
-    compiled, _ = run(step(core), fresh(opt), DATA[:30])
+    scaled = step(ft_compile(ft.train_step(loss_fn), fallback=False))
+    compiled, _ = run(scaled, fresh(opt), DATA[:30])
     eager, _ = run(step(ft.train_step(loss_fn)), fresh(opt), DATA[:30])
-    assert core.compiles == 1
+    assert core_of(scaled).compiles == 1
     c, e = compiled.slots["amp"], eager.slots["amp"]
     assert int(c["skipped"]) == int(e["skipped"]) > 0  # the overflowing steps
     assert float(c["scale"]) == float(e["scale"])
@@ -285,12 +286,15 @@ def test_configuration_errors_and_stacks():
     compiled = ft_compile(ft.train_step(loss_fn))
     with pytest.raises(ft.ConfigError, match="compiled already"):
         ft_compile(compiled)
-    # a stack comes back with its core replaced; inner options stay on the core
+    # a new stack comes back around a compiled core; inner options stay on the core, and
+    # the stack given is unchanged
     stack = ft.with_logging(ft.with_amp(ft.train_step(loss_fn), torch.bfloat16), [])
-    assert ft_compile(stack, mode="reduce-overhead") is stack
-    core = ft.step.core(stack)
+    eager = core_of(stack)
+    out = ft_compile(stack, mode="reduce-overhead")
+    assert out is not stack and core_of(stack) is eager and type(eager) is ft.TrainStep
+    core = core_of(out)
     assert isinstance(core, CompiledStep) and core.mode == "reduce-overhead"
-    assert core.phases.amp is stack.inner
+    assert core.phases.amp is eager.phases.amp
     assert repr(core) == "compile(train_step(loss_fn), mode='reduce-overhead')"
 
 

@@ -525,7 +525,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ft.ConfigError, match="ft.vmap takes a step built by"):
         vmap(ft.with_logging(ft.train_step(mse_like), []))
     with pytest.raises(ft.ConfigError, match="with_amp"):
-        vmap(ft.with_amp(ft.train_step(mse_like), torch.bfloat16).inner)
+        vmap(ft.with_amp(ft.train_step(mse_like), torch.bfloat16))
     assert isinstance(vmap(ft.train_step(mse_like, on_nonfinite="ignore")), PopulationStep)
 
 

@@ -145,9 +145,10 @@ def test_amp_errors_name_the_problem():
     step = ft.train_step(plain_classify)
     with pytest.raises(ft.ConfigError, match="bfloat16 or torch.float16"):
         ft.with_amp(step, torch.float32)
-    ft.with_amp(step)
+    amp = ft.with_amp(step)
     with pytest.raises(ft.ConfigError, match="amp option is already set"):
-        ft.with_amp(step, torch.float16)
+        ft.with_amp(amp, torch.float16)
+    ft.with_amp(step, torch.float16)  # `step` itself was not changed by the first
     with pytest.raises(ft.ConfigError, match="core step built by ft.train_step"):
         ft.with_amp(lambda s, b: (s, {}))
     with pytest.raises(ft.ConfigError, match="growth_factor"):

@@ -13,6 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 _LIVE: dict[int, Any] = {}
+# The step this process is at: the loop stores it before each step and the core step
+# after its update (plain int stores); with_ddp's watchdog reports it when a peer's
+# collective times out.
+at_step = -1
 
 
 def register(binding: Any) -> None:

@@ -149,6 +149,12 @@ def rewrap(layer: Any, inner: Any) -> Any:
     if attrs.has(type(layer)):
         return attrs.evolve(layer, inner=inner)
     new = copy.copy(layer)
+    if new is layer:  # a function: it calls the step it captured, which cannot be swapped
+        raise ConfigError(
+            f"cannot rebuild {layer!r} around a new inner step: a function is not copied "
+            "and calls the step it captured. Apply inner combinators (with_amp, with_ddp, "
+            "with_accumulation, ft.compile) to the core before wrapping it in your own "
+            "function, or write the layer as an object that calls self.inner")
     object.__setattr__(new, "inner", inner)
     return new
 

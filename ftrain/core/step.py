@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from ftrain.core import bind as _bind
-from ftrain.core import health
+from ftrain.core import context, health
 from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
@@ -324,7 +324,7 @@ def advance(state: TrainState, binding: Any, losses: list[torch.Tensor], on_nonf
     if binding.buffer_slots:
         binding.sync_buffers()
     new = state.replace()
-    new.__dict__["step"] = state.step + 1
+    new.__dict__["step"] = context.at_step = state.step + 1
     binding.latest = new
     donate(state, what)
     return new

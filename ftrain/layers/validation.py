@@ -21,6 +21,7 @@ from ftrain.core.state import TrainState
 from ftrain.core.trigger import Trigger, ended_epoch
 from ftrain.data.module import resolve
 from ftrain.errors import ConfigError, check_int
+from ftrain.loops.evaluate import evaluate
 
 SLOT_FIELDS = {"checks": (_slots.count, "an int >= 0"),
                "last": (_slots.dict_of(_slots.number), "a dict of numbers"),
@@ -69,7 +70,6 @@ class WithValidation(Combinator):
         return limit
 
     def _evaluate(self, state: TrainState, limit: int | None) -> dict[str, float]:
-        from ftrain.loops.train import evaluate  # the loop module imports the combinators
         run = run_info(state)
         show = bool(run is not None and run.progress)
         out: dict[str, float] = {}

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ftrain.core import context
 from ftrain.core.run import run_info
 from ftrain.errors import FTrainError
 
@@ -55,9 +56,6 @@ _timeout: datetime.timedelta | None = None  # the group's collective timeout, if
 # Set when this rank is in fail(): where its error was raised (formatted stack and
 # innermost frame), answered to peers instead of the stack inside fail().
 _failing: tuple[list[str], str] | None = None
-# The step this rank is at: with_ddp stores it around every step (a plain int store, the
-# only per-step cost); the watchdog reports it when a peer's collective times out.
-at_step = -1
 
 
 class PeerFailedError(FTrainError):
@@ -159,7 +157,7 @@ def _watch_peers(rank: int) -> None:
                 continue
             if _own(text, rank) or stop.wait(PEER_GRACE_S):
                 return
-            step, (stack, where) = at_step, _main_stack()
+            step, (stack, where) = context.at_step, _main_stack()
             log.error("rank %d: %s; this rank was blocked and exits now; it was at step %s "
                       "in %s, stack (most recent call last):\n%s", rank, text,
                       step if step >= 0 else "?", where, "".join(stack).rstrip())
@@ -299,7 +297,7 @@ def _whereabouts(rank: int) -> str:
         inner = "" if frame is None else frame.f_code.co_filename.replace(os.sep, "/")
         state = "waiting" if any(w in inner for w in _WAITING_IN) else "running"
         stack, where = _main_stack(frame)
-    return json.dumps({"rank": rank, "step": at_step, "state": state, "where": where,
+    return json.dumps({"rank": rank, "step": context.at_step, "state": state, "where": where,
                        "stack": stack})
 
 
@@ -418,7 +416,7 @@ def barrier() -> None:
         try:
             dist.barrier()
         except Exception as err:
-            replacement = fail(err, at_step)
+            replacement = fail(err, context.at_step)
             if replacement is None:
                 raise
             raise replacement from err

@@ -61,7 +61,7 @@ def main() -> None:
             time.sleep(pause)
         return torch.nn.functional.cross_entropy(m(b[0]), b[1])
 
-    core = ft.train_step(loss_fn)
+    core = ft.with_ddp(ft.train_step(loss_fn))  # inner options go on the core first
 
     def step(state, batch):
         state, metrics = core(state, batch)
@@ -70,10 +70,11 @@ def main() -> None:
         return state, metrics
 
     step.inner = core  # type: ignore[attr-defined]
+    step.init, step.epoch_end = core.init, core.epoch_end  # type: ignore[attr-defined]
     with open(f"{out}/pid{rank}", "w") as f:
         f.write(str(os.getpid()))
     state = ft.TrainState.create(model, ft.optim.adam(1e-2), seed=3)
-    saving = ft.with_checkpointing(ft.with_ddp(step), f"{out}/ckpt", every_n_steps=10)
+    saving = ft.with_checkpointing(step, f"{out}/ckpt", every_n_steps=10)
     state = ft.fit(saving, state, data, max_steps=30, logger=False, progress=False,
                    resume="auto" if mode == "resume" else None)
     torch.save({"params": state.params, "step": state.step}, f"{out}/final{rank}.pt")
