@@ -10,8 +10,8 @@ Examples:
 """
 
 from ftrain import cli, export, optim
-from ftrain.checkpoints.file import load, load_hparams, save
-from ftrain.checkpoints.manager import checkpoints, with_checkpointing
+from ftrain.checkpointing.file import load, load_hparams, save
+from ftrain.checkpointing.manager import checkpoints, with_checkpointing
 from ftrain.compiling.step import compile
 from ftrain.core import layer as combinators
 from ftrain.core.accumulation import with_accumulation

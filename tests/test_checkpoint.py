@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import ftrain as ft
-from ftrain.checkpoints.manager import latest_valid
+from ftrain.checkpointing.manager import latest_valid
 
 OFF = {"logger": False, "checkpoint": False, "progress": False}
 SCRIPT = str(pathlib.Path(__file__).parent / "scripts" / "resumable.py")
@@ -99,7 +99,7 @@ def test_a_crafted_pickle_is_rejected_and_its_code_never_runs(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.ckpt"
-    torch.save({"format": "ftrain.checkpoints.file", "version": 1, "params": Evil()}, path)
+    torch.save({"format": "ftrain.checkpoint", "version": 1, "params": Evil()}, path)
     with pytest.raises(ft.CheckpointError, match="not a safe checkpoint"):
         ft.load(path, like=fresh())
     with pytest.raises(ft.CheckpointError, match="not a safe checkpoint"):
@@ -318,7 +318,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
         interrupted += any(p.name.startswith(".tmp-") for p in folder.iterdir())
         for ckpt in folder.glob("*.ckpt"):  # every file that looks like a checkpoint loads
             data = torch.load(ckpt, weights_only=True, mmap=True)
-            assert data["format"] == "ftrain.checkpoints.file"
+            assert data["format"] == "ftrain.checkpoint"
         index = ft.checkpoints(folder)
         for entry in index.saved:
             assert os.path.exists(entry["path"])

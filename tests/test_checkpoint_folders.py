@@ -16,8 +16,8 @@ import torch
 from helpers import Net, classify, make_batches
 
 import ftrain as ft
-from ftrain.checkpoints import folders as _folders
-from ftrain.checkpoints.manager import latest_valid
+from ftrain.checkpointing import folders as _folders
+from ftrain.checkpointing.manager import latest_valid
 
 QUIET = {"logger": False, "progress": False}
 
@@ -134,7 +134,7 @@ def test_each_run_gets_its_own_folder_under_the_root(tmp_path):
 
 
 def _hold_lock(folder) -> subprocess.Popen[str]:
-    code = ("import sys, time; from ftrain.checkpoints.folders import FolderLock; "
+    code = ("import sys, time; from ftrain.checkpointing.folders import FolderLock; "
             "lock = FolderLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)],
                             stdout=subprocess.PIPE, text=True)

@@ -22,7 +22,7 @@ from helpers import Net, classify, make_batches
 from torch import nn
 
 import ftrain as ft
-from ftrain.checkpoints.file import payload
+from ftrain.checkpointing.file import payload
 
 
 def fresh(seed: int = 7) -> ft.TrainState:
@@ -165,7 +165,7 @@ def test_files_that_are_not_checkpoints_say_what_they_look_like(tmp_path):
         "text.ckpt": (b"hello world\nthis is not a checkpoint\n", r"text.*'hello world"),
         "random.ckpt": (random.Random(0).randbytes(500), r"binary data starting [0-9a-f]{2} "),
         "empty.ckpt": (b"", "empty"),
-        "pickle.ckpt": (pickle.dumps({"format": "ftrain.checkpoints.file"}), "pickle"),
+        "pickle.ckpt": (pickle.dumps({"format": "ftrain.checkpoint"}), "pickle"),
         "numpy.ckpt": (b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'", "NumPy"),
     }
     state = small_state()

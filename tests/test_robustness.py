@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import ftrain as ft
-from ftrain.checkpoints.manager import latest_valid
+from ftrain.checkpointing.manager import latest_valid
 
 OFF = {"logger": False, "checkpoint": False, "progress": False}
 

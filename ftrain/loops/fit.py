@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ftrain.checkpoints.manager import with_checkpointing
-from ftrain.checkpoints.resume import resume_from
+from ftrain.checkpointing.manager import with_checkpointing
+from ftrain.checkpointing.resume import resume_from
 from ftrain.core.layer import provides
 from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError

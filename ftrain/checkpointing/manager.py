@@ -5,262 +5,54 @@ Each save writes the whole state (its own bookkeeping slot included) atomically,
 index `checkpoints.json` naming best and last, and only then deletes checkpoints that fell
 out of the top k. A kill at any moment leaves loadable checkpoints and an index that names
 only files that exist. `ft.checkpoints(dirpath)` reads the index.
+
+The index and checks of untrusted bookkeeping are in `index` (re-exported here), file names
+in `naming`, the top-k choice in `ranking`; here: when to save, where, and what to trust.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
-import re
 import shutil
-import string
 import tempfile
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-import attrs
 import torch
+import torch.distributed as dist
 
-from ftrain.checkpoints import folders as _folders
-from ftrain.checkpoints.file import atomic_write, fsync_dir, payload, read
-from ftrain.checkpoints.folders import SUFFIX, TMP_PREFIX
+from ftrain.checkpointing import folders as _folders
+from ftrain.checkpointing import naming, ranking
+from ftrain.checkpointing.file import atomic_write, fsync_dir, payload
+from ftrain.checkpointing.index import (
+    INDEX,
+    LAST,
+    CheckpointIndex,
+    check_slot,
+    checkpoints,
+    continues,
+    index_json,
+    latest_valid,
+)
 from ftrain.core import bind as _bind
 from ftrain.core import health
 from ftrain.core import rng as _rng
-from ftrain.core import slots as _slots
 from ftrain.core.host import to_host
 from ftrain.core.layer import Combinator, Metrics
 from ftrain.core.run import RunInfo, run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.core.trigger import Trigger, ended_epoch
-from ftrain.errors import CheckpointError, ConfigError, MonitorError
+from ftrain.errors import ConfigError, MonitorError
+
+__all__ = ["INDEX", "LAST", "CheckpointIndex", "Mode", "WithCheckpointing", "check_slot",
+           "checkpoints", "latest_valid", "with_checkpointing"]
 
 log = logging.getLogger("ftrain")
-INDEX = "checkpoints.json"
-LAST = "last.ckpt"
 Mode = Literal["min", "max"]
-_INDEX_LIMIT = 16 * 1024 * 1024  # an index of thousands of entries is well under this
-_MAX_ENTRIES = 100_000
-_RUN_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@attrs.frozen
-class CheckpointIndex:
-    """What `checkpoints.json` says: the best and last checkpoint, and all kept ones."""
-
-    dirpath: str
-    best: str | None
-    last: str | None
-    monitor: str | None
-    mode: str
-    best_score: float | None
-    saved: list[dict[str, Any]]
-
-
-def _read_index(dirpath: str) -> dict[str, Any] | None:
-    """The index of `dirpath` as checked plain data, None if there is none; anything in
-    it that is not what a checkpointing layer writes is a CheckpointError."""
-    path = os.path.join(dirpath, INDEX)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_INDEX_LIMIT + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise CheckpointError(f"cannot read the checkpoint index {path!r}: {err}") from err
-    if len(raw) > _INDEX_LIMIT:
-        raise CheckpointError(f"{path!r} is over {_INDEX_LIMIT} bytes: not an index this "
-                              "library wrote")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise CheckpointError(f"{path!r} is not a valid index: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path!r} is not a valid index: expected a JSON object, "
-                              f"found {type(data).__name__}")
-    return check_slot(data, f"the index {path!r}")
-
-
-def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
-    """Read the index of a checkpoint folder written by `with_checkpointing`.
-
-    Given a folder of runs (`<root_dir>/checkpoints`, which holds one `version_N` folder
-    per run), it reads the newest run's index. File names in the index are checked: each
-    must be a bare name inside the folder.
-
-    Examples:
-        >>> import tempfile, torch, ftrain as ft
-        >>> d = tempfile.mkdtemp()
-        >>> step = ft.with_checkpointing(
-        ...     ft.train_step(lambda m, b: m(b).pow(2).mean()), d, filename="{epoch}")
-        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
-        >>> _ = ft.fit(step, state, [torch.randn(4, 2)], epochs=2, logger=False, progress=False)
-        >>> index = ft.checkpoints(d)
-        >>> os.path.basename(index.best), os.path.basename(index.last)
-        ('1.ckpt', 'last.ckpt')
-    """
-    dirpath = os.fspath(dirpath)
-    data = _read_index(dirpath)
-    if data is None:
-        for _, run in _folders.versions(dirpath):
-            data = _read_index(run)
-            if data is not None:
-                dirpath = run
-                break
-    if data is None:
-        raise CheckpointError(f"no checkpoint index {INDEX} in {dirpath!r} (nor in a "
-                              "version_N run folder inside it)")
-
-    def full(name: str | None) -> str | None:
-        return os.path.join(dirpath, name) if name else None
-
-    return CheckpointIndex(
-        dirpath=dirpath, best=full(data["best"]), last=full(data["last"]),
-        monitor=data["monitor"], mode=data["mode"], best_score=data["best_score"],
-        saved=[{**s, "path": full(s["file"])} for s in data["saved"]])
-
-
-def latest_valid(dirpath: str) -> str | None:
-    """The newest checkpoint in `dirpath` that loads (for `resume="auto"`), or None when
-    the folder holds no checkpoint file at all.
-
-    The index's `last` (the newest save of the run that wrote it) comes first; without a
-    usable index, the most recently written `*.ckpt`. Temporary files of an interrupted
-    save never match; each candidate is opened (memory-mapped, tensors not read) and
-    skipped if it is truncated or not a checkpoint. Checkpoint files present but none
-    readable is a CheckpointError naming each file and why: resuming must never start
-    fresh over them (and then overwrite them).
-    """
-    if not os.path.isdir(dirpath):
-        return None
-    problems: dict[str, str] = {}
-
-    def loads(path: str) -> bool:
-        try:
-            read(path, map_location="cpu", mmap=True)
-            return True
-        except CheckpointError as err:
-            problems[os.path.basename(path)] = str(err)
-            return False
-
-    try:
-        index = _read_index(dirpath)
-    except CheckpointError as err:
-        problems[INDEX] = str(err)
-        index = None
-    if index is not None and index["last"] is not None:
-        last = _folders.own_file(dirpath, index["last"])
-        if last is not None and loads(last):
-            return last
-    candidates = sorted(
-        (_mtime(path), path) for path in (
-            _folders.own_file(dirpath, e) for e in os.listdir(dirpath)
-            if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
-        if path is not None)
-    for _, path in reversed(candidates):
-        if loads(path):
-            return path
-    if candidates:
-        shown = "\n".join(f"  {name}: {why}" for name, why in sorted(problems.items()))
-        raise CheckpointError(
-            f"{dirpath!r} holds checkpoint files but none can be read, so a resume "
-            f"cannot continue from them (nothing was overwritten):\n{shown}\nMove them "
-            "away to start fresh, or resume from a readable file with resume=<path>")
-    return None
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except OSError:  # deleted meanwhile (a live run's top k): it sorts first, then fails
-        return 0.0
-
-
-def check_slot(slot: Any, where: str) -> dict[str, Any]:
-    """A checkpointing slot (or index) read back from a file, checked field by field.
-
-    Everything in it is untrusted input: file names must be bare `*.ckpt` names, counts
-    ints, scores numbers. Returns a normalized copy; errors name the field.
-    """
-    if not isinstance(slot, Mapping):
-        raise CheckpointError(f"{where}: expected a dict, found {type(slot).__name__}")
-
-    def fail(field: str, expected: str, value: Any) -> NoReturn:
-        raise CheckpointError(f"{where}: {field} must be {expected}, found "
-                              f"{_slots.short(value, 120)}")
-
-    def count(field: str, value: Any, optional: bool = False) -> int | None:
-        if value is None and optional:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            fail(field, "an int >= 0" + (" or None" if optional else ""), value)
-        return int(value)
-
-    def score(field: str, value: Any) -> float | None:
-        if value is None:
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            fail(field, "a number or None", value)
-        return float(value)
-
-    def name(field: str, value: Any) -> str | None:
-        return None if value is None else _folders.bare_name(value, field, where)
-
-    def text(field: str, value: Any) -> str | None:
-        if value is not None and (not isinstance(value, str) or len(value) > 4096):
-            fail(field, "a string or None", value)
-        return value  # type: ignore[no-any-return]
-
-    saved_raw = slot.get("saved", [])
-    if not isinstance(saved_raw, list) or len(saved_raw) > _MAX_ENTRIES:
-        fail("saved", f"a list of at most {_MAX_ENTRIES} entries", saved_raw)
-    saved = []
-    for i, entry in enumerate(saved_raw):
-        if not isinstance(entry, Mapping):
-            fail(f"saved[{i}]", "a dict", entry)
-        saved.append({"file": _folders.bare_name(entry.get("file"), f"saved[{i}].file",
-                                                 where),
-                      "score": score(f"saved[{i}].score", entry.get("score")),
-                      "step": count(f"saved[{i}].step", entry.get("step")),
-                      "epoch": count(f"saved[{i}].epoch", entry.get("epoch"))})
-    mode = slot.get("mode", "min")
-    if mode not in ("min", "max"):
-        fail("mode", "'min' or 'max'", mode)
-    last = name("last", slot.get("last"))
-    if last not in (None, LAST):
-        fail("last", f"{LAST!r} or None", last)
-    run_id = text("run", slot.get("run"))
-    if run_id is not None and not _RUN_ID.fullmatch(run_id):
-        fail("run", "a run id (32 hex digits)", run_id)
-    return {"saved": saved, "best": name("best", slot.get("best")),
-            "best_score": score("best_score", slot.get("best_score")), "last": last,
-            "last_step": count("last_step", slot.get("last_step"), optional=True),
-            "monitor": text("monitor", slot.get("monitor")), "mode": mode,
-            "dir": text("dir", slot.get("dir")), "run": run_id}
-
-
-def _fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
-
-
-def _safe_name(name: str) -> str:
-    """A rendered filename never creates folders: separators become underscores."""
-    for sep in {"/", "\\", os.sep}:
-        name = name.replace(sep, "_")
-    return name
-
-
-def _better(a: float, b: float, mode: str) -> bool:
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a < b if mode == "min" else a > b
 
 
 class WithCheckpointing(Combinator):
@@ -286,7 +78,7 @@ class WithCheckpointing(Combinator):
         if not isinstance(filename, str) or not filename:
             raise ConfigError(f"filename must be a format string, got {filename!r}")
         try:
-            self.template_fields = _fields(filename)
+            self.template_fields = naming.template_fields(filename)
         except ValueError as err:
             raise ConfigError(f"filename {filename!r} is not a valid format string: "
                               f"{err}") from err
@@ -344,7 +136,6 @@ class WithCheckpointing(Combinator):
             _folders.remove_stale_temporaries(self.dirpath)
         opened = self._trust(slot)
         if run is not None and run.world > 1:  # rank 0 read the folder: its word holds
-            import torch.distributed as dist
             shared = [opened]
             dist.broadcast_object_list(shared, src=0)
             opened = shared[0]
@@ -355,7 +146,7 @@ class WithCheckpointing(Combinator):
         """The slot to run with: a restored one if it is this folder's own bookkeeping,
         else a new ranking (the files the restored one lists are never deleted)."""
         assert self.dirpath is not None
-        if slot is not None and self._continues(slot, self.dirpath):
+        if slot is not None and continues(slot, self.dirpath):
             if (slot["monitor"], slot["mode"]) != (self.monitor, self.mode):
                 raise ConfigError(
                     f"the {self.name!r} slot of this state ranks checkpoints by monitor="
@@ -373,22 +164,6 @@ class WithCheckpointing(Combinator):
         return {**self._empty_slot(), "dir": os.path.realpath(self.dirpath),
                 "run": uuid.uuid4().hex}
 
-    @staticmethod
-    def _continues(slot: Mapping[str, Any], folder: str) -> bool:
-        """Whether `slot` is `folder`'s own bookkeeping: written in that folder by the run
-        the folder's index names, at the newest save there (an older checkpoint of that
-        run continued here would overwrite what came after it). Only then may the files
-        it lists be deleted."""
-        if slot["run"] is None or slot["dir"] is None or not _folders.same_folder(
-                slot["dir"], folder):
-            return False
-        try:
-            index = _read_index(folder)
-        except CheckpointError:
-            return False
-        return index is not None and index["run"] == slot["run"] and \
-            index["last_step"] == slot["last_step"]
-
     def _choose_dir(self, run: RunInfo | None, slot: Mapping[str, Any] | None) -> str:
         if self.dirpath_arg is not None:
             return self.dirpath_arg
@@ -402,10 +177,9 @@ class WithCheckpointing(Combinator):
                 _folders.same_folder(folder, path) for _, path in _folders.versions(root))
             if continuing:  # a state this run left off: its own folder again
                 assert folder is not None and slot is not None
-                continuing = self._continues(slot, folder)
+                continuing = continues(slot, folder)
             chosen[0] = folder if continuing else _folders.claim_version(root)
         if run is not None and run.world > 1:  # every rank names rank 0's folder
-            import torch.distributed as dist
             dist.broadcast_object_list(chosen, src=0)
         assert chosen[0] is not None
         return chosen[0]
@@ -480,7 +254,7 @@ class WithCheckpointing(Combinator):
         epoch = pos["epoch"] - 1 if pos["batch"] == 0 and pos["epoch"] > 0 else pos["epoch"]
         values = self._values(self._wanted(), metrics)
         score = values.get(self.monitor) if self.monitor is not None else None
-        return self._render(epoch, state.step, values), score, epoch
+        return naming.render(self.filename, epoch, state.step, values), score, epoch
 
     def _defer(self, state: TrainState, action: Any) -> TrainState:
         binding = _bind.binding_of(state)
@@ -529,10 +303,13 @@ class WithCheckpointing(Combinator):
                 ) -> TrainState:
         health.check_finite(state)  # never write a checkpoint of a NaN run silently
         slot = self._slot(state)
-        name = self._unique(name, slot)
+        assert self.dirpath is not None
+        taken = {e["file"] for e in slot["saved"]} | {LAST}
+        name = naming.unique_name(name, taken, self.dirpath, self.filename)
         entry = {"file": name, "score": score, "step": state.step, "epoch": epoch}
-        kept, dropped = self._top_k([dict(e) for e in slot["saved"]], entry)
-        best = self._best(kept)
+        kept, dropped = ranking.top_k([dict(e) for e in slot["saved"]], entry,
+                                      self.save_top_k, self.monitor, self.mode)
+        best = ranking.best(kept, self.monitor, self.mode)
         new_slot = {**slot, "saved": kept, "best": best["file"] if best else None,
                     "best_score": best["score"] if best else None,
                     "last": LAST if self.save_last else None, "last_step": state.step}
@@ -547,61 +324,8 @@ class WithCheckpointing(Combinator):
         return state
 
     def _write_index(self, slot: Mapping[str, Any]) -> None:
-        data = _index_json(slot, self.monitor, self.mode)
+        data = index_json(slot, self.monitor, self.mode)
         atomic_write(os.path.join(self._ready(), INDEX), lambda f: f.write(data))
-
-    def _render(self, epoch: int, step: int, values: Mapping[str, float]) -> str:
-        try:
-            return _safe_name(self.filename.format(epoch=epoch, step=step, **values))
-        except (KeyError, ValueError, IndexError) as err:
-            raise ConfigError(f"cannot render filename {self.filename!r}: {err}") from err
-
-    def _unique(self, name: str, slot: Mapping[str, Any]) -> str:
-        taken = {e["file"] for e in slot["saved"]} | {LAST}
-        assert self.dirpath is not None
-        candidate, n = name + SUFFIX, 0
-        while candidate in taken or os.path.lexists(os.path.join(self.dirpath, candidate)):
-            n += 1
-            candidate = f"{name}-v{n}{SUFFIX}"
-        try:
-            return _folders.bare_name(candidate, "a rendered file name", "with_checkpointing")
-        except CheckpointError as err:
-            raise ConfigError(f"filename {self.filename!r} renders {candidate!r}, which "
-                              f"cannot be a checkpoint's name: {err}") from None
-
-    def _top_k(self, saved: list[dict[str, Any]], entry: dict[str, Any]
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        k = self.save_top_k
-        candidates = [*saved, entry]
-        if k == -1:
-            return candidates, []
-        if self.monitor is None:  # newest first
-            order = sorted(candidates, key=lambda e: e["step"], reverse=True)
-        else:
-            import functools
-
-            def cmp(a: dict[str, Any], b: dict[str, Any]) -> int:
-                sa, sb = float(a["score"]), float(b["score"])
-                if _better(sa, sb, self.mode):
-                    return -1
-                if _better(sb, sa, self.mode):
-                    return 1
-                return -1 if a["step"] > b["step"] else 1  # ties: the newer first
-            order = sorted(candidates, key=functools.cmp_to_key(cmp))
-        kept, dropped = order[:k], order[k:]
-        kept.sort(key=lambda e: e["step"])
-        return kept, [e for e in dropped if e is not entry]
-
-    def _best(self, kept: list[dict[str, Any]]) -> dict[str, Any] | None:
-        if not kept:
-            return None
-        if self.monitor is None:
-            return max(kept, key=lambda e: e["step"])
-        best = kept[0]
-        for e in kept[1:]:
-            if _better(float(e["score"]), float(best["score"]), self.mode):
-                best = e
-        return best
 
     def _write(self, state: TrainState, name: str, keep: bool, slot: Mapping[str, Any],
                dropped: list[dict[str, Any]]) -> None:
@@ -630,13 +354,6 @@ class WithCheckpointing(Combinator):
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-
-def _index_json(slot: Mapping[str, Any], monitor: str | None, mode: str) -> bytes:
-    index = {"best": slot["best"], "best_score": slot["best_score"], "last": slot["last"],
-             "monitor": monitor, "mode": mode, "saved": slot["saved"],
-             "last_step": slot.get("last_step"), "dir": slot.get("dir"), "run": slot.get("run")}
-    return json.dumps(index, indent=2).encode()
 
 
 def _runs_root(root_dir: str | None) -> str:

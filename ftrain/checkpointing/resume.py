@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any
 
-from ftrain.checkpoints.file import load, read
-from ftrain.checkpoints.manager import latest_valid
+from ftrain.checkpointing.file import load, read
+from ftrain.checkpointing.index import latest_valid
 from ftrain.core.layer import layers
 from ftrain.core.state import TrainState, donate
 from ftrain.errors import ConfigError

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ftrain.checkpoints import folders as _folders
-from ftrain.checkpoints.atomic import atomic_write, fsync_dir
-from ftrain.checkpoints.diagnostics import (
+from ftrain.checkpointing import folders as _folders
+from ftrain.checkpointing.atomic import atomic_write, fsync_dir
+from ftrain.checkpointing.diagnostics import (
     ZIP_MAGIC,
     asks_for_code,
     damaged,
@@ -36,7 +36,7 @@ from ftrain.checkpoints.diagnostics import (
     first_line,
     looks_like,
 )
-from ftrain.checkpoints.payload import FORMAT, VERSION, check_payload, payload
+from ftrain.checkpointing.payload import FORMAT, VERSION, check_payload, payload
 from ftrain.core.state import TrainState, parts
 from ftrain.errors import CheckpointError, ConfigError
 

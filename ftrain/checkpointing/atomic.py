@@ -14,8 +14,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from ftrain.checkpoints import folders as _folders
-from ftrain.checkpoints.diagnostics import write_failure
+from ftrain.checkpointing import folders as _folders
+from ftrain.checkpointing.diagnostics import write_failure
 from ftrain.errors import CheckpointError
 
 
@@ -27,7 +27,7 @@ def atomic_write(path: str, write: Callable[[Any], None], *, prefix: str | None 
     CheckpointError naming `path`; the temporary file is removed and a file already at
     `path` is left as it was. The temporary's name starts with `prefix` and ends `.tmp`;
     by default `.tmp-<host>-<pid>-`, so a clean-up can tell a dead writer's leftovers from
-    a live one's (`ftrain.checkpoints.folders.remove_stale_temporaries`).
+    a live one's (`ftrain.checkpointing.folders.remove_stale_temporaries`).
 
     Examples:
         >>> import os, tempfile

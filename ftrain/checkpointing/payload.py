@@ -4,7 +4,7 @@ a file gave back (`check_payload`), before anything uses it.
 A checkpoint is plain data: tensors and JSON-compatible values only. What a file gives
 back is untrusted input: every field's type, the nesting and the absence of cycles are
 checked here, and names, shapes and dtypes are compared with the live state later
-(`ftrain.checkpoints.file.load`).
+(`ftrain.checkpointing.file.load`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ftrain.core.slots import short as _short
 from ftrain.core.state import TrainState
 from ftrain.errors import CheckpointError, ConfigError
 
-FORMAT = "ftrain.checkpoints.file"  # the marker in every file: never changes with the layout
+FORMAT = "ftrain.checkpoint"  # the marker in every file: never changes with the layout
 VERSION = 1
 _FIELDS = ("params", "buffers", "opt_state", "slots", "step", "seed")
 _MAX_DEPTH = 100  # far deeper than any state; hostile nesting must not exhaust the stack
@@ -62,7 +62,7 @@ def payload(state: TrainState, hparams: Mapping[str, Any] | None = None) -> dict
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1))
         >>> data = payload(state, {"lr": 0.1})
         >>> data["format"], data["version"], data["step"], data["hparams"]
-        ('ftrain.checkpoints.file', 1, 0, {'lr': 0.1})
+        ('ftrain.checkpoint', 1, 0, {'lr': 0.1})
         >>> check_payload(data, "a.ckpt") is data
         True
     """
