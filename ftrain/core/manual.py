@@ -26,7 +26,6 @@ from ftrain.core.step import (
     NonFinite,
     _check_state,
     _grad_norm,
-    _nonfinite_epoch_end,
     _Value,
     advance,
     check_core_args,
@@ -162,9 +161,6 @@ class ManualStep(_Value):
 
     def __repr__(self) -> str:
         return f"manual_step({getattr(self.fn, '__qualname__', repr(self.fn))})"
-
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return _nonfinite_epoch_end(state, self.on_nonfinite)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if type(state) is not TrainState:

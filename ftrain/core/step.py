@@ -128,6 +128,10 @@ class _Value:
     def init(self, state: TrainState) -> TrainState:
         return self.phases.init(state)  # type: ignore[attr-defined, no-any-return]
 
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """Report a non-finite loss per the step's policy (host sync: once per epoch)."""
+        return _nonfinite_epoch_end(state, self.on_nonfinite)  # type: ignore[attr-defined]
+
 
 class TrainStep(_Value):
     """The core training step built by `train_step`."""
@@ -149,11 +153,6 @@ class TrainStep(_Value):
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
         return f"train_step({name})"
-
-    # -- protocol ------------------------------------------------------------------------
-
-    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return _nonfinite_epoch_end(state, self.on_nonfinite)
 
     # -- the step ------------------------------------------------------------------------
 

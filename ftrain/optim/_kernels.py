@@ -45,8 +45,26 @@ def _group_settings(groups: Groups, index: int, given: Mapping[str, Any] | None,
     return opts
 
 
+class _FromGradients:
+    """The two entry points of a transform, both over its one `apply_gradients`."""
+
+
+    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
+              found_inf: torch.Tensor | None) -> None:
+        """The eager update from each parameter's `.grad` (None: left alone)."""
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        self.apply_gradients(  # type: ignore[attr-defined]  # each transform's one update
+            params, grads, state, count, found_inf)
+
+    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
+        """The same update as device tensor ops (no host read): for capture."""
+        return self.apply_gradients(  # type: ignore[attr-defined, no-any-return]
+            params, grads, state, count, found_inf, capturable=True)
+
+
 @attrs.frozen(eq=False)
-class _Grouped:
+class _Grouped(_FromGradients):
     """What Adam and SGD share: settings by parameter group, validated by `check`."""
 
     groups: Groups
@@ -100,16 +118,6 @@ class _Grouped:
                         lockstep=lockstep, keep=keep)
         return grads
 
-    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
-              found_inf: torch.Tensor | None) -> None:
-        """The eager update from each parameter's `.grad` (None: left alone)."""
-        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
-        self.apply_gradients(params, grads, state, count, found_inf)
-
-    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
-                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
-        """The same update as device tensor ops (no host read): for capture."""
-        return self.apply_gradients(params, grads, state, count, found_inf, capturable=True)
 
     def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
         return _current_lrs(self.groups, count)
@@ -299,7 +307,7 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
 
 
 @attrs.frozen(eq=False)
-class _ClipGradNorm:
+class _ClipGradNorm(_FromGradients):
     max_norm: float
     norm_type: float
     name: str = "clip_grad_norm"
@@ -328,16 +336,6 @@ class _ClipGradNorm:
         clip_grad_norm_update(gs, self.max_norm, self.norm_type, members=members, keep=keep)
         return grads
 
-    def apply(self, params: Tensors, state: dict[str, Any], count: torch.Tensor,
-              found_inf: torch.Tensor | None) -> None:
-        """Scale each parameter's `.grad` in place (torch's clip: no host read)."""
-        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
-        self.apply_gradients(params, grads, state, count, found_inf)
-
-    def apply_capturable(self, params: Tensors, grads: Tensors, state: dict[str, Any],
-                         count: torch.Tensor, found_inf: torch.Tensor | None) -> Tensors:
-        """The same clipping on explicit gradients: for capture."""
-        return self.apply_gradients(params, grads, state, count, found_inf, capturable=True)
 
 
 def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> _ClipGradNorm:
