@@ -553,3 +553,12 @@ def test_ft_compile_compiles_a_population_step_inside_a_stack():
     assert stack.inner is not core and stack.inner.compile_options["fullgraph"] is True
     assert stack.inner.compile_options["mode"] == "max-autotune-no-cudagraphs"
     assert repr(stack.inner) == "population_step(mse_like, compiled)"
+
+
+def test_a_fresh_optimizer_compiles_in_a_population_step_without_falling_back():
+    """The first update an optimizer ever makes may run inside the compiled kernel (the
+    benchmark's case): it must be traceable then too, not only after an eager warm-up."""
+    pop = population(ft.TrainState.create(mlp(), ft.optim.adam(1e-2), seed=0), n=2)
+    step = population_step(mse_like, compile={"backend": "aot_eager"}, fallback=False)
+    pop, metrics = step(pop, make_batches(1)[0])
+    assert step.fallback_reason is None and pop.step == 1 and "loss" in metrics

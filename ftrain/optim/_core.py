@@ -59,8 +59,10 @@ class Optimizer:
 
     transforms: tuple[Any, ...]
 
-    @functools.cached_property
+    @property
     def keys(self) -> tuple[str, ...]:
+        """Each transform's key in the state (a plain property: torch.compile traces it,
+        where a cached_property on this slotted record made dynamo give up)."""
         seen: dict[str, int] = {}
         keys = []
         for t in self.transforms:
