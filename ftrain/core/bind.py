@@ -196,12 +196,6 @@ class Binding:
         return state
 
 
-def bound(state: TrainState, training: bool = True) -> TrainState:
-    """`state` with a fresh binding (its tensors installed in a real module)."""
-    Binding(state, training)
-    return state
-
-
 class _Apply(nn.Module):
     """Calls `fn(model, batch)` as a module forward, so functional_call (and DDP) see it."""
 

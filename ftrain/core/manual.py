@@ -169,9 +169,8 @@ class ManualStep(_Value):
         if binding is not None:
             return self._run(state, binding, batch)
         # pure: the same code on a bound copy, which is then released
-        work = _bind.bound(state.copy(), training=True)
-        tmp = _bind.binding_of(work)
-        assert tmp is not None
+        work = state.copy()
+        tmp = _bind.Binding(work, training=True)
         try:
             new, metrics = self._run(work, tmp, batch)
         finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ftrain.core.context import binding_of
+from ftrain.core.run import run_info
 from ftrain.core.state import LOOP_SLOT
 from ftrain.errors import ConfigError, check_int
 
@@ -72,7 +72,6 @@ def ended_epoch(state: Any) -> bool:
 
 def last_epoch(state: Any) -> bool:
     """True when the loop running `state` has completed the epochs it was asked for."""
-    binding = binding_of(state)
-    run = binding.run if binding is not None else None
+    run = run_info(state)
     pos = state.slots.get(LOOP_SLOT) or {"epoch": 0, "batch": 0}
     return bool(run is not None and run.epochs is not None and pos["epoch"] >= run.epochs)

@@ -36,8 +36,7 @@ def _eval_state(state: TrainState) -> tuple[TrainState, _bind.Binding | None]:
     _check_state(state, "evaluation")
     if _bind.binding_of(state) is not None:
         return state, None
-    tmp = _bind.bound(state, training=False)
-    return tmp, _bind.binding_of(tmp)
+    return state, _bind.Binding(state, training=False)
 
 
 def _batches(data: Any, limit: int | None, what: str) -> Any:

@@ -61,32 +61,24 @@ def _check_not_tensor(data: Any, what: str) -> None:
 
 
 def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
-           ) -> TrainState:
-    """Make `state` one this loop runs: bound, owned by this loop, holding its position.
+           ) -> tuple[TrainState, _bind.Binding]:
+    """Make `state` one this loop runs: bound, owned by this loop, holding its position;
+    return it with its binding (one run-context lookup).
 
-    A binding another loop owned passes to this one (that loop then neither closes the
-    step nor releases the binding when it ends).
+    Then run what layers asked to do once the whole stack has returned (checkpoint
+    saves), so a checkpoint holds every layer's slot as it is after this step. A binding
+    another loop owned passes to this one (that loop then neither closes the step nor
+    releases the binding when it ends).
     """
-    if _bind.binding_of(state) is None:
-        state = _bind.bound(state, training=True)
-    binding = _bind.binding_of(state)
-    binding.run = run
-    binding.owner = owner
-    if state.slots.get(LOOP_SLOT) is not pos:
-        state = state.replace(slots={**state.slots, LOOP_SLOT: pos})
-    return state
-
-
-def _deferred(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
-              ) -> TrainState:
-    """Run what layers asked to do once the whole stack has returned (checkpoint saves),
-    so a checkpoint holds every layer's slot as it is after this step."""
-    binding = _bind.binding_of(state)
-    while binding is not None and binding.deferred:
+    while True:
+        binding = _bind.binding_of(state) or _bind.Binding(state, training=True)
+        binding.run = run
+        binding.owner = owner
+        if state.slots.get(LOOP_SLOT) is not pos:
+            state = state.replace(slots={**state.slots, LOOP_SLOT: pos})
+        if not binding.deferred:
+            return state, binding
         state = binding.deferred.pop(0)(state)
-        state = _adopt(state, pos, run, owner)
-        binding = _bind.binding_of(state)
-    return state
 
 
 def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
@@ -128,13 +120,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     resumable = True
     source = state
     state = state.copy() if not donate_input else state
-    state = _adopt(state, pos, run, owner)
+    state, binding = _adopt(state, pos, run, owner)
     failed = False
     try:
         if STOP_SLOT in state.slots:
             log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
             state.slots.pop(STOP_SLOT)
-        state = _adopt(_step.init(step, state), pos, run, owner)
+        state, binding = _adopt(_step.init(step, state), pos, run, owner)
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
         if bundle is not None:
@@ -183,7 +175,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             index = skip
             metrics: Metrics = {}
             while nxt is not _END:
-                prof = _bind.binding_of(state).profiler
+                prof = binding.profiler
                 if prof is None:
                     batch = _data.to_device(nxt, device)
                 else:
@@ -192,7 +184,6 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     prof.add("data", time.perf_counter() - t0)
                 before = state
                 step_no = before.step
-                binding = _bind.binding_of(before)
                 binding.changed = False
                 try:
                     # The batch counts as consumed inside the step already, so a
@@ -217,8 +208,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                                       f"({type(state).__name__}, {type(metrics).__name__})")
                 if state is not before:
                     donate(before, caller)
-                state = _adopt(state, pos, run, owner)
-                state = _deferred(state, pos, run, owner)
+                state, binding = _adopt(state, pos, run, owner)
                 index += 1
                 stopping = STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)
@@ -228,7 +218,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     complete = (at_limit or (
                         epoch_length is not None and index >= epoch_length)) and not dev_run
                 else:
-                    prof = _bind.binding_of(state).profiler
+                    prof = binding.profiler
                     if prof is None:
                         nxt = next(batches, _END)
                     else:  # profiling: time the fetch (the move is timed above)
@@ -255,7 +245,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     if complete:
                         _pos.next_epoch(pos, epoch)
                     state, end_metrics = _step.epoch_end(step, state)
-                    state = _deferred(_adopt(state, pos, run, owner), pos, run, owner)
+                    state, binding = _adopt(state, pos, run, owner)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
@@ -267,18 +257,17 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                             "continues exactly")
                         interrupt._ftrain_agreed = True  # type: ignore[attr-defined]
                         raise interrupt
-                    state = _adopt(_on_signal(step, state, metrics, run.signals), pos, run,
-                                   owner)
+                    state, binding = _adopt(_on_signal(step, state, metrics, run.signals),
+                                            pos, run, owner)
                     finished = True
                     yield state, metrics
                     break
                 sent = yield state, metrics
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
-                    old = _bind.binding_of(state)
-                    state = _adopt(sent, pos, run, owner)
-                    new = _bind.binding_of(state)
-                    if new is not old:  # losses still pending belong to this run
+                    old = binding
+                    state, binding = _adopt(sent, pos, run, owner)
+                    if binding is not old:  # losses still pending belong to this run
                         old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots
             if finished and got is not None:

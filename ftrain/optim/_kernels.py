@@ -81,7 +81,7 @@ class _Grouped(_FromGradients):
             return self
         base = {**self.groups.base, **mine}
         overrides = {pat: dict(opts) for pat, opts in self.groups.overrides}
-        self.check(base, overrides)
+        self.check(base, overrides)  # type: ignore[attr-defined]  # each kind's own
         return attrs.evolve(self, groups=Groups.build(base, overrides))
 
     def same_kind(self, other: Any) -> bool:
@@ -98,9 +98,6 @@ class _Grouped(_FromGradients):
                 return False
         return True
 
-    def check(self, base: Mapping[str, Any], groups: Any) -> None:
-        raise NotImplementedError
-
     def apply_gradients(self, params: Tensors, grads: Tensors, state: dict[str, Any],
                         count: torch.Tensor, found_inf: torch.Tensor | None = None, *,
                         settings: Mapping[str, Any] | None = None, capturable: bool = False,
@@ -113,19 +110,14 @@ class _Grouped(_FromGradients):
             opts = _group_settings(self.groups, gi, settings, count)
             ps = [params[n] for n in group]
             fused, foreach = choose_impl(ps, self.fused, self.foreach)  # type: ignore
-            self._group(group, ps, [grads[n] for n in group], state, opts, count,
-                        found_inf, fused=fused, foreach=foreach, capturable=capturable,
-                        lockstep=lockstep, keep=keep)
+            self._group(  # type: ignore[attr-defined]  # Adam's or SGD's kernels
+                group, ps, [grads[n] for n in group], state, opts, count, found_inf,
+                fused=fused, foreach=foreach, capturable=capturable, lockstep=lockstep,
+                keep=keep)
         return grads
-
 
     def current_lrs(self, count: torch.Tensor) -> dict[str | None, Any]:
         return _current_lrs(self.groups, count)
-
-    def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
-               state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
-               found_inf: torch.Tensor | None, **how: Any) -> None:
-        raise NotImplementedError
 
 
 @attrs.frozen(eq=False)
