@@ -113,8 +113,6 @@ class Binding:
         self.in_step = False  # True while the loop itself calls the step: run bound then
         self.owner: object | None = None  # the loop that runs this binding
         self.deferred: list[Any] = []  # actions for the loop once the whole stack returned
-        # A logging layer's request for this step: add the gradient norm to the metrics.
-        self.want_grad_norm = False
         self.run: Any = None  # the loop's RunInfo
         self.latest: Any = None  # the newest state the core step produced (error recovery)
         # Set by a step once it starts changing params in place (the optimizer update): a

@@ -453,14 +453,6 @@ def eval_step(fn: LossFn) -> EvalStep:
     return EvalStep(fn)
 
 
-# -- the protocol, as the loops drive it (defined in ftrain.core.layer) -------------------
-
-init = _layer.init
-epoch_end = _layer.epoch_end
-close = _layer.close
-core = _layer.core
-
-
 def request_stop(state: TrainState, reason: str) -> TrainState:
     """Ask the loop to stop after this step (or epoch end); `reason` is logged.
 

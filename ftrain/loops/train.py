@@ -24,6 +24,7 @@ import torch
 
 from ftrain.core import bind as _bind
 from ftrain.core import context, health
+from ftrain.core import layer as _layer
 from ftrain.core import step as _step
 from ftrain.core.layer import request
 from ftrain.core.run import RunInfo
@@ -126,7 +127,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if STOP_SLOT in state.slots:
             log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
             state.slots.pop(STOP_SLOT)
-        state, binding = _adopt(_step.init(step, state), pos, run, owner)
+        state, binding = _adopt(_layer.init(step, state), pos, run, owner)
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
         if bundle is not None:
@@ -244,7 +245,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
                         _pos.next_epoch(pos, epoch)
-                    state, end_metrics = _step.epoch_end(step, state)
+                    state, end_metrics = _layer.epoch_end(step, state)
                     state, binding = _adopt(state, pos, run, owner)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
@@ -330,7 +331,7 @@ def _finish(step: Any, state: Any, owner: object, failed: bool) -> Any:
     if latest is not None:
         state = latest
     try:
-        _step.close(step, state)
+        _layer.close(step, state)
     except Exception:
         if not failed:
             raise
