@@ -127,6 +127,8 @@ class Binding:
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
         self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
         self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
+        # each model part's optimizer update prepared for these tensors (phases.apply_update)
+        self.prepared: dict[str | None, Any] = {}
 
     def set_mode(self, training: bool) -> None:
         if self.training is not training:
@@ -191,6 +193,7 @@ class Binding:
         self.trainable = {}
         self.leaves = []
         self.ddp = None  # frees DDP's reducer and its hold on the process group
+        self.prepared = {}
         return state
 
 

@@ -199,8 +199,23 @@ def update_scale(amp: Any, slot: dict[str, torch.Tensor], found_inf: torch.Tenso
 
 
 def apply_update(optimizer: Any, params: dict[str, torch.Tensor], opt_state: Any,
-                 found_inf: torch.Tensor | None) -> None:
-    """Run the optimizer chain in place and clear the gradients."""
+                 found_inf: torch.Tensor | None, prepared: dict[Any, Any] | None = None,
+                 part: str | None = None) -> None:
+    """Run the optimizer chain in place and clear the gradients.
+
+    A loop passes its binding's `prepared` cache: the update prepared once for these
+    tensors (`Optimizer.prepare`: the kernels without the per-step plumbing) runs while
+    it fits the state; it is prepared again when the optimizer or its state changes.
+    """
+    if optimizer is not None and prepared is not None:
+        entry = prepared.get(part)
+        if entry is None or entry[0] is not optimizer or entry[1] is not opt_state or (
+                entry[2] is not None and not entry[2].fits(params, opt_state)):
+            prepare = getattr(optimizer, "prepare", None)
+            entry = prepared[part] = (optimizer, opt_state, prepare(params, opt_state)
+                                      if prepare is not None else None)
+        if entry[2] is not None and entry[2].update(found_inf):
+            return
     if optimizer is not None:
         with torch.no_grad():
             optimizer.update(params, opt_state, found_inf)

@@ -216,7 +216,8 @@ class TrainStep(_Value):
 
     def _update(self, state: TrainState, metrics: Metrics, trainable: list[Any],
                 leaves: list[torch.Tensor], opt_state: Any,
-                scale: dict[str, torch.Tensor] | None, explicit_sync: bool) -> None:
+                scale: dict[str, torch.Tensor] | None, explicit_sync: bool,
+                prepared: dict[Any, Any] | None = None) -> None:
         """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
         loss_bad = None
         if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
@@ -226,7 +227,8 @@ class TrainStep(_Value):
             metrics["grad_norm"] = _grad_norm(leaves)
         for part, optimizer, params in trainable:
             _phases.apply_update(optimizer, params,
-                                 opt_state if part is None else opt_state[part], found_inf)
+                                 opt_state if part is None else opt_state[part], found_inf,
+                                 prepared, part)
         if scale is not None:
             _phases.update_scale(self.phases.amp, scale, found_inf)  # type: ignore[arg-type]
 
@@ -261,7 +263,7 @@ class TrainStep(_Value):
                      for part, ps in binding.trainable.items()]
         binding.changed = True  # from here on a failure cannot be rolled back
         self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
-                     explicit_sync=module is None)
+                     explicit_sync=module is None, prepared=binding.prepared)
         if prof is not None:
             prof.lap("optimizer")
         return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics

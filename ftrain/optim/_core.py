@@ -24,6 +24,8 @@ import torch
 from ftrain.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
+# A prepared transform (see ftrain.optim.prepared): (gradients, count, found_inf) -> None.
+Run = Callable[[list[torch.Tensor], torch.Tensor, "torch.Tensor | None"], None]
 Schedule = Callable[[Any], Any]
 LR = float | Schedule
 Pattern = str | Callable[[str], bool]
@@ -85,6 +87,41 @@ class Optimizer:
         for key, t in zip(self.keys, self.transforms):
             t.apply(params, opt_state[key], count, found_inf)
         _advance(count, found_inf)
+
+    def prepare(self, params: Mapping[str, torch.Tensor], opt_state: dict[str, Any]
+                ) -> Prepared | None:
+        """This optimizer's eager update for exactly these tensors, prepared once for a
+        loop (see `ftrain.optim.prepared`), or None where a transform cannot prepare
+        (its kernel is not a fused one, or it has no `prepare`): `update` then serves.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = ft.optim.sgd(0.1)
+            >>> state = opt.init({"w": w.detach()})
+            >>> prepared = opt.prepare({"w": w}, state)
+            >>> w.grad = torch.full((2,), 2.0)
+            >>> prepared.fits({"w": w}, state), prepared.update(None)
+            (True, True)
+            >>> [round(v, 4) for v in w.tolist()], w.grad, int(state["count"])
+            ([0.8, 0.8], None, 1)
+        """
+        names, tensors = list(params), list(params.values())
+        if not names or not isinstance(opt_state.get("count"), torch.Tensor):
+            return None
+        runs = []
+        for key, t in zip(self.keys, self.transforms):
+            make, state = getattr(t, "prepare", None), opt_state.get(key)
+            if make is None or not isinstance(state, dict):
+                return None
+            try:
+                run = make(names, tensors, state)
+            except (KeyError, TypeError, ValueError):  # a state not laid out as expected:
+                return None  # the general update reports it properly
+            if run is None:
+                return None
+            runs.append(run)
+        return Prepared(params, opt_state, self.keys, runs)
 
     def update_capturable(self, params: Tensors, grads: Tensors, opt_state: dict[str, Any],
                           found_inf: torch.Tensor | None = None) -> None:
@@ -208,6 +245,53 @@ class Optimizer:
                 for group, lr in lrs(opt_state["count"]).items():
                     out[key if group is None else f"{key}/{group}"] = lr
         return out
+
+
+class Prepared:
+    """An optimizer's update tied to one params dict and one optimizer state (built by
+    `Optimizer.prepare`); a loop checks `fits` each step and calls `update`."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], opt_state: dict[str, Any],
+                 keys: tuple[str, ...], runs: list[Run]) -> None:
+        self.params, self.opt_state, self.keys, self.runs = params, opt_state, keys, runs
+        self.tensors = list(params.values())
+        self.count = opt_state["count"]
+        # the dicts the prepared lists were read from: a state holding others re-prepares
+        self.dicts = _dicts(opt_state, keys)
+
+    def fits(self, params: Mapping[str, torch.Tensor], opt_state: dict[str, Any]) -> bool:
+        """Whether this update was prepared from exactly these dicts (identity checks)."""
+        if params is not self.params or opt_state is not self.opt_state:
+            return False
+        return all(a is b for a, b in zip(_dicts(opt_state, self.keys), self.dicts))
+
+    def update(self, found_inf: torch.Tensor | None) -> bool:
+        """One update in place from the params' `.grad`, which are then cleared; False
+        (nothing done) when a parameter has no gradient this step: `Optimizer.update`
+        handles that."""
+        grads = []
+        for p in self.tensors:
+            g = p.grad
+            if g is None:
+                return False
+            grads.append(g)
+        with torch.no_grad():
+            for run in self.runs:
+                run(grads, self.count, found_inf)
+            _advance(self.count, found_inf)
+        for p in self.tensors:
+            p.grad = None
+        return True
+
+
+def _dicts(opt_state: dict[str, Any], keys: tuple[str, ...]) -> list[Any]:
+    out: list[Any] = []
+    for key in keys:
+        sub = opt_state.get(key)
+        out.append(sub)
+        if isinstance(sub, dict):
+            out.extend(v for v in sub.values() if isinstance(v, dict))
+    return out
 
 
 def _advance(count: torch.Tensor, found_inf: torch.Tensor | None) -> None:

@@ -17,11 +17,13 @@ import attrs
 import torch
 
 from ftrain.errors import ConfigError
+from ftrain.optim import prepared
 from ftrain.optim._core import (
     LR,
     Groups,
     Optimizer,
     Pattern,
+    Run,
     Tensors,
     check_lr,
     choose_impl,
@@ -152,6 +154,11 @@ class _Adam(_Grouped):
             check_lr(opts["lr"], where)
             _check_betas(opts["betas"], opts["eps"], opts["weight_decay"], where)
 
+    def prepare(self, names: list[str], params: list[torch.Tensor],
+                state: dict[str, Any]) -> Run | None:
+        """This update prepared for a loop (`ftrain.optim.prepared`), or None."""
+        return prepared.prepare_adam(self, names, params, state)
+
     def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
                state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
                found_inf: torch.Tensor | None, **how: Any) -> None:
@@ -184,6 +191,11 @@ class _SGD(_Grouped):
 
     def check(self, base: Mapping[str, Any], groups: Any) -> None:
         _check_sgd(dict(base), groups)
+
+    def prepare(self, names: list[str], params: list[torch.Tensor],
+                state: dict[str, Any]) -> Run | None:
+        """This update prepared for a loop (`ftrain.optim.prepared`), or None."""
+        return prepared.prepare_sgd(self, names, params, state)
 
     def _group(self, names: list[str], ps: list[torch.Tensor], gs: list[torch.Tensor],
                state: dict[str, Any], opts: dict[str, Any], count: torch.Tensor,
@@ -317,6 +329,11 @@ class _ClipGradNorm(_FromGradients):
 
     def init(self, params: Tensors) -> dict[str, Any]:
         return {}
+
+    def prepare(self, names: list[str], params: list[torch.Tensor],
+                state: dict[str, Any]) -> Run:
+        """This clipping prepared for a loop (`ftrain.optim.prepared`)."""
+        return prepared.prepare_clip(self, names, params, state)
 
     def apply_gradients(self, params: Tensors, grads: Tensors, state: dict[str, Any],
                         count: torch.Tensor, found_inf: torch.Tensor | None = None, *,
