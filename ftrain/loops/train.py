@@ -209,7 +209,11 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                                       f"({type(state).__name__}, {type(metrics).__name__})")
                 if state is not before:
                     donate(before, caller)
-                state, binding = _adopt(state, pos, run, owner)
+                if binding.deferred or not binding.live or state.params is not binding.params \
+                        or state.slots.get(LOOP_SLOT) is not pos:
+                    state, binding = _adopt(state, pos, run, owner)
+                else:  # the usual step: same binding, position in place, nothing deferred
+                    binding.run, binding.owner = run, owner
                 index += 1
                 stopping = STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)

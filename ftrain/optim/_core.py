@@ -253,17 +253,21 @@ class Prepared:
 
     def __init__(self, params: Mapping[str, torch.Tensor], opt_state: dict[str, Any],
                  keys: tuple[str, ...], runs: list[Run]) -> None:
-        self.params, self.opt_state, self.keys, self.runs = params, opt_state, keys, runs
+        self.params, self.opt_state, self.runs = params, opt_state, runs
         self.tensors = list(params.values())
         self.count = opt_state["count"]
-        # the dicts the prepared lists were read from: a state holding others re-prepares
-        self.dicts = _dicts(opt_state, keys)
+        # the dicts the prepared lists were read from, as (parent, key, dict): a state
+        # holding others is prepared again
+        self.links = _links(opt_state, keys)
 
     def fits(self, params: Mapping[str, torch.Tensor], opt_state: dict[str, Any]) -> bool:
         """Whether this update was prepared from exactly these dicts (identity checks)."""
         if params is not self.params or opt_state is not self.opt_state:
             return False
-        return all(a is b for a, b in zip(_dicts(opt_state, self.keys), self.dicts))
+        for parent, key, child in self.links:  # noqa: SIM110  (no generator per step)
+            if parent.get(key) is not child:
+                return False
+        return True
 
     def update(self, found_inf: torch.Tensor | None) -> bool:
         """One update in place from the params' `.grad`, which are then cleared; False
@@ -275,22 +279,26 @@ class Prepared:
             if g is None:
                 return False
             grads.append(g)
-        with torch.no_grad():
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # no_grad without its context object (as torch.optim)
+        try:
             for run in self.runs:
                 run(grads, self.count, found_inf)
             _advance(self.count, found_inf)
+        finally:
+            torch._C._set_grad_enabled(enabled)
         for p in self.tensors:
             p.grad = None
         return True
 
 
-def _dicts(opt_state: dict[str, Any], keys: tuple[str, ...]) -> list[Any]:
-    out: list[Any] = []
+def _links(opt_state: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[Any, Any, Any]]:
+    out: list[tuple[Any, Any, Any]] = []
     for key in keys:
         sub = opt_state.get(key)
-        out.append(sub)
+        out.append((opt_state, key, sub))
         if isinstance(sub, dict):
-            out.extend(v for v in sub.values() if isinstance(v, dict))
+            out.extend((sub, k, v) for k, v in sub.items() if isinstance(v, dict))
     return out
 
 
