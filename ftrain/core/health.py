@@ -51,7 +51,8 @@ _FIELDS = {
 def fold(record: dict[str, Any] | None, losses: list[torch.Tensor],
          steps: list[int]) -> dict[str, Any]:
     """Merge the losses of the given steps into `record` (the first bad step wins)."""
-    values = torch.stack([v.detach().float() for v in losses])
+    # one stack (it promotes mixed half/float losses), not a cast per loss
+    values = torch.stack(losses).detach().float()
     at = torch.tensor(steps, dtype=torch.int64).to(values.device, non_blocking=True)
     bad = torch.where(torch.isfinite(values), _NONE, at)
     first = bad.min()
