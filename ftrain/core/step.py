@@ -51,7 +51,7 @@ def _metric(name: Any, value: Any, device: torch.device, where: str) -> torch.Te
         # half-precision metrics (computed under autocast) are reported in float32
         return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), device=device)
+        return torch.full((), float(value), device=device)  # no host-to-device sync
     raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
                     f"{_describe(value)}")
 

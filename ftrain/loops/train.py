@@ -31,6 +31,7 @@ from ftrain.core.run import RunInfo
 from ftrain.core.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
 from ftrain.data import batches as _data
 from ftrain.data.module import Data
+from ftrain.data.prefetch import DevicePrefetcher
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
 from ftrain.loops import position as _pos
 from ftrain.loops.evaluate import _check_state
@@ -173,15 +174,17 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 _pos.next_epoch(pos, epoch)
                 continue
             device = state.device
+            mover = DevicePrefetcher(device)  # CUDA: next batch copied during the step
+            nxt = mover.put(nxt)
             index = skip
             metrics: Metrics = {}
             while nxt is not _END:
                 prof = binding.profiler
                 if prof is None:
-                    batch = _data.to_device(nxt, device)
+                    batch = mover.get(nxt)
                 else:
                     t0 = time.perf_counter()
-                    batch = _data.to_device(nxt, device)
+                    batch = mover.get(nxt)
                     prof.add("data", time.perf_counter() - t0)
                 before = state
                 step_no = before.step
@@ -225,10 +228,10 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 else:
                     prof = binding.profiler
                     if prof is None:
-                        nxt = next(batches, _END)
-                    else:  # profiling: time the fetch (the move is timed above)
+                        nxt = mover.put(next(batches, _END))  # _END passes through
+                    else:  # profiling: time the fetch and the start of its copy
                         t0 = time.perf_counter()
-                        nxt = next(batches, _END)
+                        nxt = mover.put(next(batches, _END))
                         prof.add("data", time.perf_counter() - t0)
                     complete = nxt is _END
                     if lock is not None and epoch_length is not None and limit is None and \

@@ -95,8 +95,9 @@ def fold(acc: dict[str, Any], reduce: Mapping[str, Any]) -> None:
         how = reduce.get(name, "mean")
         old = acc["partial"].get(name)
         if how == "mean":
-            w = torch.tensor([float(sizes[i]) for i in idx], dtype=torch.float64,
-                             device=stacked.device)
+            # built on the host, copied without blocking (a device= tensor would sync)
+            w = torch.tensor([float(sizes[i]) for i in idx], dtype=torch.float64).to(
+                stacked.device, non_blocking=True)
             part = torch.stack([(stacked * w).sum(), w.sum()])
             new = part if old is None else old + part
         elif how == "sum":
