@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -333,20 +333,33 @@ def num_batches(data: Any) -> int | None:
         return None
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to `device`; non-blocking from pinned memory."""
+def map_tensors(batch: Any, leaf: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`batch` with `leaf` applied to every tensor in it: tensors in lists, tuples,
+    namedtuples and dicts (nested); anything else is kept as it is.
+
+    Examples:
+        >>> import torch
+        >>> from ftrain.data.batches import map_tensors
+        >>> map_tensors({"x": (torch.ones(1), "id")}, lambda t: t * 2)
+        {'x': (tensor([2.]), 'id')}
+    """
     if isinstance(batch, torch.Tensor):
-        if batch.device == device:
-            return batch
-        return batch.to(device, non_blocking=batch.is_pinned())
+        return leaf(batch)
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(b, device) for b in batch]
+        moved = [map_tensors(b, leaf) for b in batch]
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
             return type(batch)(*moved)
         return type(batch)(moved) if not isinstance(batch, list) else moved
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: map_tensors(v, leaf) for k, v in batch.items()}
     return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`; non-blocking from pinned memory."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == device else t.to(device, non_blocking=t.is_pinned())
+    return map_tensors(batch, move)
 
 
 def batch_size(batch: Any) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ftrain.data.batches import to_device
+from ftrain.data.batches import map_tensors, to_device
 from ftrain.errors import ConfigError
 
 _MAX_PENDING = 16  # batches put but not yet taken (a loop has one or two)
@@ -59,28 +59,6 @@ def _same(batch: Any) -> Any:
 def _moving_to(device: torch.device) -> Callable[[Any], Any]:
     # a closure: cheaper per call than functools.partial with a keyword (~0.3 us)
     return lambda batch: to_device(batch, device)
-
-
-def map_tensors(batch: Any, leaf: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`batch` with `leaf` applied to every tensor that `to_device` would move: the same
-    traversal (tensors in lists, tuples, namedtuples and dicts; anything else kept).
-
-    Examples:
-        >>> import torch
-        >>> from ftrain.data.prefetch import map_tensors
-        >>> map_tensors({"x": (torch.ones(1), "id")}, lambda t: t * 2)
-        {'x': (tensor([2.]), 'id')}
-    """
-    if isinstance(batch, torch.Tensor):
-        return leaf(batch)
-    if isinstance(batch, (list, tuple)):
-        moved = [map_tensors(b, leaf) for b in batch]
-        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*moved)
-        return type(batch)(moved) if not isinstance(batch, list) else moved
-    if isinstance(batch, dict):
-        return {k: map_tensors(v, leaf) for k, v in batch.items()}
-    return batch
 
 
 class DevicePrefetcher:
