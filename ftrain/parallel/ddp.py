@@ -93,7 +93,7 @@ class DDP:
 def with_ddp(step: Any, *, backend: str | None = None,
              timeout: datetime.timedelta = _dist.DEFAULT_TIMEOUT,
              find_unused_parameters: bool = False, sync_buffers: bool = True,
-             bucket_cap_mb: float | None = None, gradient_as_bucket_view: bool = False,
+             bucket_cap_mb: float | None = None, gradient_as_bucket_view: bool = True,
              static_graph: bool = False) -> Step:
     """Train on every process `torchrun` starts, as one data-parallel run.
 
@@ -105,7 +105,13 @@ def with_ddp(step: Any, *, backend: str | None = None,
     `timeout` bounds every collective (torch's default is 30 minutes); when one times
     out, the waiting rank raises `CollectiveTimeoutError` naming the ranks that never
     reached it, with their step and Python stack, and those ranks are stopped too. The
-    remaining arguments go to `DistributedDataParallel`. On one process the layer does nothing.
+    remaining arguments go to `DistributedDataParallel`. `gradient_as_bucket_view` is on
+    by default (torch's is off): DDP then hands the update its all-reduce buckets as the
+    gradients instead of copying them out, which saves that copy and a second set of
+    gradients in memory, and trains bitwise as the copy does (tested on 2 processes).
+    `static_graph=True` suits a loss that uses the same parameters the same way every
+    step; it is off because a loss function may branch. On one process the layer does
+    nothing.
 
     Examples:
         >>> import torch, ftrain as ft

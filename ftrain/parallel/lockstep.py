@@ -17,7 +17,8 @@ exchanges the signals it has seen at every step boundary, on a gloo group of its
   (a rank whose data ended early would otherwise go to its epoch end while the others
   start a step: a collective mismatch). That exchange is synchronous, once per step.
 
-`benchmarks/ddp.py` measures what this costs.
+`benchmarks/ddp.py` measures what this costs, from `COST` (summed over this process's
+loops, updated on exchange steps only: a boundary between exchanges stays a counter).
 """
 
 from __future__ import annotations
@@ -35,6 +36,30 @@ from ftrain.parallel import dist as _dist
 _KINDS = ("SIGTERM", "SIGINT")
 CHECK_PERIOD_S = 0.25
 _MAX_INTERVAL = 1000
+
+
+class Cost:
+    """What the boundary exchanges of this process's loops have cost so far.
+
+    Examples:
+        >>> from ftrain.parallel.lockstep import COST
+        >>> COST.boundaries >= COST.exchanges >= 0 and COST.seconds >= 0.0
+        True
+    """
+
+    def __init__(self) -> None:
+        self.boundaries = 0  # step boundaries passed under a Lockstep
+        self.exchanges = 0  # collectives started
+        self.seconds = 0.0  # main-thread time in exchange steps and in closes' last waits
+
+    def add(self, boundaries: int, exchanges: int, seconds: float) -> None:
+        """Count one exchange step's (or a close's) boundaries, collectives and time."""
+        self.boundaries += boundaries
+        self.exchanges += exchanges
+        self.seconds += seconds
+
+
+COST = Cost()
 
 
 class Lockstep:
@@ -73,21 +98,25 @@ class Lockstep:
             self._steps += 1
             if self._steps < self._interval:
                 return None  # not an exchange step: a counter, nothing else
+            start = time.perf_counter()
             agreed = self._finish_previous()  # what every rank sent at the last exchange
-            now = time.perf_counter()
-            step_us = int((now - self._since) / self._steps * 1e6)
-            self._steps, self._since = 0, now
+            # steps since the last exchange began: the exchange's own cost included
+            step_us = int((start - self._since) / self._steps * 1e6)
+            steps, self._steps, self._since = self._steps, 0, start
             flags = [int(kind in signals) for kind in _KINDS]
             self._sent = torch.tensor([*flags, step_us, 0], dtype=torch.int64)
             self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self.group,
                                          async_op=True)
+            COST.add(steps, 1, time.perf_counter() - start)
             return agreed
+        start = time.perf_counter()
         flags = [int(kind in signals) for kind in _KINDS]
         self._finish_previous()
         sent = torch.tensor([*flags, int(has_next), int(not has_next)], dtype=torch.int64)
         dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self.group)  # host round-trip
         if sent[-2] and sent[-1]:  # some ranks have a next batch, some do not
             self._mismatch(has_next, epoch, batches)
+        COST.add(1, 1, time.perf_counter() - start)
         return _first(sent.tolist())
 
     def _finish_previous(self) -> str | None:
@@ -115,7 +144,10 @@ class Lockstep:
         failure the group is going down and nothing is waited for."""
         try:
             if not failed:
+                start = time.perf_counter()
                 self._finish_previous()
+                COST.add(self._steps, 0, time.perf_counter() - start)
+                self._steps = 0
         finally:
             self._work = None
             with contextlib.suppress(Exception):  # local: frees its sockets and threads
