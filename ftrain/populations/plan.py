@@ -1,9 +1,10 @@
-"""A population step's plan: the per-member loss and gradients (vmapped) and the
-optimizer's update of every member, as one in-place kernel per (model, optimizer)."""
+"""A population step's plan: the per-member loss and gradients (batched, else vmapped) and
+the optimizer's update of every member, as one in-place kernel per (model, optimizer)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,15 +12,19 @@ import torch
 
 from ftrain.compiling.step import _graphs
 from ftrain.core import bind as _bind
+from ftrain.core import rng as _rng
 from ftrain.core.state import TrainState
 from ftrain.core.swap import Slots
 from ftrain.errors import ConfigError
+from ftrain.populations.batched import BatchedLoss
 from ftrain.populations.hparams import HPARAMS, PopulationOptimizer, _lr_value
 from ftrain.populations.metrics import Metrics, _member_metrics, _member_values, _split
 from ftrain.populations.model import StackedModel
 
 if TYPE_CHECKING:
     from ftrain.populations.step import PopulationStep
+
+log = logging.getLogger("ftrain")
 
 Randomness = Literal["different", "same"]
 Leaves = list[torch.Tensor] | tuple[torch.Tensor, ...]
@@ -72,6 +77,24 @@ class _Plan:
         self._body: Callable[..., Body] = self._step
         if step.compile_options is not None:
             self._body = torch.compile(self._step, **step.compile_options)
+        # eager steps try the batched path first (batched.py); the first step it cannot
+        # compute sends this plan to vmap for good, and says why in `vmap_reason`
+        self.batched: BatchedLoss | None = None
+        self.vmap_reason: str | None = None
+        if not step.batched:
+            self.vmap_reason = "batched=False"
+        elif self.slots is None:
+            self.vmap_reason = "parametrized modules"
+        else:
+            # the rules register themselves on import (cost: ~60 ms, once)
+            from ftrain.populations import batched_nn, batched_views  # noqa: F401
+            self.batched = BatchedLoss(self.template, self.slots, self.loss_fn,
+                                       self.buffer_names, step.randomness,
+                                       step.per_member_batches)
+        self.generator = _rng.generator_for(state.device)
+        self.leaves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ones: torch.Tensor | None = None
+        self.label = repr(step)
 
     def member_loss(self, trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
                     buffers: dict[str, torch.Tensor], batch: Any) -> Any:
@@ -137,11 +160,18 @@ class _Plan:
             grads, (_, (metrics, new_buffers)) = self.grad_fn(trainable, frozen, buffers,
                                                               batch)
             gs: Leaves = [grads[k] for k in self.trainable]
-        else:  # eager: a vmapped forward and plain autograd (faster than torch.func.grad)
-            trainable = {k: (t if t.requires_grad else t.detach().requires_grad_())
-                         for k in self.trainable for t in (params[k],)}
-            loss, (metrics, new_buffers) = self.forward_fn(trainable, frozen, buffers, batch)
-            gs = list(torch.autograd.grad(loss.sum(), list(trainable.values())))
+        else:  # eager: a batched or vmapped forward and plain autograd (faster than
+            # torch.func.grad); the members' losses are independent, so the gradient of
+            # their sum is each member's own
+            trainable = {k: self._leaf(k, params[k]) for k in self.trainable}
+            done = self._batched(trainable, frozen, buffers, batch) if self.batched else None
+            if done is None:
+                loss, (metrics, new_buffers) = self.forward_fn(trainable, frozen, buffers,
+                                                               batch)
+                gs = list(torch.autograd.grad(loss.sum(), list(trainable.values())))
+            else:
+                gs, metrics = done
+                new_buffers = {}  # the batched path refuses a forward that changes one
         factors: list[torch.Tensor] = []
         with torch.no_grad():
             self._update(list(trainable.values()), gs, opt_state, factors)
@@ -151,6 +181,41 @@ class _Plan:
                     target.copy_(v)
         summary = _member_values(metrics, self.member_metrics) if self.compiled else None
         return metrics, summary, factors
+
+    def _leaf(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` as an autograd leaf: itself if it requires grad, else a detached alias, made
+        once per tensor (it shares `t`'s storage and version counter, so it sees every
+        in-place update; a new one per step cost ~5 us and a new batched wrapper each)."""
+        if t.requires_grad:
+            return t
+        held = self.leaves.get(name)
+        if held is None or held[0] is not t:
+            held = self.leaves[name] = (t, t.detach().requires_grad_())
+        return held[1]
+
+    def _batched(self, trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], batch: Any
+                 ) -> tuple[list[torch.Tensor], Metrics] | None:
+        """The members' gradients and [N] metrics by the batched path, or None (and vmap
+        from now on) when it cannot compute this step as vmap would; nothing has been
+        changed then (the generator is put back)."""
+        assert self.batched is not None
+        try:
+            loss, metrics = self.batched({**trainable, **frozen, **buffers}, batch,
+                                         self.generator)
+            # the gradient of the losses' sum, seeded with its ones directly (no sum op)
+            ones = self.ones
+            if ones is None or ones.shape != loss.shape or ones.dtype != loss.dtype:
+                ones = self.ones = torch.ones_like(loss)
+            gs = list(torch.autograd.grad(loss, list(trainable.values()), ones))
+        except Exception as err:  # vmap computes it, or raises its own error
+            self.batched.rewind()
+            self.batched = None
+            self.vmap_reason = f"{type(err).__name__}: {err}"
+            log.info("the population step %s runs through vmap: %s", self.label,
+                     self.vmap_reason)
+            return None
+        return gs, metrics
 
     def _update(self, ps: list[torch.Tensor], gs: Leaves, opt_state: dict[str, Any],
                 keep: list[torch.Tensor]) -> None:

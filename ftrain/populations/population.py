@@ -9,8 +9,9 @@ own hyperparameters (learning rate, weight decay, momentum, eps, betas), which l
 device tensors in `pop.opt_state["hparams"]`.
 
 `vmap(train_step(loss_fn))` (or `population_step(loss_fn)`) trains all members in one
-step: per-member losses and gradients (eagerly a vmapped forward of the template with the
-members' tensors in its slots, and one autograd backward; compiled,
+step: per-member losses and gradients (eagerly one forward of the template on all members'
+stacked tensors, batched by the rules of `batched` where it has them and vmapped where it
+does not, and one autograd backward; compiled,
 `torch.func.vmap(torch.func.grad_and_value(...))`), then
 Adam / AdamW / SGD (and gradient clipping) with each member's hyperparameters, the same
 math as torch's kernels (batched tensor ops; torch's fused Adam kernel where the device
@@ -24,9 +25,10 @@ hyperparameters) that trains, saves, loads, binds and exports like any other.
 
 The package's modules, one idea each: `model` (StackedModel), `hparams` (the optimizer
 record and per-member hyperparameters), `seeding` (members drawn anew from seeds),
-`members` (building a population, taking members out), `plan` (the vmapped kernel and
-update), `step` (PopulationStep), `evaluation`, `metrics`; this module holds `vmap` and
-re-exports the public names.
+`members` (building a population, taking members out), `plan` (the kernel and update),
+`batched` (the batched forward; its rules in `batched_rules`, `batched_views` and
+`batched_nn`), `step` (PopulationStep), `evaluation`, `metrics`; this module holds `vmap`
+and re-exports the public names.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ class PopulationStep:
     def __init__(self, loss_fn: Callable[[Any, Any], Any], *, per_member_batches: bool = False,
                  member_metrics: bool = True, on_nonfinite: Literal["raise", "ignore"] = "raise",
                  check_finite_every_step: bool = False, randomness: Randomness = "different",
-                 compile: bool | Mapping[str, Any] = False, fallback: bool = True) -> None:
+                 compile: bool | Mapping[str, Any] = False, fallback: bool = True,
+                 batched: bool = True) -> None:
         if not callable(loss_fn):
             raise ConfigError(f"population_step needs a callable loss_fn(model, batch), got "
                               f"{type(loss_fn).__name__}")
@@ -63,11 +64,18 @@ class PopulationStep:
                                     **(compile if isinstance(compile, Mapping) else {})}
         self.fallback = fallback
         self.fallback_reason: str | None = None
+        self.batched = bool(batched)
         self._plans: list[_Plan] = []
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
         return f"population_step({name}{', compiled' if self.compile_options else ''})"
+
+    @property
+    def vmap_reason(self) -> str | None:
+        """Why the latest population's eager steps run through vmap rather than the batched
+        path (None: batched, or not run yet; see `population_step`)."""
+        return self._plans[-1].vmap_reason if self._plans else None
 
     def compiled(self, *, fallback: bool | None = None, **options: Any) -> PopulationStep:
         """A new step like this one whose kernel is compiled with
@@ -85,7 +93,8 @@ class PopulationStep:
                               check_finite_every_step=self.check_finite_every_step,
                               randomness=self.randomness,  # type: ignore[arg-type]
                               compile={**(self.compile_options or {}), **options},
-                              fallback=self.fallback if fallback is None else fallback)
+                              fallback=self.fallback if fallback is None else fallback,
+                              batched=self.batched)
 
     def plan(self, state: TrainState) -> _Plan:
         """The kernel and update plan for this population's model and optimizer (cached)."""
@@ -168,7 +177,7 @@ def population_step(loss_fn: Callable[[Any, Any], Any], *, per_member_batches: b
                     check_finite_every_step: bool = False,
                     randomness: Randomness = "different",
                     compile: bool | Mapping[str, Any] = False,
-                    fallback: bool = True) -> PopulationStep:
+                    fallback: bool = True, batched: bool = True) -> PopulationStep:
     """A step that trains every member of a population on a batch, in one vmapped call.
 
     `loss_fn(model, batch)` is the ordinary one: it sees one member's model. The batch is
@@ -184,7 +193,11 @@ def population_step(loss_fn: Callable[[Any, Any], Any], *, per_member_batches: b
     `torch.func.grad_and_value`, and the update) with `torch.compile(fullgraph=True)`
     once per population model (a dict adds torch.compile options, e.g.
     `{"mode": "max-autotune"}`); a loss function that cannot be captured runs eagerly with
-    a warning (`fallback=False` raises instead).
+    a warning (`fallback=False` raises instead). An eager step first runs `loss_fn` once on
+    all members' stacked tensors (`batched=True`: one GEMM per linear layer, one
+    cross-entropy over [N, B, C], ...; see `ftrain.populations.batched`); the first step
+    that uses a function it has no rule for runs, like every later one, through vmap
+    (`step.vmap_reason` says why; `loss_fn` may then run twice in that step).
 
     Examples:
         >>> import torch, ftrain as ft
@@ -201,5 +214,6 @@ def population_step(loss_fn: Callable[[Any, Any], Any], *, per_member_batches: b
     return PopulationStep(loss_fn, per_member_batches=per_member_batches,
                           member_metrics=member_metrics, on_nonfinite=on_nonfinite,
                           check_finite_every_step=check_finite_every_step,
-                          randomness=randomness, compile=compile, fallback=fallback)
+                          randomness=randomness, compile=compile, fallback=fallback,
+                          batched=batched)
 
