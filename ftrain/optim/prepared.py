@@ -50,17 +50,29 @@ def _lr(setting: Any) -> Callable[[torch.Tensor], Any]:
     return lambda count: value
 
 
-def prepare_adam(t: Any, names: list[str], params: list[torch.Tensor],
-                 state: dict[str, Any]) -> Run | None:
-    """Adam/AdamW on torch's fused kernel, one call per parameter group."""
-    calls = []
+def _fused_groups(t: Any, names: list[str], params: list[torch.Tensor]
+                  ) -> list[tuple[list[int], list[str], list[torch.Tensor], dict[str, Any]]] | None:
+    """Per parameter group of `t`: (positions in `names`, names, params, settings), or
+    None where some group would not run torch's fused kernel."""
     index = {n: i for i, n in enumerate(names)}
+    out = []
     for gi, group in t.groups.split(names).items():
         ps = [params[index[n]] for n in group]
         fused, _ = choose_impl(ps, t.fused, t.foreach)
         if not fused or ps[0].device.type not in fused_devices():
             return None
-        opts = t.groups.settings(gi)
+        out.append(([index[n] for n in group], group, ps, t.groups.settings(gi)))
+    return out
+
+
+def prepare_adam(t: Any, names: list[str], params: list[torch.Tensor],
+                 state: dict[str, Any]) -> Run | None:
+    """Adam/AdamW on torch's fused kernel, one call per parameter group."""
+    groups = _fused_groups(t, names, params)
+    if groups is None:
+        return None
+    calls = []
+    for at, group, ps, opts in groups:
         if any(isinstance(v, torch.Tensor) for k, v in opts.items() if k != "lr"):
             return None
         ms = [state["exp_avg"][n] for n in group]
@@ -71,7 +83,7 @@ def prepare_adam(t: Any, names: list[str], params: list[torch.Tensor],
                 s.dim() != 0 or s.device != ps[0].device for s in steps):
             return None
         beta1, beta2 = opts["betas"]
-        calls.append(([index[n] for n in group], ps, ms, vs, vmax, steps, _lr(opts["lr"]),
+        calls.append((at, ps, ms, vs, vmax, steps, _lr(opts["lr"]),
                       dict(amsgrad=t.amsgrad, beta1=beta1, beta2=beta2,
                            weight_decay=opts["weight_decay"], eps=opts["eps"],
                            maximize=False)))
@@ -93,15 +105,12 @@ def prepare_adam(t: Any, names: list[str], params: list[torch.Tensor],
 def prepare_sgd(t: Any, names: list[str], params: list[torch.Tensor],
                 state: dict[str, Any]) -> Run | None:
     """SGD on torch's fused kernel, one call per parameter group."""
+    groups = _fused_groups(t, names, params)
+    if groups is None:
+        return None
     calls = []
-    index = {n: i for i, n in enumerate(names)}
     bufs = state["momentum_buffer"]
-    for gi, group in t.groups.split(names).items():
-        ps = [params[index[n]] for n in group]
-        fused, _ = choose_impl(ps, t.fused, t.foreach)
-        if not fused or ps[0].device.type not in fused_devices():
-            return None
-        opts = t.groups.settings(gi)
+    for at, group, ps, opts in groups:
         mom = opts["momentum"]
         if isinstance(mom, torch.Tensor) or isinstance(opts["weight_decay"], torch.Tensor):
             return None
@@ -110,7 +119,7 @@ def prepare_sgd(t: Any, names: list[str], params: list[torch.Tensor],
         bs = [bufs[n] for n in group] if mom != 0 else []
         if not _homogeneous(ps + bs):
             return None
-        calls.append(([index[n] for n in group], ps, bs, _lr(opts["lr"]),
+        calls.append((at, ps, bs, _lr(opts["lr"]),
                       dict(weight_decay=opts["weight_decay"], momentum=mom, dampening=0.0,
                            nesterov=opts["nesterov"], maximize=False, is_first_step=False)))
 
