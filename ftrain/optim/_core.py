@@ -99,9 +99,10 @@ class Optimizer:
             >>> w = torch.nn.Parameter(torch.ones(2))
             >>> opt = ft.optim.sgd(0.1)
             >>> state = opt.init({"w": w.detach()})
-            >>> prepared = opt.prepare({"w": w}, state)
+            >>> params = {"w": w}
+            >>> prepared = opt.prepare(params, state)
             >>> w.grad = torch.full((2,), 2.0)
-            >>> prepared.fits({"w": w}, state), prepared.update(None)
+            >>> prepared.fits(params, state), prepared.update(None)
             (True, True)
             >>> [round(v, 4) for v in w.tolist()], w.grad, int(state["count"])
             ([0.8, 0.8], None, 1)
