@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
 
 import pytest
@@ -200,6 +201,31 @@ def test_fp16_loss_scaling_skips_overflowing_steps_as_eager_does():
     assert max_diff(compiled, eager) < 1e-2
 
 
+class CppWrapperEverywhere(CompiledStep):
+    """Asks for inductor's C++ wrapper even where it fails (float16 loss scaling)."""
+
+    def _cpp_wrapper(self, device, amp, key):
+        return key not in self._python_wrapper
+
+
+def test_a_graph_the_cpp_wrapper_cannot_compile_is_compiled_with_the_python_one(caplog):
+    def step(core):
+        return ft.with_amp(core, torch.float16, init_scale=2.0**30, growth_interval=3)
+
+    forced = step(CppWrapperEverywhere(ft.train_step(loss_fn), "default", fullgraph=True,
+                                       fallback=False, dynamic=False))
+    with caplog.at_level(logging.INFO, logger="ftrain"):
+        compiled, _ = run(forced, fresh(), DATA[:4])
+    core = core_of(forced)
+    assert type(core) is CppWrapperEverywhere
+    assert core.compiles == 1 and core.fallback_reason is None  # the failed try: no graph
+    assert len(core._python_wrapper) == 1
+    assert any("Python wrapper" in r.getMessage() for r in caplog.records)
+    eager, _ = run(step(ft.train_step(loss_fn)), fresh(), DATA[:4])
+    assert int(compiled.slots["amp"]["skipped"]) == int(eager.slots["amp"]["skipped"]) > 0
+    assert max_diff(compiled, eager) < 1e-2
+
+
 def test_dropout_batchnorm_and_clipping_match_eager_exactly_seeded():
     opt = ft.optim.chain(ft.optim.clip_grad_norm(0.5), ft.optim.sgd(0.05, momentum=0.9))
     data = make_batches(20)
@@ -296,6 +322,123 @@ def test_configuration_errors_and_stacks():
     assert isinstance(core, CompiledStep) and core.mode == "reduce-overhead"
     assert core.phases.amp is eager.phases.amp
     assert repr(core) == "compile(train_step(loss_fn), mode='reduce-overhead')"
+
+
+# -- the per-step path: dynamo's guards, without its frame hook ------------------------------
+
+SCALE = 1.0  # a global the loss below reads: dynamo guards on its value
+
+
+def scaled_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y) * SCALE
+
+
+def more(step, state, data):
+    """One more epoch over `data`, continuing `state`."""
+    return run(step, state, data, epochs=state.epoch + 1)
+
+
+def direct_calls(core: CompiledStep) -> int:
+    return sum(getattr(fn, "direct_calls", 0) for fn, _ in core._fns.values())
+
+
+def test_steady_state_steps_skip_the_frame_hook_and_keep_every_guard():
+    global SCALE
+    core = ft_compile(ft.train_step(scaled_loss), fallback=False)
+    eager_step = ft.train_step(scaled_loss)
+    compiled, c_losses = run(core, fresh(), DATA[:10])
+    eager, e_losses = run(eager_step, fresh(), DATA[:10])
+    assert core.compiles == 1 and direct_calls(core) == 9  # all but the compiling call
+    torch.testing.assert_close(c_losses, e_losses, rtol=1e-4, atol=1e-5)
+
+    (fn, _), = core._fns.values()
+    assert fn.enabled  # the check of the entry just compiled agreed with dynamo's
+    fn.enabled = False  # the same steps through torch.compile's hook: the same graph
+    through_hook, h_losses = more(core, compiled.copy(), DATA[10:15])
+    fn.enabled = True
+    direct, d_losses = more(core, compiled.copy(), DATA[10:15])
+    assert torch.equal(h_losses, d_losses) and max_diff(through_hook, direct) == 0.0
+    assert direct_calls(core) == 14
+
+    eager, _ = more(eager_step, eager, DATA[10:15])
+    SCALE = 3.0  # guarded (the loss function's globals are): the next step recompiles
+    try:
+        compiled, c_losses = more(core, direct, DATA[15:19])
+        eager, e_losses = more(eager_step, eager, DATA[15:19])
+    finally:
+        SCALE = 1.0
+    assert core.compiles == 2 and direct_calls(core) == 17
+    torch.testing.assert_close(c_losses, e_losses, rtol=1e-4, atol=1e-5)
+    assert max_diff(compiled, eager) < 1e-4
+
+    with torch.compiler.set_stance("force_eager"):  # the stance is honoured: no graph
+        compiled, _ = more(core, compiled, DATA[19:21])
+    assert direct_calls(core) == 17 and core.compiles == 2
+
+
+def test_a_smaller_last_batch_compiles_one_more_graph_and_the_first_is_kept():
+    core = ft_compile(ft.train_step(loss_fn), fallback=False)
+    data = [*DATA[:3], (DATA[3][0][:8], DATA[3][1][:8])]  # 32, 32, 32, then 8
+    compiled, c_losses = run(core, fresh(), data, epochs=2)
+    eager, e_losses = run(ft.train_step(loss_fn), fresh(), data, epochs=2)
+    assert core.compiles == 2  # one graph per batch shape (dynamic=False), no more
+    assert direct_calls(core) == 8 - 2  # each graph's first call goes through torch
+    torch.testing.assert_close(c_losses, e_losses, rtol=1e-4, atol=1e-5)
+    assert max_diff(compiled, eager) < 1e-4
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight (the state holds it once, under the first name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 16)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.out(self.b(torch.tanh(self.a(torch.tanh(self.inp(x))))))
+
+
+def test_tied_weights_train_as_one_tensor_as_in_the_eager_step():
+    def state():
+        torch.manual_seed(0)
+        return ft.TrainState.create(Tied(), ft.optim.adam(1e-2), seed=0)
+
+    assert "b.weight" not in state().params  # one tensor, one name
+    core = ft_compile(ft.train_step(loss_fn), fallback=False)
+    compiled, c_losses = run(core, state(), DATA[:20])
+    eager, e_losses = run(ft.train_step(loss_fn), state(), DATA[:20])
+    assert core.compiles == 1
+    torch.testing.assert_close(c_losses, e_losses, rtol=1e-4, atol=1e-5)
+    assert max_diff(compiled, eager) < 1e-4
+
+
+def test_the_simd_probe_is_recorded_under_the_cache_dir_and_read_back(tmp_path, monkeypatch):
+    from ftrain.compiling import options
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert options.cache_dir() == str(tmp_path)
+    first = options._probe_once()  # probes here (x86-64 Linux), writes the record
+    records = list((tmp_path / "ftrain").glob("vec_isa_*.json")) \
+        if (tmp_path / "ftrain").exists() else []
+    if not records:  # another platform: inductor probes itself, nothing recorded
+        assert first is False
+        return
+    (record,) = records
+    assert json.loads(record.read_text())["ok"] is first
+    record.write_text(json.dumps({"ok": not first}))  # a later process reads, not probes
+    assert options._probe_once() is (not first)
+    record.write_text("not json")  # a damaged record: probe again, and rewrite it
+    assert options._probe_once() is first
+    assert json.loads(record.read_text())["ok"] is first
+    keys = options.inductor_options(cpp_wrapper=True)
+    assert keys["size_asserts"] is False and keys["cpp_cache_precompile_headers"] is False
+    assert keys["cpp_wrapper"] is True and options.inductor_options()["cpp_wrapper"] is False
+    assert keys.get("cpp.vec_isa_ok", False) is options.vec_isa_ok()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -32,13 +33,19 @@ class _Compiled:
     """One torch.compile'd iteration: counts its graphs on the step (`compiles`) and
     notes whether any of them draws random numbers (then each call is seeded)."""
 
-    def __init__(self, owner: _Counts) -> None:
+    def __init__(self, owner: _Counts, key: Any = None) -> None:
         self.owner = owner
+        self.key = key  # the owner's name for this variant
         self.graphs = 0
         self.random = False
+        self.cpp_wrapper = False
 
     def compile(self, fn: Callable[..., Metrics], mode: str, fullgraph: bool,
-                dynamic: bool | None) -> Callable[..., Metrics]:
+                dynamic: bool | None, direct: bool = False, cpp_wrapper: bool = False
+                ) -> Callable[..., Metrics]:
+        """`fn` under torch.compile with ftrain's inductor options (`cpp_wrapper`: see
+        `ftrain.compiling.options`); with `direct` (one whole graph, no CUDA graphs)
+        steady-state calls skip torch.compile's frame hook (`ftrain.compiling.direct`)."""
         kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": dynamic}
         params = inspect.signature(torch.compile).parameters
         if "isolate_recompiles" in params:
@@ -53,37 +60,60 @@ class _Compiled:
 
         class Counting(wrapper):  # type: ignore[misc, valid-type]
             def __call__(self, model_: Any, inputs_: Any, **kw: Any) -> Any:
-                owner.graphs += 1
+                random = _draws_random(model_)
+                result = super().__call__(model_, inputs_, **kw)
+                owner.graphs += 1  # compiled graphs only (not a failed attempt)
                 owner.owner.compiles += 1
-                owner.random = owner.random or _draws_random(model_)
-                return super().__call__(model_, inputs_, **kw)
+                owner.random = owner.random or random
+                return result
 
-        # dynamo's guards already check every input's size and stride
-        backend = Counting(mode, {"size_asserts": False}, dynamic)
-        return torch.compile(fn, backend=backend, **kwargs)  # type: ignore[no-any-return]
+        from ftrain.compiling import direct as _direct
+        from ftrain.compiling.options import inductor_options
+
+        self.cpp_wrapper = cpp_wrapper
+        backend = Counting(mode, inductor_options(cpp_wrapper), dynamic)
+        compiled = torch.compile(fn, backend=backend, **kwargs)
+        if direct and fullgraph and isinstance(fn, types.FunctionType) and \
+                _direct.supported(compiled):
+            return _direct.Direct(compiled, fn)
+        return compiled  # type: ignore[no-any-return]
 
 
 # Closure variables of `_iteration` (`_OWN_CLOSURE`: ftrain's own, immutable for a
-# compiled variant), the globals of the module it is defined in and global names from
-# torch and ftrain: not guarded on each call (saves ~20 us per step on a tiny model).
-# Guards on the inputs, on the loss function (and its closure and globals) and on
-# torch's global state stay.
-_LIBRARY_GLOBALS = ("G['torch']", "G['__import_torch", "G['__import_ftrain",
-                    "G['__builtins_dict", "__import__('torch')")
+# compiled variant) and the classes of ftrain's own objects among them, the globals of
+# the module it is defined in and global names from torch (its pytree registry included)
+# and ftrain: not guarded on each call (saves ~20 us per step on a tiny model). Guards on
+# the inputs, on the loss function (and its closure and globals), on the user's model
+# class and on torch's global state (grad mode, autocast, functorch, ...) stay.
+_LIBRARY_GLOBALS = ("G['torch']", "G['__import_torch']", "G['__import_torch_dot_",
+                    "G['__import_ftrain']", "G['__import_ftrain_dot_", "G['__builtins_dict",
+                    "__import__('torch')")  # (a user's module `torch_utils` is not torch)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The traced function's own globals, as its module defines them: dynamo later adds names
+# there (`__import_<module>` for each module whose globals the trace reads, the loss
+# function's among them), and guards through those must stay.
+_OWN_GLOBALS = frozenset(n for n in vars(_iteration_module) if not n.startswith("__"))
+
+
+# `dict(type(X).__dict__)[...]`, `dict(type(X).__mro__[1].__dict__)[...]`: guards on the
+# class of X (its methods' defaults, properties), X a closure variable.
+_CLASS_OF = re.compile(r"dict\(type\(([A-Za-z_][A-Za-z0-9_]*)([^)]*)\)")
 
 
 def _guard_filter(entries: list[Any]) -> list[bool]:
-    own_globals = set(vars(_iteration_module))  # the traced function's own globals
     keep = []
     for e in entries:
         name = str(e.name)
-        if e.is_global:
+        if e.is_global or name.startswith("__import__('torch')"):
             quoted = name[3:].split("'", 1)[0] if name.startswith("G['") else ""
-            keep.append(not (name.startswith(_LIBRARY_GLOBALS) or quoted in own_globals))
-        else:
-            root = _NAME.match(name)
-            keep.append(root is None or root.group(0) not in _OWN_CLOSURE)
+            keep.append(not (name.startswith(_LIBRARY_GLOBALS) or quoted in _OWN_GLOBALS))
+            continue
+        cls = _CLASS_OF.match(name)
+        if cls is not None:  # ftrain's own classes (not a user's model class) are fixed
+            keep.append(cls.group(1) not in _OWN_CLOSURE or "_modules" in cls.group(2))
+            continue
+        root = _NAME.match(name)
+        keep.append(root is None or root.group(0) not in _OWN_CLOSURE)
     return keep
 
 

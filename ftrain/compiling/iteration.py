@@ -1,8 +1,9 @@
 """The function `ft.compile` captures: one whole training iteration, in place on its inputs.
 
 `_iteration` builds it for one model (`_Model`: a private train-mode copy of the state's
-template wrapped for `functional_call`), one optimizer chain per part and the step's
-options (autocast, accumulation, gradient norm, skipping non-finite updates):
+template, with its parameter and buffer slots listed once), one optimizer chain per part
+and the step's options (autocast, accumulation, gradient norm, skipping non-finite
+updates):
 
     forward and loss (under autocast with `with_amp`) -> gradients (`torch.func`, loss
     scaled for float16) -> unscale and finite check -> clipping -> optimizer update
@@ -32,14 +33,17 @@ Metrics = _layer.Metrics
 
 
 class _Model:
-    """A private copy of a state's template (meta skeleton) wrapped for functional_call,
-    in train mode for good (evaluation calls on the state's template cannot toggle it),
-    plus each part's trainable parameter names and the flat-name layout."""
+    """A private copy of a state's template (meta skeleton) wrapped to call the loss
+    function, in train mode for good (evaluation calls on the state's template cannot
+    toggle it), its parameter and buffer slots (`_slots`: the iteration puts the state's
+    tensors there, as functional_call would, for a fraction of the tracing time), plus
+    each part's trainable parameter names and the flat-name layout."""
 
     def __init__(self, state: TrainState) -> None:
         self.template = state.model
         self.apply = _bind._Apply(copy.deepcopy(state.model))
         self.apply.train(True)
+        self.slots = _slots(self.apply)
         self.trainable: dict[str | None, set[str]] = {}
         self.layout: list[tuple[str | None, list[tuple[str, str]]]] = []
         for part, template, _, params, _, _ in parts(state):
@@ -49,12 +53,52 @@ class _Model:
             self.layout.append((part, [(prefix + n, n) for n in params if n in names]))
 
 
+Slot = tuple[torch.nn.Module, str, bool, str, str]
+
+
+def _slots(module: torch.nn.Module) -> list[Slot]:
+    """Every parameter and buffer slot of `module`, tied aliases included: (owning
+    module, attribute, is a parameter, flat name, flat name of the first slot holding
+    the same tensor). What functional_call finds by walking the module on every call."""
+    first: dict[int, str] = {}
+    slots: list[Slot] = []
+    for is_param, named in ((True, module.named_parameters(remove_duplicate=False)),
+                            (False, module.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            owner, _, attr = name.rpartition(".")
+            slots.append((module.get_submodule(owner), attr, is_param, name,
+                          first.setdefault(id(tensor), name)))
+    return slots
+
+
+def _swap(slots: list[Slot], tensors: dict[str, torch.Tensor]) -> list[Any]:
+    """Put `tensors` (by flat name; a tied alias takes its first name's tensor) into
+    the module's slots, as `torch.func.functional_call(..., tie_weights=True,
+    strict=False)` does; returns what was there, for `_swap_back`."""
+    old = []
+    for owner, attr, is_param, name, first in slots:
+        table = owner._parameters if is_param else owner._buffers
+        old.append(table[attr])
+        tensor = tensors.get(name)
+        if tensor is None:
+            tensor = tensors.get(first)
+        if tensor is not None:
+            table[attr] = tensor  # type: ignore[assignment]
+    return old
+
+
+def _swap_back(slots: list[Slot], old: list[Any]) -> None:
+    for (owner, attr, is_param, _, _), tensor in zip(slots, old):
+        (owner._parameters if is_param else owner._buffers)[attr] = tensor
+
+
 def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
                device: torch.device, amp: Any, acc: Any, *, want_grad_norm: bool,
                skip_nonfinite: bool) -> Callable[..., Metrics]:
     """The function torch.compile traces: one whole iteration, in place on its inputs."""
     apply = model.apply
     layout = model.layout
+    slots = model.slots
     dtype = None if amp is None else amp.dtype
 
     def iteration(train: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
@@ -67,15 +111,17 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
                     mb: Any, w: float) -> tuple[torch.Tensor, Any]:
             seen: dict[str, torch.Tensor] = {}
             tensors = {**train, **frozen, **bufs}
-            if dtype is None:
-                out = torch.func.functional_call(apply, tensors, (loss_fn, mb, seen),
-                                                 strict=False)
-                loss, metrics = split_loss(out, _WHERE)
-            else:
-                with torch.autocast(device.type, dtype=dtype):
-                    out = torch.func.functional_call(apply, tensors, (loss_fn, mb, seen),
-                                                     strict=False)
+            old = _swap(slots, tensors)
+            try:
+                if dtype is None:
+                    out = apply(loss_fn, mb, seen)
                     loss, metrics = split_loss(out, _WHERE)
+                else:
+                    with torch.autocast(device.type, dtype=dtype):
+                        out = apply(loss_fn, mb, seen)
+                        loss, metrics = split_loss(out, _WHERE)
+            finally:
+                _swap_back(slots, old)
             scaled = loss if w == 1.0 else loss * w
             if scale is not None:
                 scaled = scaled * scale["scale"]
@@ -125,4 +171,4 @@ def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor
 # The closure variables of `iteration` above: ftrain's own, immutable for a compiled
 # variant, so not guarded on each call (`capture._guard_filter`).
 _OWN_CLOSURE = frozenset(("apply", "layout", "optimizers", "acc", "dtype", "want_grad_norm",
-                          "skip_nonfinite", "device"))
+                          "skip_nonfinite", "device", "slots"))

@@ -7,8 +7,8 @@ iteration runs as one `torch.compile(fullgraph=True)` function:
     forward and loss (under autocast with `with_amp`) -> gradients (`torch.func`, loss
     scaled for float16) -> unscale and finite check -> clipping -> optimizer update
 
-The forward and backward are `torch.func.grad_and_value` over `functional_call` on the
-state's tensors; the optimizer chain runs its capturable path
+The forward and backward are `torch.func.grad_and_value` over the model with the state's
+tensors swapped in (as `functional_call` does); the optimizer chain runs its capturable path
 (`ftrain.optim.Optimizer.update_capturable`: the same math as the eager kernels,
 updates in place, learning rate, update count and loss scale as device tensors, skipped
 updates by `torch.where`), so schedules and loss scaling never recompile. Inside a loop
@@ -22,12 +22,13 @@ tensor values, unsupported calls) is reported with the reason: `fallback=True` l
 warning and runs the eager step from then on, `fallback=False` raises `ConfigError`.
 
 This module is the step protocol side; the captured function is in `iteration`, the
-torch.compile wrapping, guard filtering and failure diagnosis in `capture`.
+torch.compile wrapping, guard filtering and failure diagnosis in `capture`, the per-step
+call through dynamo's guards without its frame hook in `direct`, the inductor options
+and on-disk caches in `options`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -141,15 +142,16 @@ class CompiledStep(TrainStep):
         # a new state of the same model and optimizer reuses the compiled iteration
         self._models: dict[int, tuple[Any, _Model]] = {}
         self._optimizers: dict[int, tuple[Any, Any]] = {}
+        self._python_wrapper: set[tuple[Any, ...]] = set()  # variants without cpp_wrapper
 
     def __repr__(self) -> str:
         return f"compile({super().__repr__()}, mode={self.mode!r})"
 
     def with_phases(self, phases: _phases.Phases) -> CompiledStep:
         """A new compiled step (its own graphs) around the eager step with `phases`."""
-        return CompiledStep(self.eager_step.with_phases(phases), self.mode,
-                            fullgraph=self.fullgraph, fallback=self.fallback,
-                            dynamic=self.dynamic)
+        return type(self)(self.eager_step.with_phases(phases), self.mode,
+                          fullgraph=self.fullgraph, fallback=self.fallback,
+                          dynamic=self.dynamic)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -165,16 +167,43 @@ class CompiledStep(TrainStep):
             return self._give_up(f"with_ddp across {world} processes: DistributedDataParallel "
                                  "syncs gradients during an eager backward", None, state,
                                  batch, bound)
-        # imported here, not at the top: torch._dynamo is slow to import (start-up time)
-        from torch._dynamo.exc import TorchDynamoException
         try:
             if bound:
                 return self._run_bound(state, binding, batch)
             return self._run_pure(state, batch)
         except _NotCapturable as err:
             return self._give_up(str(err), None, state, batch, bound)
-        except TorchDynamoException as err:
+        except Exception as err:
+            if not _dynamo_error(err):
+                raise
+            if self._drop_cpp_wrapper(err):
+                return self(state, batch)  # nothing ran: compile again, Python wrapper
             return self._give_up(_reason(err), err, state, batch, bound)
+
+    def _cpp_wrapper(self, device: torch.device, amp: Any, key: tuple[Any, ...]) -> bool:
+        """Whether a variant compiles with inductor's C++ wrapper (`ftrain.compiling.options`):
+        on the CPU, except where it cannot call a kernel (float16 loss scaling's unscale)
+        or failed before."""
+        return device.type == "cpu" and (amp is None or not amp.scaling) and \
+            key not in self._python_wrapper
+
+    def _drop_cpp_wrapper(self, err: BaseException) -> bool:
+        """Whether the variant just called failed in inductor with its C++ wrapper; then it
+        is forgotten, and compiled with the Python wrapper from the next call on."""
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        last = self._last
+        if last is None or not last[2].cpp_wrapper or \
+                not isinstance(err, BackendCompilerFailed):
+            return False
+        key = last[2].key
+        self._python_wrapper.add(key)
+        self._fns.pop(key, None)
+        self._last = None
+        log.info("ft.compile: compiling the training step of %s with inductor's Python "
+                 "wrapper (its C++ wrapper failed: %s)",
+                 getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)), _reason(err))
+        return True
 
     def _give_up(self, reason: str, err: BaseException | None, state: TrainState, batch: Any,
                  bound: bool) -> tuple[TrainState, Metrics]:
@@ -249,13 +278,14 @@ class CompiledStep(TrainStep):
                  rank: int, device: torch.device, graphs: bool, mode: str | None = None
                  ) -> Metrics:
         fn, compiled = self._function(state, device, graphs, mode or self.mode)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         # Seed from (seed, step, rank) as the eager step does; skipped when no compiled
         # graph of this iteration draws random numbers (checked at compile time).
-        seeded = compiled.random or compiled.graphs == 0
-        with _rng.step_seeded(generator, state.seed, state.step, rank) if seeded else \
-                contextlib.nullcontext():
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
+        if compiled.random or compiled.graphs == 0:
+            with _rng.step_seeded(generator, state.seed, state.step, rank):
+                metrics = fn(*args, batch, scale)
+        else:
             metrics = fn(*args, batch, scale)
         if graphs:  # a CUDA graph's outputs are overwritten by its next replay
             metrics = {k: v.clone() for k, v in metrics.items()}
@@ -335,11 +365,20 @@ class CompiledStep(TrainStep):
                                    want_grad_norm=want_grad_norm,
                                    skip_nonfinite=self.on_nonfinite == "skip"
                                    or self.check_finite_every_step)
-            compiled = _Compiled(self)
-            entry = self._fns[key] = (compiled.compile(iteration, mode, self.fullgraph,
-                                                       self.dynamic), compiled)
+            compiled = _Compiled(self, key)
+            entry = self._fns[key] = (compiled.compile(
+                iteration, mode, self.fullgraph, self.dynamic, direct=not graphs,
+                cpp_wrapper=self._cpp_wrapper(device, amp, key)), compiled)
         self._last = (fast, *entry)
         return entry
+
+
+def _dynamo_error(err: BaseException) -> bool:
+    """Whether `err` is torch.compile's (imported only then: torch._dynamo is slow to
+    import, and an import statement on every step costs a microsecond or two)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(err, TorchDynamoException)
 
 
 def _graphs(mode: str, device: torch.device) -> bool:
