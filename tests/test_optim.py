@@ -1084,3 +1084,249 @@ def test_population_update_with_per_member_lr_follows_each_members_eager_update(
     for i, lr in enumerate(lrs):
         want, _ = run_ft(ft.optim.adamw(lr, weight_decay=0.1), init, grads)
         assert_close({n: t[i] for n, t in params.items()}, want)
+
+
+# -- maximize, dampening and clip_grad_value (issue 15) ---------------------------------------
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("cfg", [{"maximize": True}, {"momentum": 0.9, "dampening": 0.3},
+                                 {"momentum": 0.8, "dampening": 0.5, "maximize": True,
+                                  "weight_decay": 1e-2}])
+def test_sgd_maximize_and_dampening_bitwise(cfg: dict, impl: str) -> None:
+    init, grads = initial_params(), random_grads(initial_params(), steps=20)
+    ft_kw, torch_kw = IMPLS[impl]
+    got, _ = run_ft(ft.optim.sgd(0.05, **cfg, **ft_kw), init, grads)
+    want = run_torch(lambda ps: torch.optim.SGD(params_list(ps), lr=0.05, **cfg, **torch_kw),
+                     init, grads)
+    assert_equal(got, want)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_and_adamw_maximize_bitwise(name: str, impl: str) -> None:
+    init, grads = initial_params(), random_grads(initial_params(), steps=20)
+    ft_kw, torch_kw = IMPLS[impl]
+    got, _ = run_ft(getattr(ft.optim, name)(1e-2, weight_decay=0.05, maximize=True, **ft_kw),
+                    init, grads)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    want = run_torch(lambda ps: cls(params_list(ps), lr=1e-2, weight_decay=0.05, maximize=True,
+                                    **torch_kw), init, grads)
+    assert_equal(got, want)
+    assert_moved(init, got)
+
+
+def _fit_vs_torch(ft_opt, torch_opt, steps: int = 12, clip_value: float | None = None):
+    """A bound loop (prepared update) and direct calls, against a torch hand loop."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen))
+            for _ in range(steps)]
+
+    def loss(model, batch):
+        return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    reference = make_model()
+    opt = torch_opt(reference.parameters())
+    for batch in data:
+        opt.zero_grad()
+        loss(reference, batch).backward()
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(reference.parameters(), clip_value)
+        opt.step()
+    step = ft.train_step(loss)
+    state = ft.TrainState.create(make_model(), ft_opt)
+    state = ft.fit(step, state, data[: steps // 2], epochs=1, logger=False, checkpoint=False,
+                   progress=False)
+    for batch in data[steps // 2:]:
+        state, _ = step(state, batch)
+    assert_equal(state.params, {n: p.detach() for n, p in reference.named_parameters()})
+
+
+def test_dampening_and_maximize_in_a_loop_match_torch() -> None:
+    # ftrain's default kernel on CPU is the fused one (torch's default is the for-loop)
+    _fit_vs_torch(ft.optim.sgd(0.05, momentum=0.9, dampening=0.5, maximize=True),
+                  lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.5,
+                                             maximize=True, fused=True))
+    _fit_vs_torch(ft.optim.sgd(0.05, momentum=0.9, maximize=True),
+                  lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, maximize=True,
+                                             fused=True))
+    _fit_vs_torch(ft.optim.adamw(1e-2, maximize=True),
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-2, maximize=True, fused=True))
+
+
+@pytest.mark.parametrize("value", [0.01, 0.3])
+def test_clip_grad_value_chain_matches_torch_clip_grad_value(value: float) -> None:
+    _fit_vs_torch(ft.optim.chain(ft.optim.clip_grad_value(value), ft.optim.adam(1e-2)),
+                  lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True), clip_value=value)
+
+
+def test_clip_grad_value_clamps_in_place_like_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=gen) * 3 for _ in range(2)]
+    ours = [g.clone() for g in grads]
+    ft.optim.updates.clip_grad_value_update(ours, 1.5)
+    params = [torch.zeros(4, 3, requires_grad=True) for _ in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_value_(params, 1.5)
+    assert all(torch.equal(a, p.grad) for a, p in zip(ours, params))
+    assert max(float(g.abs().max()) for g in ours) == 1.5
+
+
+def test_clip_grad_value_in_a_compiled_step_is_captured() -> None:
+    opt = ft.optim.chain(ft.optim.clip_grad_value(0.1), ft.optim.sgd(0.1))
+    w = torch.ones(3)
+    state = opt.init({"w": w})
+    opt.update_capturable({"w": w}, {"w": torch.tensor([5.0, -0.05, -2.0])}, state)
+    assert torch.allclose(w, torch.tensor([0.99, 1.005, 1.01]))
+
+
+def test_maximize_dampening_clip_value_bad_arguments() -> None:
+    with pytest.raises(ft.ConfigError, match="clip_value must be a number > 0"):
+        ft.optim.clip_grad_value(0)
+    with pytest.raises(ft.ConfigError, match="maximize must be True or False"):
+        ft.optim.adam(1e-3, maximize="yes")
+    with pytest.raises(ft.ConfigError, match="dampening must be a number >= 0"):
+        ft.optim.sgd(0.1, momentum=0.9, dampening=-0.1)
+    with pytest.raises(ft.ConfigError, match="nesterov=True needs dampening=0"):
+        ft.optim.sgd(0.1, momentum=0.9, nesterov=True, dampening=0.1)
+
+
+def test_sgd_dampening_state_and_compile_fallback() -> None:
+    opt = ft.optim.sgd(0.1, momentum=0.9, dampening=0.2)
+    state = ft.TrainState.create(make_model(), opt)
+    started = state.opt_state["sgd"]["started"]
+    assert sorted(started) == sorted(state.params) and not any(bool(v) for v in started.values())
+    assert not hasattr(opt.transforms[0], "apply_capturable")  # ft.compile runs it eagerly
+    assert hasattr(ft.optim.sgd(0.1, momentum=0.9).transforms[0], "apply_capturable")
+
+
+# -- ft.optim.learning_rates (issue 15) -------------------------------------------------------
+
+class ListLogger:
+    """A logger (the protocol's three methods) keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        pass
+
+    def finalize(self) -> None:
+        pass
+
+
+def _mse(model, batch):
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def _data(n: int = 6):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen))
+            for _ in range(n)]
+
+
+def test_learning_rates_by_group_are_the_next_updates_floats() -> None:
+    sched = schedules.linear(0.0, 0.1, steps=4)
+    opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0),
+                         ft.optim.sgd(sched, groups={"*bias": {"lr": 0.01}}))
+    state = ft.TrainState.create(make_model(), opt)
+    assert ft.optim.learning_rates(state) == {"sgd": 0.0, "sgd/*bias": 0.01}
+    seen = []
+    for s, _ in ft.iterate(ft.train_step(_mse), state, _data(3), epochs=1):
+        seen.append(ft.optim.learning_rates(s))
+    assert [r["sgd"] for r in seen] == [sched(k) for k in (1, 2, 3)]
+    assert all(type(v) is float for r in seen for v in r.values())
+
+
+def test_learning_rates_of_several_models_are_prefixed() -> None:
+    state = ft.TrainState.create(
+        {"G": make_model(), "D": make_model(1), "frozen": make_model(2)},
+        {"G": ft.optim.adam(1e-3), "D": ft.optim.from_torch(torch.optim.Adagrad, lr=0.1)})
+    assert ft.optim.learning_rates(state) == {"G/adam": 1e-3, "D/adagrad": 0.1}
+    assert ft.optim.learning_rates(ft.TrainState.create(make_model())) == {}
+
+
+def test_log_lr_logs_the_numbers_learning_rates_gives() -> None:
+    for opt, key in [(ft.optim.adamw(schedules.linear(0.0, 0.1, steps=5)), "lr"),
+                     (ft.optim.from_torch(torch.optim.RMSprop,
+                                          lr=schedules.step_decay(0.1, 2, 0.5),
+                                          groups={"*bias": {"lr": 0.02}}), "lr/rmsprop")]:
+        logger = ListLogger()
+        step = ft.with_logging(ft.train_step(_mse), [logger], every_n_steps=1, log_lr=True)
+        expected = []
+        state = ft.TrainState.create(make_model(), opt)
+        for s, _ in ft.iterate(step, state, _data(5), epochs=1):
+            expected.append(ft.optim.learning_rates(s))
+        logged = [m for _, m in logger.rows if key in m]
+        assert len(logged) == 5
+        # a step's row shows what learning_rates says of the state that step returned
+        for row, want in zip(logged, expected):
+            got = {k: v for k, v in row.items() if k.startswith("lr")}
+            assert got == ({"lr": next(iter(want.values()))} if len(want) == 1
+                           else {f"lr/{k}": v for k, v in want.items()})
+
+
+# -- schedules in epochs (issue 15) -----------------------------------------------------------
+
+def test_per_epoch_schedule_uses_the_loops_epoch_length() -> None:
+    sched = schedules.per_epoch(schedules.step_decay(0.1, step_size=1, gamma=0.5))
+    for limit, per in ((None, 4), (3, 3)):
+        state = ft.TrainState.create(make_model(), ft.optim.adam(sched))
+        seen = [ft.optim.learning_rates(s)["adam"] for s, _ in ft.iterate(
+            ft.train_step(_mse), state, _data(4), epochs=3, limit_train_batches=limit)]
+        assert seen == [0.1 * 0.5 ** (k // per) for k in range(1, 3 * per + 1)]
+
+
+def test_per_epoch_schedule_outside_a_loop_needs_steps_per_epoch() -> None:
+    opt = ft.optim.sgd(schedules.per_epoch(schedules.step_decay(0.1, 1, 0.5)))
+    state = ft.TrainState.create(make_model(), opt)
+    with pytest.raises(ft.ConfigError, match="steps_per_epoch="):
+        ft.train_step(_mse)(state, _data(1)[0])
+    given = schedules.per_epoch(schedules.step_decay(0.1, 1, 0.5), steps_per_epoch=2)
+    assert [given(k) for k in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert float(given(torch.tensor(4))) == 0.025
+    with pytest.raises(ft.ConfigError, match="steps_per_epoch must be a positive int"):
+        schedules.per_epoch(schedules.constant(0.1), steps_per_epoch=0)
+
+
+_DDP_EPOCH_SCRIPT = '''
+import json, os, sys
+import torch
+import ftrain as ft
+from ftrain.optim import schedules
+
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(2, 5, generator=g), torch.randn(2, 3, generator=g)) for _ in range(8)]
+model = torch.nn.Linear(5, 3)
+sched = schedules.per_epoch(schedules.step_decay(0.1, step_size=1, gamma=0.5))
+state = ft.TrainState.create(model, ft.optim.sgd(sched))
+step = ft.with_ddp(ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+seen = [ft.optim.learning_rates(s)["sgd"] for s, _ in ft.iterate(step, state, data, epochs=2)]
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(seen, f)
+'''
+
+
+@pytest.mark.slow
+def test_per_epoch_schedule_under_ddp_counts_each_ranks_share(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "epoch_lr.py"
+    script.write_text(_DDP_EPOCH_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # 8 batches, 4 per rank: the lr halves every 4 updates, not every 8
+        assert seen == [0.1 * 0.5 ** (k // 4) for k in range(1, 9)]

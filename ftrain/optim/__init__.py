@@ -8,7 +8,9 @@ Examples:
 
 from ftrain.optim import schedules, updates
 from ftrain.optim._core import Groups, Optimizer, Transform, chain
-from ftrain.optim._kernels import adam, adamw, clip_grad_norm, sgd
+from ftrain.optim._kernels import adam, adamw, clip_grad_norm, clip_grad_value, sgd
+from ftrain.optim.rates import learning_rates
+from ftrain.optim.torch_optim import from_torch
 
 __all__ = ["Groups", "Optimizer", "Transform", "adam", "adamw", "chain", "clip_grad_norm",
-           "schedules", "sgd", "updates"]
+           "clip_grad_value", "from_torch", "learning_rates", "schedules", "sgd", "updates"]

@@ -29,7 +29,12 @@ from ftrain.optim._core import (
     choose_impl,
     resolve_lr,
 )
-from ftrain.optim.updates import adam_update, clip_grad_norm_update, sgd_update
+from ftrain.optim.updates import (
+    adam_update,
+    clip_grad_norm_update,
+    clip_grad_value_update,
+    sgd_update,
+)
 
 
 def _group_settings(groups: Groups, index: int, given: Mapping[str, Any] | None,
@@ -129,6 +134,7 @@ class _Adam(_Grouped):
     fused: bool | None
     foreach: bool | None
     name: str
+    maximize: bool = False
 
     def init(self, params: Tensors) -> dict[str, Any]:
         self.groups.check(params)
@@ -170,7 +176,7 @@ class _Adam(_Grouped):
             [state["max_exp_avg_sq"][n] for n in names] if self.amsgrad else [],
             [state["step"][n] for n in names], lr=opts["lr"], beta1=beta1, beta2=beta2,
             eps=opts["eps"], weight_decay=opts["weight_decay"], decoupled=self.decoupled,
-            amsgrad=self.amsgrad, found_inf=found_inf,
+            amsgrad=self.amsgrad, found_inf=found_inf, maximize=self.maximize,
             shared_step=count.reshape(-1)[0] + 1 if lockstep else None, **how)
 
 
@@ -179,6 +185,8 @@ class _SGD(_Grouped):
     fused: bool | None
     foreach: bool | None
     name: str = "sgd"
+    dampening: float = 0.0
+    maximize: bool = False
 
     def init(self, params: Tensors) -> dict[str, Any]:
         self.groups.check(params)
@@ -186,8 +194,23 @@ class _SGD(_Grouped):
                        range(len(self.groups.overrides) + 1))
         # Zero buffers give torch's first step exactly (buf = 0 * m + g) and keep the
         # state's structure fixed from the start (strict checkpoints, compilation).
-        return {"momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}
-                if momentum else {}, "names": sorted(params)}
+        state: dict[str, Any] = {
+            "momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}
+            if momentum else {}, "names": sorted(params)}
+        if momentum and self.dampening != 0:
+            # with dampening the first step differs (torch: buf = g, not (1 - d) * g):
+            # whether a buffer has started, as host tensors (read without a device sync)
+            state["started"] = {n: torch.zeros((), dtype=torch.bool) for n in params}
+        return state
+
+    @property
+    def apply_capturable(self) -> Any:
+        """The capturable update, absent with dampening (its first step is decided on the
+        host): `ft.compile` then runs the eager step."""
+        if self.dampening != 0:
+            raise AttributeError("sgd with dampening has no capturable update (torch's "
+                                 "first step copies the gradient, decided on the host)")
+        return _FromGradients.apply_capturable.__get__(self)
 
     def check(self, base: Mapping[str, Any], groups: Any) -> None:
         _check_sgd(dict(base), groups)
@@ -204,9 +227,26 @@ class _SGD(_Grouped):
         mom, bufs = opts["momentum"], state["momentum_buffer"]
         with_bufs = bool(names) and names[0] in bufs and (
             isinstance(mom, torch.Tensor) or mom != 0)
+        kw = dict(lr=opts["lr"], momentum=mom, weight_decay=opts["weight_decay"],
+                  nesterov=opts["nesterov"], dampening=self.dampening,
+                  maximize=self.maximize, **how)
+        started = state.get("started")
+        if with_bufs and started is not None:
+            fresh = [i for i, n in enumerate(names) if not bool(started[n])]  # host tensors
+            if fresh:
+                if found_inf is not None and bool(found_inf.item()):  # host sync, first
+                    return  # steps only: torch's new buffer must not be kept when skipped
+                new: list[torch.Tensor | None] = [None] * len(fresh)  # torch: buf = g
+                sgd_update([ps[i] for i in fresh], [gs[i] for i in fresh], new,
+                           found_inf=found_inf, **kw)
+                for i, buf in zip(fresh, new):
+                    bufs[names[i]].copy_(buf)  # type: ignore[arg-type]
+                    started[names[i]].fill_(True)
+                rest = [i for i in range(len(names)) if i not in set(fresh)]
+                names, ps, gs = [names[i] for i in rest], [ps[i] for i in rest], \
+                    [gs[i] for i in rest]
         sgd_update(ps, gs, [bufs[n] for n in names] if with_bufs else [None] * len(names),
-                   lr=opts["lr"], momentum=mom, weight_decay=opts["weight_decay"],
-                   nesterov=opts["nesterov"], found_inf=found_inf, **how)
+                   found_inf=found_inf, **kw)
 
 
 def _current_lrs(groups: Groups, count: torch.Tensor) -> dict[str | None, Any]:
@@ -254,22 +294,24 @@ def _check_sgd(base: dict[str, Any], groups: Any) -> None:
 
 def _adam_like(name: str, decoupled: bool, lr: LR, betas: tuple[float, float], eps: float,
                weight_decay: float, amsgrad: bool, groups: Any, fused: bool | None,
-               foreach: bool | None) -> Optimizer:
+               foreach: bool | None, maximize: bool = False) -> Optimizer:
     _check_impl(name, fused, foreach)
+    _check_flag(name, "maximize", maximize)
     base = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-    made = _Adam(Groups.build(base, {}), decoupled, amsgrad, fused, foreach, name)
+    made = _Adam(Groups.build(base, {}), decoupled, amsgrad, fused, foreach, name, maximize)
     made.check(base, groups)
     return Optimizer((attrs.evolve(made, groups=Groups.build(base, groups)),))
 
 
 def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, *, amsgrad: bool = False,
+         weight_decay: float = 0.0, *, amsgrad: bool = False, maximize: bool = False,
          groups: Mapping[Pattern, Mapping[str, Any]] | None = None,
          fused: bool | None = None, foreach: bool | None = None) -> Optimizer:
     """Adam (L2 weight decay added to the gradient), on torch's Adam kernels.
 
     `lr` is a float or a schedule. `groups` maps name patterns to setting overrides.
     By default the fused kernel is used where the device has one, else foreach.
+    `maximize` ascends the objective (torch's `maximize`).
 
     Examples:
         >>> import ftrain as ft
@@ -278,11 +320,11 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         ['adam', 'count']
     """
     return _adam_like("adam", False, lr, betas, eps, weight_decay, amsgrad, groups, fused,
-                      foreach)
+                      foreach, maximize)
 
 
 def adamw(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 1e-2, *, amsgrad: bool = False,
+          weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
           groups: Mapping[Pattern, Mapping[str, Any]] | None = None,
           fused: bool | None = None, foreach: bool | None = None) -> Optimizer:
     """AdamW (decoupled weight decay), on torch's Adam kernels.
@@ -292,22 +334,39 @@ def adamw(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         >>> opt = ft.optim.adamw(1e-3, groups={"*.bias": {"weight_decay": 0.0}})
     """
     return _adam_like("adamw", True, lr, betas, eps, weight_decay, amsgrad, groups, fused,
-                      foreach)
+                      foreach, maximize)
 
 
 def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, *,
+        dampening: float = 0.0, maximize: bool = False,
         groups: Mapping[Pattern, Mapping[str, Any]] | None = None,
         fused: bool | None = None, foreach: bool | None = None) -> Optimizer:
     """SGD with optional (Nesterov) momentum and L2 weight decay, on torch's SGD kernels.
+
+    `dampening` and `maximize` are torch's (for the whole optimizer, not per group);
+    with dampening a loop runs torch's general eager update (its first step is special).
 
     Examples:
         >>> import ftrain as ft
         >>> opt = ft.optim.sgd(0.1, momentum=0.9, nesterov=True)
     """
     _check_impl("sgd", fused, foreach)
+    _check_flag("sgd", "maximize", maximize)
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or dampening < 0:
+        raise ConfigError(f"sgd: dampening must be a number >= 0, got {dampening!r}")
     base = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
     _check_sgd(base, groups)
-    return Optimizer((_SGD(Groups.build(base, groups), fused, foreach),))
+    if dampening and any(opts.get("nesterov", nesterov) for opts in
+                         [base, *(groups or {}).values()]):
+        raise ConfigError("sgd: nesterov=True needs dampening=0 (torch's rule), got "
+                          f"dampening={dampening}")
+    return Optimizer((_SGD(Groups.build(base, groups), fused, foreach, "sgd",
+                           float(dampening), maximize),))
+
+
+def _check_flag(name: str, what: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {what} must be True or False, got {value!r}")
 
 
 @attrs.frozen(eq=False)
@@ -357,3 +416,57 @@ def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> _ClipGradNorm:
     if not max_norm > 0:
         raise ConfigError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
     return _ClipGradNorm(float(max_norm), float(norm_type))
+
+
+@attrs.frozen(eq=False)
+class _ClipGradValue(_FromGradients):
+    clip_value: float
+    name: str = "clip_grad_value"
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return {}
+
+    def with_settings(self, values: Mapping[str, Any]) -> _ClipGradValue:
+        return self
+
+    def same_kind(self, other: Any) -> bool:
+        return isinstance(other, _ClipGradValue) and other.clip_value == self.clip_value
+
+    def init(self, params: Tensors) -> dict[str, Any]:
+        return {}
+
+    def prepare(self, names: list[str], params: list[torch.Tensor],
+                state: dict[str, Any]) -> Run:
+        """This clipping prepared for a loop: the same clamps on the gradient list."""
+        value = self.clip_value
+
+        def run(grads: list[torch.Tensor], count: torch.Tensor,
+                found_inf: torch.Tensor | None) -> None:
+            clip_grad_value_update(grads, value)
+        return run
+
+    def apply_gradients(self, params: Tensors, grads: Tensors, state: dict[str, Any],
+                        count: torch.Tensor, found_inf: torch.Tensor | None = None, *,
+                        settings: Mapping[str, Any] | None = None, capturable: bool = False,
+                        members: bool = False, lockstep: bool = False,
+                        keep: list[torch.Tensor] | None = None) -> Tensors:
+        """torch's clip_grad_value_ on the given gradients, in place (element-wise, so the
+        same per population member)."""
+        clip_grad_value_update([grads[n] for n in params if n in grads], self.clip_value)
+        return grads
+
+
+def clip_grad_value(clip_value: float) -> _ClipGradValue:
+    """Clamp every gradient element to `[-clip_value, clip_value]` (torch's
+    `clip_grad_value_`; Lightning's `gradient_clip_algorithm="value"`).
+
+    Examples:
+        >>> import ftrain as ft
+        >>> opt = ft.optim.chain(ft.optim.clip_grad_value(0.5), ft.optim.sgd(0.1))
+    """
+    if isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)) or \
+            not clip_value > 0:
+        raise ConfigError(f"clip_grad_value: clip_value must be a number > 0, got "
+                          f"{clip_value!r}")
+    return _ClipGradValue(float(clip_value))

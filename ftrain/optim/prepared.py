@@ -86,7 +86,7 @@ def prepare_adam(t: Any, names: list[str], params: list[torch.Tensor],
         calls.append((at, ps, ms, vs, vmax, steps, _lr(opts["lr"]),
                       dict(amsgrad=t.amsgrad, beta1=beta1, beta2=beta2,
                            weight_decay=opts["weight_decay"], eps=opts["eps"],
-                           maximize=False)))
+                           maximize=t.maximize)))
     kernel = torch._fused_adamw_ if t.decoupled else torch._fused_adam_
 
     def run(grads: list[torch.Tensor], count: torch.Tensor,
@@ -108,6 +108,8 @@ def prepare_sgd(t: Any, names: list[str], params: list[torch.Tensor],
     groups = _fused_groups(t, names, params)
     if groups is None:
         return None
+    if t.dampening != 0:
+        return None  # its first step is special: the general update does it
     calls = []
     bufs = state["momentum_buffer"]
     for at, group, ps, opts in groups:
@@ -121,7 +123,8 @@ def prepare_sgd(t: Any, names: list[str], params: list[torch.Tensor],
             return None
         calls.append((at, ps, bs, _lr(opts["lr"]),
                       dict(weight_decay=opts["weight_decay"], momentum=mom, dampening=0.0,
-                           nesterov=opts["nesterov"], maximize=False, is_first_step=False)))
+                           nesterov=opts["nesterov"], maximize=t.maximize,
+                           is_first_step=False)))
 
     def run(grads: list[torch.Tensor], count: torch.Tensor,
             found_inf: torch.Tensor | None) -> None:

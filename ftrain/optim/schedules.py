@@ -25,7 +25,8 @@ import torch
 
 from ftrain.errors import ConfigError
 
-__all__ = ["constant", "cosine_decay", "join", "linear", "step_decay", "warmup_cosine"]
+__all__ = ["constant", "cosine_decay", "join", "linear", "per_epoch", "step_decay",
+           "warmup_cosine"]
 
 
 def _is_tensor(count: Any) -> bool:
@@ -190,3 +191,65 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, *, init: flo
                      linear(peak, end, total_steps - warmup_steps)], [warmup_steps])
     return join([linear(init, peak, warmup_steps),
                  cosine_decay(peak, total_steps - warmup_steps, end / peak)], [warmup_steps])
+
+
+def _running_epoch_length() -> int | None:
+    """The epoch length (batches per epoch after sharding and limits: this rank's updates
+    per epoch) of the loop running now, if exactly one loop runs and knows it."""
+    from ftrain.core import context
+
+    live = [b for b in list(context._LIVE.values())
+            if getattr(b, "run", None) is not None and b.run.epoch_length]
+    for chosen in ([b for b in live if getattr(b, "in_step", False)], live):
+        lengths = {b.run.epoch_length for b in chosen}  # the loop stepping now, if any
+        if len(lengths) == 1:
+            return lengths.pop()
+    return None
+
+
+@attrs.frozen
+class per_epoch:
+    """`schedule` counted in epochs: the update at count `k` uses `schedule(k // E)`, E
+    updates per epoch (Lightning's `interval="epoch"`: the lr changes at epoch starts).
+
+    E is `steps_per_epoch` when given, else the running loop's epoch length (after
+    `limit_train_batches`, and per rank under `with_ddp`), which the schedule remembers
+    for reads after the loop. Outside any loop, with none given, it is a ConfigError.
+
+    Examples:
+        >>> from ftrain.optim import schedules
+        >>> s = schedules.per_epoch(schedules.step_decay(1.0, 1, 0.5), steps_per_epoch=10)
+        >>> s(9), s(10), s(25)
+        (1.0, 0.5, 0.25)
+    """
+
+    schedule: Callable[[Any], Any]
+    steps_per_epoch: int | None = None
+    _seen: dict[str, int] = attrs.field(factory=dict, init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not callable(self.schedule):
+            raise ConfigError(f"per_epoch: schedule must be a function of the epoch, got "
+                              f"{self.schedule!r}")
+        if self.steps_per_epoch is not None:
+            _positive("per_epoch: steps_per_epoch", self.steps_per_epoch)
+
+    def epoch_length(self) -> int:
+        """E: given, the running loop's (remembered), or a ConfigError."""
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        n = _running_epoch_length()
+        if n is not None:
+            self._seen["n"] = n
+            return n
+        if "n" in self._seen:
+            return self._seen["n"]
+        raise ConfigError("per_epoch: the epoch length is not known: no loop (ft.fit, "
+                          "ft.iterate) with data of known length is running. Pass "
+                          "steps_per_epoch= (updates per epoch) for direct calls")
+
+    def __call__(self, count: Any) -> Any:
+        n = self.epoch_length()
+        if _is_tensor(count):
+            return self.schedule(torch.div(count, n, rounding_mode="floor"))
+        return self.schedule(int(count) // n)

@@ -28,6 +28,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
+from ftrain.errors import ConfigError
 from ftrain.optim._core import fused_devices
 
 Hyper = float | torch.Tensor
@@ -116,7 +117,7 @@ def adam_update(params: TensorList, grads: TensorList, exp_avgs: TensorList,
                 decoupled: bool, amsgrad: bool, fused: bool = False, foreach: bool = False,
                 capturable: bool = False, found_inf: torch.Tensor | None = None,
                 shared_step: torch.Tensor | None = None,
-                keep: list[torch.Tensor] | None = None) -> None:
+                keep: list[torch.Tensor] | None = None, maximize: bool = False) -> None:
     """One Adam (`decoupled=False`) or AdamW step, in place: torch's Adam math.
 
     `steps` are each parameter's update counts (torch's float32 `step`: 0-d, or `[N]` for
@@ -125,7 +126,8 @@ def adam_update(params: TensorList, grads: TensorList, exp_avgs: TensorList,
     else runs the same math as tensor ops. `found_inf` (0-d, nonzero: skip) leaves every
     tensor as it was. `shared_step` (0-d), where the caller knows that every entry of
     `steps` reaches that value with this update, lets per-member state use the fused
-    kernel and computes the bias corrections once.
+    kernel and computes the bias corrections once. `maximize` ascends (as torch: the
+    gradient is negated before anything else).
 
     Examples:
         >>> import torch
@@ -156,8 +158,10 @@ def adam_update(params: TensorList, grads: TensorList, exp_avgs: TensorList,
                     has_complex=False, decoupled_weight_decay=decoupled, amsgrad=amsgrad,
                     beta1=beta1, beta2=beta2, lr=lr,  # type: ignore[arg-type]
                     weight_decay=weight_decay, eps=eps,  # type: ignore[arg-type]
-                    maximize=False)
+                    maximize=maximize)
         return
+    if maximize:  # torch negates the gradient first: the rest is plain descent
+        grads = list(torch._foreach_neg(grads))
     f = Factors(keep)
     if _fast(capturable) and found_inf is None and _is_number(beta1, beta2, eps) and \
             (scalar_steps or shared_step is not None) and \
@@ -246,12 +250,15 @@ def sgd_update(params: TensorList, grads: TensorList,
                momentum: Hyper, weight_decay: Hyper, nesterov: bool, fused: bool = False,
                foreach: bool = False, capturable: bool = False,
                found_inf: torch.Tensor | None = None,
-               keep: list[torch.Tensor] | None = None) -> None:
+               keep: list[torch.Tensor] | None = None, dampening: float = 0.0,
+               maximize: bool = False) -> None:
     """One SGD step with (Nesterov) momentum and L2 weight decay, in place: torch's SGD.
 
     `momentum_buffers` holds a buffer per parameter (None without momentum: torch's
     kernels then make one, which is not kept). Hyperparameters and paths are as in
-    `adam_update`; a per-member momentum of 0 is plain SGD for that member.
+    `adam_update`; a per-member momentum of 0 is plain SGD for that member. `dampening`
+    and `maximize` are torch's (dampening on torch's eager kernels only: a buffer given as
+    None starts as the gradient, torch's first step).
 
     Examples:
         >>> import torch
@@ -273,13 +280,22 @@ def sgd_update(params: TensorList, grads: TensorList,
                 lr = float(lr)
         else:
             grads = [g.contiguous() for g in grads]
-        _torch_sgd(params, grads, list(momentum_buffers),  # type: ignore[arg-type]
+        # a list given is filled in by torch where it holds None (torch's first step)
+        bufs_in = momentum_buffers if isinstance(momentum_buffers, list) \
+            else list(momentum_buffers)
+        _torch_sgd(params, grads, bufs_in,  # type: ignore[arg-type]
                    foreach=foreach, fused=fused, grad_scale=None,
                    found_inf=found_inf if fused else None,
                    weight_decay=weight_decay,  # type: ignore[arg-type]
-                   momentum=momentum, lr=lr, dampening=0.0,  # type: ignore[arg-type]
-                   nesterov=nesterov, maximize=False)
+                   momentum=momentum, lr=lr, dampening=dampening,  # type: ignore[arg-type]
+                   nesterov=nesterov, maximize=maximize)
         return
+    if dampening != 0 and (isinstance(momentum, torch.Tensor) or momentum != 0):
+        raise ConfigError("sgd: dampening runs on torch's eager kernels only (torch's first "
+                          "step copies the gradient into the buffer, decided on the host); "
+                          "not with tensor settings (populations) or inside ft.compile")
+    if maximize:  # torch negates the gradient first: the rest is plain descent
+        grads = list(torch._foreach_neg(grads))
     f = Factors(keep)
     use_bufs = all(b is not None for b in momentum_buffers) and (
         isinstance(momentum, torch.Tensor) or momentum != 0)
@@ -326,3 +342,21 @@ def clip_grad_norm_update(grads: TensorList, max_norm: Hyper, norm_type: float =
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     torch._foreach_mul_(grads, Factors(keep)(coef, grads) if members else coef)
     return total
+
+
+def clip_grad_value_update(grads: TensorList, clip_value: float) -> None:
+    """Clamp every gradient element to `[-clip_value, clip_value]` in place (torch's
+    `clip_grad_value_`: the same foreach clamps, no host read).
+
+    Examples:
+        >>> import torch
+        >>> from ftrain.optim.updates import clip_grad_value_update
+        >>> g = torch.tensor([-3.0, 0.5, 2.0])
+        >>> clip_grad_value_update([g], 1.0)
+        >>> g.tolist()
+        [-1.0, 0.5, 1.0]
+    """
+    if not grads:
+        return
+    torch._foreach_clamp_min_(grads, -clip_value)
+    torch._foreach_clamp_max_(grads, clip_value)

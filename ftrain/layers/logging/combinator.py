@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from ftrain.errors import ConfigError, LossError
 from ftrain.layers.logging import accumulate
 from ftrain.layers.logging.loggers import TensorBoard, check_logger
 from ftrain.layers.logging.progress import ProgressBar
+from ftrain.optim.rates import lr_values
 from ftrain.parallel.dist import across_ranks
 
 Metrics = dict[str, torch.Tensor]
@@ -72,7 +73,8 @@ class WithLogging(Combinator):
                  on_epoch: bool | Sequence[str] = True, reduce: Mapping[str, Any] | None = None,
                  log_lr: bool = False, log_grad_norm: bool = False,
                  progress: bool | str | None = None, hparams: Mapping[str, Any] | None = None,
-                 name: str = "logging") -> None:
+                 name: str = "logging", batch_size: Callable[[Any], int] | None = None
+                 ) -> None:
         super().__init__(inner, name)
         self.name = name
         self.trigger = Trigger(every_n_steps)
@@ -93,6 +95,10 @@ class WithLogging(Combinator):
         self.log_grad_norm = log_grad_norm
         self.progress = progress
         self.hparams = dict(hparams) if hparams is not None else None
+        if batch_size is not None and not callable(batch_size):
+            raise ConfigError(f"batch_size must be a function batch -> int, got "
+                              f"{type(batch_size).__name__}")
+        self.batch_size = batch_size  # None: inferred (ft.data.batches.batch_size)
         self.loggers: list[Any] = []
         self.bar: ProgressBar | None = None
         self.final: dict[str, float] = {}
@@ -189,7 +195,8 @@ class WithLogging(Combinator):
                 break
         else:
             metrics_train = metrics
-        accumulate.add(slot, metrics_train, self.on_epoch, batch_size(batch), self.reduce)
+        size = batch_size(batch) if self.batch_size is None else self.batch_size(batch)
+        accumulate.add(slot, metrics_train, self.on_epoch, size, self.reduce)
         if bar is not None:
             bar.update(state.step, metrics_train)
         if log_now:
@@ -201,14 +208,8 @@ class WithLogging(Combinator):
         return state, metrics
 
     def _lrs(self, state: TrainState) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        optimizers = state.optimizer if state.multi else {None: state.optimizer}
-        for part, opt in optimizers.items():
-            if opt is None or not hasattr(opt, "learning_rates"):
-                continue
-            opt_state = state.opt_state if part is None else state.opt_state[part]
-            for key, lr in opt.learning_rates(opt_state).items():
-                out["/".join(p for p in ("lr", part, key) if p)] = lr
+        # ft.optim.learning_rates' values, read with this interval's one transfer
+        out = {f"lr/{key}": lr for key, lr in lr_values(state).items()}
         if len(out) == 1:
             return {"lr": next(iter(out.values()))}
         return out
@@ -298,7 +299,8 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
                  on_step: bool | Sequence[str] = True, on_epoch: bool | Sequence[str] = True,
                  reduce: Mapping[str, Any] | None = None, log_lr: bool = False,
                  log_grad_norm: bool = False, progress: bool | str | None = None,
-                 hparams: Mapping[str, Any] | None = None, name: str = "logging"
+                 hparams: Mapping[str, Any] | None = None, name: str = "logging",
+                 batch_size: Callable[[Any], int] | None = None
                  ) -> WithLogging:
     """Log the step's metrics every `every_n_steps` steps and their epoch reductions.
 
@@ -307,10 +309,13 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
     epoch (as `<name>_epoch`; a batch-size-weighted mean unless `reduce` names
     `"sum" | "max" | "min" | "last"` or a torchmetrics aggregation Metric; the built-in
     reductions live in the layer's slot and so survive a resume, while a torchmetrics
-    Metric keeps its own state: it is not checkpointed, and it is shared by direct calls).
-    Validation results (`val_*`) are logged when they arrive. `prog_bar`: the metrics the
-    progress bar shows (smoothed); `progress`: True, False, `"always"` (also when not a
-    terminal) or None (what the loop says: `ft.fit` shows it, `ft.iterate` does not).
+    Metric keeps its own state: it is not checkpointed, and it is shared by direct calls;
+    for F1, AUROC and the like use `train_step(metrics=)`). The batch size is inferred
+    from the batch, or given by `batch_size(batch) -> int`; a batch it cannot size is a
+    `DataError`. Validation results (`val_*`) are logged when they arrive. `prog_bar`:
+    the metrics the progress bar shows (smoothed); `progress`: True, False, `"always"`
+    (also when not a terminal) or None (what the loop says: `ft.fit` shows it,
+    `ft.iterate` does not).
     `log_lr` logs each optimizer's learning rate and `log_grad_norm` the global gradient
     norm, both at the logging interval only. `hparams` (or `ft.fit(hparams=...)`) go to
     the loggers at the end with the final metrics (TensorBoard's HPARAMS tab).
@@ -329,5 +334,5 @@ def with_logging(step: Any, loggers: Any = None, *, every_n_steps: int | None = 
     return WithLogging(step, loggers, every_n_steps=every_n_steps, prog_bar=prog_bar,
                        on_step=on_step, on_epoch=on_epoch, reduce=reduce, log_lr=log_lr,
                        log_grad_norm=log_grad_norm, progress=progress, hparams=hparams,
-                       name=name)
+                       name=name, batch_size=batch_size)
 
