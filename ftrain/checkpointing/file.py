@@ -37,6 +37,7 @@ from ftrain.checkpointing.diagnostics import (
     looks_like,
 )
 from ftrain.checkpointing.payload import FORMAT, VERSION, check_payload, payload
+from ftrain.core import trainable as _trainable
 from ftrain.core.state import TrainState, parts
 from ftrain.errors import CheckpointError, ConfigError
 
@@ -216,6 +217,8 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
     if saved_models != like_models:
         raise CheckpointError(f"{os.fspath(path)!r} holds models {saved_models}, this state "
                               f"{like_models}")
+    if "slots" not in whole:  # the run's freeze/unfreeze/optimizer changes, redone first
+        like = _trainable.restore(like, data["slots"].get(_trainable.SLOT), os.fspath(path))
     params: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
     opt_state: dict[str, Any] = {}

@@ -130,6 +130,24 @@ class Binding:
         # each model part's optimizer update prepared for these tensors (phases.apply_update)
         self.prepared: dict[str | None, Any] = {}
 
+    def take_over(self, old: Binding) -> None:
+        """Continue `old`'s run with this binding's tensors (a state whose params dict
+        changed mid-run: a new trainable set after `freeze`/`unfreeze`, replaced tensors):
+        the loop's context moves over, `old` ends. The DistributedDataParallel wrapper and
+        the prepared update are not taken: both are built again for these modules (DDP
+        registers the parameters that require grad when it is built)."""
+        self.run, self.owner, self.profiler = old.run, old.owner, old.profiler
+        self.rank, self.nonfinite_policy = old.rank, old.nonfinite_policy
+        self.deferred = [*old.deferred, *self.deferred]
+        self.pending = [*old.pending, *self.pending]
+        self.pending_steps = [*old.pending_steps, *self.pending_steps]
+        old.deferred, old.pending, old.pending_steps = [], [], []
+        self.set_mode(bool(old.training))
+        old.end()
+        old.ddp = None  # frees its reducer; the new modules get their own wrapper
+        old.prepared, old.modules, old.trainable, old.leaves = {}, {}, {}, []
+        old.model_arg = None
+
     def set_mode(self, training: bool) -> None:
         if self.training is not training:
             for m in self.modules.values():
@@ -195,6 +213,20 @@ class Binding:
         self.ddp = None  # frees DDP's reducer and its hold on the process group
         self.prepared = {}
         return state
+
+
+def follow(old: TrainState, new: TrainState) -> None:
+    """A layer (e.g. an `ft.every` hook) returned `new` for the loop-run `old`, with
+    another params dict (`freeze`, `unfreeze`): bind `new` now, in `old`'s run, so the
+    layers outside it and the loop see a running state (a checkpoint saved at this step
+    is deferred as usual). Nothing to do outside a loop or for the same params dict."""
+    binding = binding_of(old)
+    if binding is None or binding.owner is None or new.params is old.params \
+            or binding_of(new) is not None:
+        return
+    successor = Binding(new, training=bool(binding.training))
+    successor.take_over(binding)
+    successor.latest = new
 
 
 class _Apply(nn.Module):

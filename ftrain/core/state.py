@@ -9,7 +9,7 @@ are dicts of them; their params, buffers and optimizer states are dicts nested b
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -165,6 +165,8 @@ class TrainState:
                 raise ConfigError(f"TrainState has no field {key!r}; fields: "
                                   f"{sorted(f for f in _FIELDS if not f.startswith('_'))}")
             fields[key] = value
+        if "optimizer" in changes and "opt_state" not in changes:
+            _check_layout(new)
         if "step" in changes and (not isinstance(changes["step"], int)
                                   or isinstance(changes["step"], bool)):
             raise ConfigError(f"step must be an int, got {type(changes['step']).__name__}")
@@ -202,6 +204,83 @@ class TrainState:
             return x.to(target, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
         return pytree.tree_map(move, self)  # type: ignore[no-any-return]
 
+    # -- changing the run mid-way (fine-tuning; ftrain.core.trainable) --------------------
+
+    def freeze(self, patterns: str | Iterable[str]) -> TrainState:
+        """A new state in which the parameters matching `patterns` do not train.
+
+        Patterns are globs over parameter names (`"backbone.*"`; `"G.fc.*"` for model G of
+        several); one that matches nothing is a ConfigError listing the names. Frozen
+        parameters get no gradient and no update, and their optimizer state is dropped;
+        the others keep theirs. Call it from an `ft.every` hook to freeze mid-run: the loop
+        follows the new trainable set (its module, `with_ddp`'s wrapper, its prepared
+        update). Checkpoints record the change, and `ft.load` redoes it on `like`.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> state = ft.TrainState.create(net, ft.optim.adam(1e-3)).freeze("0.*")
+            >>> sorted(state.opt_state["adam"]["exp_avg"])
+            ['1.bias', '1.weight']
+        """
+        from ftrain.core import trainable
+        return trainable.freeze(self, patterns)
+
+    def unfreeze(self, patterns: str | Iterable[str], **settings: Any) -> TrainState:
+        """A new state in which the parameters matching `patterns` train (again).
+
+        They start with fresh optimizer state (as torch's `add_param_group`); the others
+        keep theirs. `settings` (e.g. `lr=1e-4`) put them in a new parameter group ahead
+        of the optimizer's other groups, with the optimizer's base settings for the rest;
+        without settings they train under the groups the optimizer already has.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> state = ft.TrainState.create(net, ft.optim.adam(1e-3)).freeze("0.*")
+            >>> state = state.unfreeze("0.*", lr=1e-4)
+            >>> sorted(state.opt_state["adam"]["exp_avg"])
+            ['0.bias', '0.weight', '1.bias', '1.weight']
+        """
+        from ftrain.core import trainable
+        return trainable.unfreeze(self, patterns, settings)
+
+    def set_hparams(self, group: str | None = None, *, model: str | None = None,
+                    **settings: Any) -> TrainState:
+        """A new state whose optimizer uses `settings` (e.g. `lr=1e-4`) for one parameter
+        group: `None` for the base settings, else the group's pattern as given
+        (`groups={"*.bias": ...}` -> `"*.bias"`). Optimizer state is kept. `model=` names
+        the model of a state of several.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
+            >>> state.set_hparams(lr=0.01).optimizer.settings()["lr"]
+            0.01
+        """
+        from ftrain.core import trainable
+        return trainable.set_hparams(self, group, settings, model)
+
+    def with_optimizer(self, optimizer: Any, *, keep_state: bool = True,
+                       model: str | None = None) -> TrainState:
+        """A new state trained by `optimizer` from now on (swap the optimizer mid-run).
+
+        With `keep_state` (the default), what still fits carries over: the update count
+        (schedules continue), and each transform's per-parameter state where the new
+        optimizer has a transform of the same kind at the same place in its chain (adamw
+        with other settings or groups keeps its moments; adamw -> sgd starts sgd fresh).
+        `keep_state=False` starts everything fresh, the count included. Use this, not
+        `replace(optimizer=...)`, which keeps the old optimizer state as it is.
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.adamw(1e-3))
+            >>> sorted(state.with_optimizer(ft.optim.sgd(0.1, momentum=0.9)).opt_state)
+            ['count', 'sgd']
+        """
+        from ftrain.core import trainable
+        return trainable.with_optimizer(self, optimizer, keep_state, model)
+
     # -- views ---------------------------------------------------------------------------
 
     @property
@@ -219,6 +298,19 @@ class TrainState:
         return int(self.slots.get(LOOP_SLOT, {}).get("epoch", 0))
 
     @property
+    def frozen(self) -> list[str]:
+        """The names of the parameters that do not train (sorted; see `freeze`).
+
+        Examples:
+            >>> import torch, ftrain as ft
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> ft.TrainState.create(net, ft.optim.sgd(0.1)).freeze("1.*").frozen
+            ['1.bias', '1.weight']
+        """
+        from ftrain.core import trainable
+        return trainable.frozen(self)
+
+    @property
     def multi(self) -> bool:
         """True when the state holds several models (dicts keyed by model name)."""
         return isinstance(self.model, dict)
@@ -228,6 +320,23 @@ def _copy_leaf(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     return copy.deepcopy(x)
+
+
+def _check_layout(state: TrainState) -> None:
+    """`replace(optimizer=...)` keeps the optimizer state: refuse one the new optimizer
+    cannot use (its transforms' keys differ), before a step fails on a missing key."""
+    for name, _, opt, _, _, opt_state in parts(state):
+        keys = getattr(opt, "keys", None)
+        if opt is None or keys is None or not isinstance(opt_state, dict):
+            continue
+        have = sorted(k for k in opt_state if k != "count")
+        if sorted(keys) != have:
+            where = "" if name is None else f" (model {name!r})"
+            raise ConfigError(
+                f"replace(optimizer=...){where} keeps the optimizer state, laid out for "
+                f"{have}, but the new optimizer needs {sorted(keys)}: use "
+                "state.with_optimizer(new) (fresh state for new kinds, matching state kept), "
+                "or state.set_hparams(lr=...) to change settings")
 
 
 def _check_module(module: Any, name: str) -> None:

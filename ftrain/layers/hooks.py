@@ -6,6 +6,11 @@ that step's metrics, or at every n-th completed epoch with the epoch-end metrics
 returns None (nothing changes), a state (replaces the loop's state, e.g. with a changed
 slot) or `(state, {name: value})`: metrics added to that step's or epoch end's, so outer
 layers (logging, `early_stop`, `with_checkpointing(monitor=...)`) see them.
+
+A returned state may change the run itself: `state.freeze(...)`, `state.unfreeze(...,
+lr=...)`, `state.set_hparams(...)`, `state.with_optimizer(...)` (Lightning's
+`BaseFinetuning`). The loop then installs the new trainable set (a new module, a new
+DistributedDataParallel wrapper under `with_ddp`, its update prepared again).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ftrain.core.bind import follow
 from ftrain.core.layer import Combinator, Metrics
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.core.trigger import Trigger
@@ -47,9 +53,11 @@ class Every(Combinator):
         if out is None:
             return state, metrics
         if isinstance(out, TrainState):
+            follow(state, out)  # a new trainable set: the loop's run continues with it
             return out, metrics
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState) \
                 and isinstance(out[1], dict):
+            follow(state, out[0])
             return out[0], {**metrics, **out[1]}  # e.g. an epoch score for early_stop
         raise ConfigError(f"{self!r}: fn must return None, a TrainState or (TrainState, "
                           f"dict of metrics), got {type(out).__name__}")
@@ -71,8 +79,9 @@ def every(step: Any, fn: Hook, *, every_n_steps: int | None = None,
     """Call `fn(state, metrics)` after every n-th step and/or every n-th completed epoch.
 
     `state.step` (after the step) and `state.epoch` (completed epochs) say where the loop
-    is. `fn` returns None, a new state (kept), or `(state, metrics)` to add metrics that
-    outer layers see (e.g. an epoch score to monitor).
+    is. `fn` returns None, a new state (kept: e.g. `state.unfreeze("backbone.*",
+    lr=1e-4)` to fine-tune), or `(state, metrics)` to add metrics that outer layers see
+    (e.g. an epoch score to monitor).
 
     Examples:
         >>> import torch, ftrain as ft
