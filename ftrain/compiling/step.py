@@ -112,6 +112,11 @@ def compile(step: Any, mode: Mode = "default", *, fullgraph: bool = True,
                               f"the innermost step here is {core!r} (a manual step or a "
                               "plain function: compile its parts with torch.compile "
                               "yourself)")
+        if core.metrics:  # their updates run on the host's torchmetrics objects
+            raise ConfigError(f"ft.compile does not support train_step(metrics=...) yet "
+                              f"(got metrics {sorted(core.metrics)}); compute epoch "
+                              "metrics with an evaluator (ft.eval_step(metrics=...)) or "
+                              "train without ft.compile")
         return CompiledStep(core, mode, fullgraph=fullgraph, fallback=fallback,
                             dynamic=dynamic)
     return map_core(step, compiled)  # a new stack: `step` is unchanged

@@ -84,9 +84,23 @@ class Accumulation:
     @staticmethod
     def weights(parts: list[Any]) -> list[float]:
         """Each micro-batch's share of the samples (losses are means over samples)."""
-        sizes = [batch_size(p) for p in parts]
+        sizes = [_micro_size(p) for p in parts]
         total = float(sum(sizes))
         return [s / total for s in sizes]
+
+
+def _micro_size(part: Any) -> int:
+    """A micro-batch's size: the leading dimension its tensors agree on, else (the
+    documented rule for `split=` parts holding shared tensors, e.g. class weights) the
+    first tensor's leading dimension."""
+    try:
+        return batch_size(part)
+    except DataError:
+        leaves = [t for t in pytree.tree_leaves(part)
+                  if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if not leaves:
+            raise
+        return int(leaves[0].shape[0])
 
 
 def with_accumulation(step: Any, micro_batches: int, *,

@@ -21,77 +21,23 @@ import torch
 
 from ftrain.core import bind as _bind
 from ftrain.core import context, health
+from ftrain.core import epoch_metrics as _em
 from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
+from ftrain.core import train_metrics as _tm
+from ftrain.core.outputs import (  # noqa: F401  (re-exported for the other step kinds)
+    _describe,
+    _metric,
+    eval_metrics,
+    split_loss,
+)
 from ftrain.core.state import STOP_SLOT, TrainState, clone_tree, donate, parts
 from ftrain.errors import ConfigError, LossError
 
 Metrics = _layer.Metrics
 LossFn = Callable[[Any, Any], Any]
 NonFinite = Literal["raise", "skip", "ignore"]
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-    return f"a {type(x).__name__}"
-
-
-def _metric(name: Any, value: Any, device: torch.device, where: str) -> torch.Tensor:
-    if not isinstance(name, str):
-        raise LossError(f"{where}: metric names must be strings, got {name!r}")
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
-                            f"{_describe(value)} (reduce it, e.g. .mean())")
-        value = value.detach()
-        # half-precision metrics (computed under autocast) are reported in float32
-        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((), float(value), device=device)  # no host-to-device sync
-    raise LossError(f"{where}: metric {name!r} must be a 0-d tensor or a number, got "
-                    f"{_describe(value)}")
-
-
-def split_loss(out: Any, where: str) -> tuple[torch.Tensor, Metrics]:
-    """`loss` or `(loss, {name: metric})` -> (loss, metrics with "loss"), checked."""
-    if isinstance(out, torch.Tensor):
-        loss, extra = out, None
-    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-        loss, extra = out
-    else:
-        raise LossError(f"{where}: loss_fn must return a loss tensor or (loss, {{name: "
-                        f"metric}}), got {_describe(out)}")
-    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
-        raise LossError(f"{where}: the loss must be a 0-d floating-point tensor, got "
-                        f"{_describe(loss)} (reduce it, e.g. .mean())")
-    metrics = {"loss": loss.detach()}
-    if extra:
-        for name, value in extra.items():
-            if name == "loss":
-                raise LossError(f"{where}: metric name 'loss' is taken by the loss itself")
-            metrics[name] = _metric(name, value, loss.device, where)
-    return loss, metrics
-
-
-def eval_metrics(out: Any, where: str, device: torch.device) -> Metrics:
-    """An evaluation function's result (loss, (loss, metrics) or a dict) as metrics."""
-    if isinstance(out, Mapping):
-        if not out:
-            raise LossError(f"{where}: the metric function returned an empty dict")
-        return {k: _metric(k, v, device, where) for k, v in out.items()}
-    if isinstance(out, torch.Tensor) and out.dim() == 0:
-        return {"loss": out.detach()}
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-        metrics = {"loss": _metric("loss", out[0], device, where)}
-        for k, v in out[1].items():
-            metrics[k] = _metric(k, v, device, where)
-        return metrics
-    raise LossError(f"{where}: an evaluation function must return a 0-d tensor, "
-                    f"(loss, {{name: metric}}) or {{name: metric}}, got {_describe(out)}")
 
 
 def _check_state(state: Any, what: str) -> None:
@@ -138,17 +84,33 @@ class TrainStep(_Value):
 
     inner = None
     options = ("amp", "accumulation", "ddp")
-    _fixed = ("loss_fn", "on_nonfinite", "check_finite_every_step", "phases")
+    _fixed = ("loss_fn", "on_nonfinite", "check_finite_every_step", "phases", "metrics")
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
                  check_finite_every_step: bool = False,
-                 phases: _phases.Phases | None = None) -> None:
+                 phases: _phases.Phases | None = None,
+                 metrics: Mapping[str, Any] | None = None) -> None:
         check_core_args(loss_fn, "train_step needs a callable loss_fn(model, batch)",
                         on_nonfinite)
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
         self.check_finite_every_step = check_finite_every_step
         self.phases = phases if phases is not None else _phases.Phases()
+        self.metrics = _em.check(metrics, "train_step")
+
+    # -- epoch metrics (metrics=): their states in a slot, see ftrain.core.train_metrics
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return self.phases.slot_names + ((_tm.SLOT,) if self.metrics else ())
+
+    def init(self, state: TrainState) -> TrainState:
+        state = self.phases.init(state)
+        return _tm.init(self, state) if self.metrics else state
+
+    def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        state, metrics = _nonfinite_epoch_end(state, self.on_nonfinite)
+        return _tm.epoch_end(self, state) if self.metrics else (state, metrics)
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
@@ -257,8 +219,11 @@ class TrainStep(_Value):
             def call(mb: Any) -> Any:
                 return module(self.loss_fn, mb)
             no_sync = module.no_sync
+        if self.metrics:
+            call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
         metrics = self._gradients(state, batch, call, binding.generator, binding.rank, None,
                                   no_sync, scale, prof)
+        entry = _tm.updated(self, state, feed) if self.metrics else None
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
         binding.changed = True  # from here on a failure cannot be rolled back
@@ -266,7 +231,10 @@ class TrainStep(_Value):
                      explicit_sync=module is None, prepared=binding.prepared)
         if prof is not None:
             prof.lap("optimizer")
-        return advance(state, binding, [metrics["loss"]], self.on_nonfinite), metrics
+        new = advance(state, binding, [metrics["loss"]], self.on_nonfinite)
+        if entry is not None:
+            new.slots[_tm.SLOT] = entry  # the loop's slots: in place, as other layers do
+        return new, metrics
 
     def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
@@ -295,8 +263,12 @@ class TrainStep(_Value):
         def call(mb: Any) -> Any:
             return _bind.pure_call(state, self.loss_fn, mb, params, buffers, True,
                                    update_buffers=True)
+        if self.metrics:
+            call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
         metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
                                   _rng.rank(), leaves, None, scale)
+        if self.metrics:
+            slots[_tm.SLOT] = _tm.updated(self, state, feed)
         self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
         for t in leaves:
             t.requires_grad_(False)
@@ -381,7 +353,8 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
-               check_finite_every_step: bool = False) -> TrainStep:
+               check_finite_every_step: bool = False,
+               metrics: Mapping[str, Any] | None = None) -> TrainStep:
     """Turn `loss_fn(model, batch) -> loss | (loss, metrics)` into a training step.
 
     Inside `loss_fn`, `model` (and its submodules; a dict of modules for a multi-model
@@ -392,6 +365,11 @@ def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
     host reads values anyway (epoch end, logging, validation) and naming the step;
     `check_finite_every_step=True` checks each step (a host sync per step);
     `on_nonfinite="skip"` skips such updates on the device; `"ignore"` does nothing.
+
+    `metrics` (torchmetrics objects by name, as in `eval_step`) are epoch-level training
+    metrics: `loss_fn` returns each one's update arguments under its name, and every epoch
+    end reports `<name>_epoch`, computed once over the epoch (their states live in the
+    slot "train_metrics", so a resumed run continues them). See docs/metrics.md.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -405,7 +383,7 @@ def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
         (1, ['loss'], 0)
     """
     return TrainStep(loss_fn, on_nonfinite=on_nonfinite,
-                     check_finite_every_step=check_finite_every_step)
+                     check_finite_every_step=check_finite_every_step, metrics=metrics)
 
 
 class EvalStep:
@@ -413,16 +391,23 @@ class EvalStep:
 
     inner = None
 
-    def __init__(self, fn: LossFn) -> None:
+    def __init__(self, fn: LossFn, metrics: Mapping[str, Any] | None = None,
+                 batch_size: Callable[[Any], int] | None = None) -> None:
         if not callable(fn):
             raise ConfigError(f"eval_step needs a callable fn(model, batch), got "
                               f"{type(fn).__name__}")
+        if batch_size is not None and not callable(batch_size):
+            raise ConfigError(f"eval_step's batch_size must be a function batch -> int, "
+                              f"got {type(batch_size).__name__}")
         self.fn = fn
+        self.metrics = _em.check(metrics, "eval_step")
+        self.batch_size = batch_size
 
     def __repr__(self) -> str:
         return f"eval_step({getattr(self.fn, '__qualname__', repr(self.fn))})"
 
-    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+    def _run(self, state: TrainState, batch: Any, session: _em.Evaluation | None,
+             where: str) -> Metrics:
         if type(state) is not TrainState:
             _check_state(state, "an evaluation step")
         binding = _bind.binding_of(state)
@@ -433,14 +418,43 @@ class EvalStep:
             else:  # nothing is copied: eval mode under no_grad changes no tensor
                 out = _bind.pure_call(state, self.fn, batch, state.params, state.buffers,
                                       False)
-        return eval_metrics(out, "evaluation", state.device)
+            if session is None:
+                return eval_metrics(out, where, state.device)
+            out, inputs = _em.split(out, self.metrics, where)
+            session.update(inputs)
+        if isinstance(out, Mapping) and not out:
+            return {}  # only stateful metrics
+        return eval_metrics(out, where, state.device)
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        if not self.metrics:
+            return self._run(state, batch, None, "evaluation")
+        # a direct call evaluates this one batch: each metric computed on it alone
+        session = _em.Evaluation(self.metrics, state.device, 1)
+        metrics = self._run(state, batch, session, "evaluation")
+        return {**metrics, **session.compute()}
+
+    def start_evaluation(self, device: torch.device, world: int) -> _em.Session:
+        """What `ft.evaluate` runs: this step with its own fresh metric copies."""
+        return _em.Session(self._run, _em.Evaluation(self.metrics, device, world)
+                           if self.metrics else None)
 
 
-def eval_step(fn: LossFn) -> EvalStep:
+def eval_step(fn: LossFn, *, metrics: Mapping[str, Any] | None = None,
+              batch_size: Callable[[Any], int] | None = None) -> EvalStep:
     """Turn `fn(model, batch)` into an evaluation step: no grad, eval mode, state unchanged.
 
     `fn` returns a 0-d tensor (reported as "loss"), `(loss, {name: metric})` or a dict
-    of metrics.
+    of metrics. Those are averaged over batches (weighted by batch size) by `ft.evaluate`
+    and `with_validation`; `batch_size(batch) -> int` sizes batches it cannot infer.
+
+    `metrics` maps names to torchmetrics `Metric`s or `MetricCollection`s, for metrics a
+    mean of per-batch values gets wrong (F1, AUROC, precision, a confusion matrix): `fn`
+    returns, under each such name, the arguments of that metric's `update` (`{"f1":
+    (logits, y)}`; one tensor is one argument, a dict keyword arguments). Each evaluation
+    updates its own fresh copy per batch and computes it once at the end (under `with_ddp`
+    over every rank's samples); the objects given here are never updated. A direct call
+    computes them on its one batch. See docs/metrics.md.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -451,8 +465,14 @@ def eval_step(fn: LossFn) -> EvalStep:
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
         >>> sorted(evaluator(state, (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))))
         ['acc']
+        >>> from torchmetrics.classification import MulticlassF1Score
+        >>> f1 = ft.eval_step(lambda m, b: {"f1": (m(b[0]), b[1])},
+        ...                   metrics={"f1": MulticlassF1Score(2, average="macro")})
+        >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+        >>> sorted(ft.evaluate(f1, state, data))
+        ['f1']
     """
-    return EvalStep(fn)
+    return EvalStep(fn, metrics, batch_size)
 
 
 def request_stop(state: TrainState, reason: str) -> TrainState:

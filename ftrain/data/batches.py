@@ -9,9 +9,10 @@ and a resumed run sees the same batches. A `DistributedSampler` gets `set_epoch(
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ftrain.core import rng as _rng
 from ftrain.errors import DataError
+
+log = logging.getLogger("ftrain")
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -207,14 +210,35 @@ def shard(data: Any, rank: int, world: int, seed: int) -> Any:
     return Interleaved(data, rank, world, complete=True)
 
 
+def _exact_share(loader: DataLoader, rank: int, world: int) -> bool:
+    """Whether the loader's own DistributedSampler gives this rank its share of every
+    sample exactly once across `world` ranks (no padding, no dropped tail)."""
+    sampler: Any = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return True  # no length: nothing to compare (kept as it is)
+    return bool(sampler.num_replicas == world and sampler.rank == rank
+                and sampler.total_size == n)
+
+
 def shard_eval(data: Any, rank: int, world: int) -> Any:
-    """This rank's share of evaluation data: every sample on exactly one rank."""
+    """This rank's share of evaluation data: every sample on exactly one rank.
+
+    A plain map-style DataLoader is split by sample (rank, rank + world, ...); one with
+    its own DistributedSampler is kept when that gives every sample once, else (its
+    padding repeats samples, or drop_last drops some) split the same way; other data is
+    dealt out in whole batches."""
     if world <= 1:
         return data
     if isinstance(data, DataLoader):
-        if _has_own_distributed_sampler(data):
-            return data  # already this rank's share (its padding may repeat samples)
-        if _plain_batching(data) is not None:  # order does not matter for evaluation
+        own = _has_own_distributed_sampler(data)
+        if own and _exact_share(data, rank, world):
+            return data  # already this rank's share, every sample once
+        if own or _plain_batching(data) is not None:  # order does not matter here
+            if own:  # padding would count repeated samples twice (dropping: never)
+                log.info("evaluation: the loader's DistributedSampler pads or drops "
+                         "samples; evaluating on an exact split instead")
             mine = range(rank, len(data.dataset), world)  # type: ignore[arg-type]
             return DataLoader(data.dataset, batch_size=data.batch_size, sampler=mine,
                               drop_last=data.drop_last, **_loader_kwargs(data))
@@ -362,17 +386,83 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return map_tensors(batch, move)
 
 
-def batch_size(batch: Any) -> int:
-    """The length of the first tensor's first dimension in a (nested) batch, else 1."""
+def _leading(batch: Any, path: str, out: list[tuple[str, int]]) -> bool:
+    """Collect (path, leading dim) of the tensors in `batch`; False if it holds a leaf
+    that is neither a tensor nor a container (a custom object)."""
     if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
+        if batch.dim() > 0:
+            out.append((path or "the batch", int(batch.shape[0])))
+        return True
     if isinstance(batch, (list, tuple)):
-        for b in batch:
-            if isinstance(b, (torch.Tensor, list, tuple, dict)):
-                return batch_size(b)
-        return len(batch)
-    if isinstance(batch, dict):
-        for b in batch.values():
-            if isinstance(b, (torch.Tensor, list, tuple, dict)):
-                return batch_size(b)
-    return 1
+        fields = getattr(batch, "_fields", None)
+        names = fields if fields is not None else range(len(batch))
+        return all([_leading(b, f"{path}[{n!r}]" if fields is None else f"{path}.{n}", out)
+                    for n, b in zip(names, batch)])
+    if isinstance(batch, Mapping):
+        return all([_leading(v, f"{path}[{k!r}]", out) for k, v in batch.items()])
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return all([_leading(getattr(batch, f.name), f"{path}.{f.name}", out)
+                    for f in dataclasses.fields(batch)])
+    return isinstance(batch, (str, bytes, int, float, bool, type(None)))
+
+
+def _flat_size(batch: Any) -> int | None:
+    """The common cases, fast (logging sizes every step): a tensor, or a tuple, list or
+    dict of tensors with one leading dimension; None for anything else."""
+    if type(batch) is torch.Tensor:
+        return int(batch.shape[0]) if batch.dim() else None
+    kind = type(batch)
+    items = batch.values() if kind is dict else batch if kind is tuple or kind is list \
+        else None
+    if not items:
+        return None
+    n = -1
+    for t in items:
+        if type(t) is not torch.Tensor or not t.dim():
+            return None
+        m = t.shape[0]
+        if n < 0:
+            n = m
+        elif m != n:
+            return None
+    return int(n)
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the leading dimension of its tensors.
+
+    Tensors are found in tuples, lists, namedtuples, dicts (any Mapping), dataclasses
+    and nested ones; 0-d tensors and other values (strings, numbers, objects) do not
+    count. The leading dimensions must agree. A list or tuple of plain values counts its items.
+    Anything else raises `DataError`, naming what it found, rather than guessing: pass
+    `batch_size=` (a function batch -> int) where the loop or layer takes one.
+
+    Examples:
+        >>> import torch
+        >>> from ftrain.data.batches import batch_size
+        >>> batch_size({"x": torch.zeros(8, 3), "y": (torch.zeros(8), "ids")})
+        8
+    """
+    fast = _flat_size(batch)
+    if fast is not None:
+        return fast
+    found: list[tuple[str, int]] = []
+    plain = _leading(batch, "", found)  # other objects beside tensors are not sized
+    if found:
+        sizes = {n for _, n in found}
+        if len(sizes) == 1:
+            return found[0][1]
+        shown = ", ".join(f"{p}: {n}" for p, n in found[:6])
+        raise DataError(f"cannot tell the batch size: the tensors' leading dimensions "
+                        f"differ ({shown}); give batch_size= (a function batch -> int) "
+                        f"to what averages over batches: ft.evaluate, ft.eval_step, "
+                        f"ft.with_logging")
+    if plain and isinstance(batch, (list, tuple)) and batch:
+        return len(batch)  # e.g. a list of strings
+    what = type(batch).__name__
+    raise DataError(f"cannot tell the batch size of a {what}: "
+                    + ("it holds no tensor with a leading dimension" if plain else
+                       "it holds objects that are not tensors, tuples, lists, dicts or "
+                       "dataclasses")
+                    + "; give batch_size= (a function batch -> int) to what averages over "
+                    "batches: ft.evaluate, ft.eval_step, ft.with_logging")

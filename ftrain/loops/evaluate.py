@@ -4,18 +4,21 @@ not changed."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from ftrain.core import bind as _bind
+from ftrain.core import epoch_metrics as _em
 from ftrain.core import step as _step
 from ftrain.core.run import run_info
 from ftrain.core.state import TrainState, is_donated
 from ftrain.data import batches as _data
 from ftrain.data.module import resolve
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
+from ftrain.loops import predict_writer as _pw
 
 log = logging.getLogger("ftrain")
 Metrics = dict[str, torch.Tensor]
@@ -51,16 +54,27 @@ def _batches(data: Any, limit: int | None, what: str) -> Any:
 def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState, data: Any,
              *, limit_batches: int | None = None,
              batch_size: Callable[[Any], int] | None = None, progress: bool | str = False,
-             desc: str = "evaluation", distributed: bool | None = None) -> dict[str, float]:
+             desc: str = "evaluation", distributed: bool | None = None,
+             numbers_only: bool = False) -> dict[str, Any]:
     """Run `evaluator` over `data` and return each metric's mean weighted by batch size.
 
-    Batch size is the first dimension of the batch's first tensor unless `batch_size`
-    says otherwise. One host sync, at the end. The state is not changed. `progress`
-    shows a transient bar (True: when stderr is a terminal; "always").
+    Batch size is inferred from the batch (`ftrain.data.batches.batch_size`: the leading
+    dimension of its tensors, in tuples, namedtuples, dicts, dataclasses and nested ones;
+    a batch it cannot size is a `DataError`) unless `batch_size(batch) -> int` (or the
+    evaluator's own: `ft.eval_step(fn, batch_size=...)`) says. One host sync, at the end.
+    The state is not changed. `progress` shows a transient bar (True: when
+    stderr is a terminal; "always").
+
+    An `ft.eval_step(fn, metrics={...})`'s torchmetrics metrics are not averaged: this
+    evaluation gets fresh copies, updates them per batch and computes them once at the end
+    (see docs/metrics.md). A 0-d result is a float; another result (a confusion matrix) is
+    returned as a CPU tensor, or refused with `numbers_only=True` (what `with_validation`
+    asks for: its results join the run's metrics, which are numbers).
 
     Under `with_ddp` (validation inside a data-parallel loop, or `distributed=True` on
     every rank) each rank evaluates its share (every sample on exactly one rank) and the
-    weighted sums are all-reduced, so all ranks return the same numbers.
+    weighted sums are all-reduced and the metrics' states synced, so all ranks return the
+    same numbers.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -73,6 +87,11 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     if not callable(evaluator):
         raise ConfigError(f"evaluate needs an evaluator (state, batch) -> metrics, got "
                           f"{type(evaluator).__name__}")
+    if batch_size is not None and not callable(batch_size):
+        raise ConfigError(f"evaluate's batch_size must be a function batch -> int, got "
+                          f"{type(batch_size).__name__}")
+    if batch_size is None:
+        batch_size = getattr(evaluator, "batch_size", None)
     data = resolve(data, "test", "val")
     from ftrain.populations.population import is_population
     if isinstance(evaluator, _step.EvalStep) and is_population(state):
@@ -89,6 +108,10 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     if world > 1:
         data = _data.shard_eval(data, rank, world)
     device = state.device
+    # an eval_step with metrics=: this evaluation's own fresh copies
+    start = getattr(evaluator, "start_evaluation", None)
+    session = start(device, world) if start is not None else None
+    call = evaluator
     values: dict[str, list[torch.Tensor]] = {}
     weights: list[int] = []
     bar = None
@@ -101,16 +124,14 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     try:
         for index, batch in enumerate(_batches(data, limit_batches, "evaluate")):
             batch = _data.to_device(batch, device)
-            n = batch_size(batch) if batch_size is not None else _data.batch_size(batch)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ConfigError(f"evaluation batch {index}: batch_size must give an int "
-                                  f">= 0, got {n!r}")
+            n, unsized = _size(batch, batch_size, index)
             if bar is not None:
                 bar.update(1)
             if n == 0:
                 continue  # no samples: nothing to weigh (its mean would be nan)
             try:
-                out = evaluator(state, batch)
+                out = call(state, batch) if session is None else \
+                    session(state, batch, f"evaluation batch {index}")
             except FTrainError:
                 raise
             except Exception as err:
@@ -119,12 +140,15 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
             if not isinstance(out, dict):
                 raise ConfigError(f"an evaluator must return a dict of metrics, got "
                                   f"{type(out).__name__}")
-            # the one check every metric goes through (training steps' too)
-            metrics = _step.eval_metrics(out, f"evaluation batch {index}", device)
-            if values and metrics.keys() != values.keys():
+            if session is None or out:
+                # the one check every metric goes through (training steps' too)
+                out = _step.eval_metrics(out, f"evaluation batch {index}", device)
+            if out and unsized is not None:
+                raise unsized  # averaging needs the batch's size
+            if weights and out.keys() != values.keys():
                 raise ConfigError(f"evaluation batch {index} returned metrics "
-                                  f"{sorted(metrics)}, earlier batches {sorted(values)}")
-            for k, v in metrics.items():
+                                  f"{sorted(out)}, earlier batches {sorted(values)}")
+            for k, v in out.items():
                 values.setdefault(k, []).append(v)
             weights.append(n)
     finally:
@@ -133,11 +157,39 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         if own is not None:
             own.end()
     if world > 1:
-        return _reduce_across_ranks(values, weights, world)
-    if not weights:
-        raise DataError("the evaluation data produced no samples (no batches, or only "
-                        "batches of size 0)")
-    return reduce_weighted(values, weights)
+        results = _reduce_across_ranks(values, weights, world)
+    else:
+        if not weights:
+            raise DataError("the evaluation data produced no samples (no batches, or only "
+                            "batches of size 0)")
+        results = reduce_weighted(values, weights) if values else {}
+    if session is not None:
+        computed = _em.host_values(session.compute())  # all ranks: synced states
+        if numbers_only:
+            _em.require_numbers(computed)
+        clash = sorted(set(computed) & set(results))
+        if clash:
+            raise ConfigError(f"the evaluator's metrics= results {clash} have the names of "
+                              f"metrics its function returns; rename one")
+        results.update(computed)
+    return results
+
+
+def _size(batch: Any, batch_size: Callable[[Any], int] | None, index: int
+          ) -> tuple[int, DataError | None]:
+    """The batch's size, or (1, the error) when it cannot be told: only metrics averaged
+    over batches need it (a torchmetrics-only evaluator does not)."""
+    if batch_size is None:
+        try:
+            return _data.batch_size(batch), None
+        except DataError as err:
+            return 1, DataError(f"evaluation batch {index}: {err}; pass evaluate("
+                                f"batch_size=fn) (with_validation(batch_size=fn))")
+    n = batch_size(batch)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f"evaluation batch {index}: batch_size must give an int "
+                          f">= 0, got {n!r}")
+    return n, None
 
 
 def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[int],
@@ -147,12 +199,16 @@ def _reduce_across_ranks(values: dict[str, list[torch.Tensor]], weights: list[in
 
     names = sorted(values)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, names)  # a rank without batches learns the names
-    known: list[str] = next((g for g in gathered if g), [])
-    if any(g and g != known for g in gathered):
-        raise ConfigError(f"ranks' evaluators returned different metrics: {gathered}")
-    if not known:
+    dist.all_gather_object(gathered, (names, len(weights)))  # a rank without batches
+    # learns the names
+    known: list[str] = next((g[0] for g in gathered if g[0]), [])
+    if any(g[0] and g[0] != known for g in gathered):
+        raise ConfigError(f"ranks' evaluators returned different metrics: "
+                          f"{[g[0] for g in gathered]}")
+    if not any(g[1] for g in gathered):
         raise DataError("the evaluation data produced no samples on any rank")
+    if not known:
+        return {}  # only stateful metrics (synced by their own compute)
     from ftrain.parallel.dist import collective_device
     device = collective_device()
     w = torch.tensor(weights, dtype=torch.float64, device=device)
@@ -190,12 +246,22 @@ def _default_predict(model: Any, batch: Any) -> Any:
 
 
 def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None = None, *,
-            model: str | None = None, limit_batches: int | None = None) -> list[Any]:
+            model: str | None = None, limit_batches: int | None = None,
+            write_to: str | os.PathLike[str] | None = None, batches_per_file: int = 1,
+            distributed: bool | None = None) -> Any:
     """The model's outputs on each batch, in eval mode under `torch.no_grad`.
 
     By default `model(batch)`, or `model(batch[0])` for a tuple or list batch (the inputs of
     an (inputs, targets) pair); `fn(model, batch)` to choose. For a multi-model state
     name the model (`model="G"`) or give `fn`, which then receives the dict of models.
+
+    `write_to=folder` writes the outputs (moved to the CPU; plain data) as they come, a
+    file per `batches_per_file` batches, instead of keeping them in memory, and returns
+    the folder; `ft.read_predictions(folder)` gives them back in order (Lightning's
+    `BasePredictionWriter`). Under several processes (`distributed=True` on every rank
+    under torchrun, or inside a `with_ddp` loop) each rank predicts every world-th batch
+    and writes its own files into the same folder; every batch is written once (a
+    process group is joined if torchrun launched this process and none exists yet).
 
     Examples:
         >>> import torch, ftrain as ft
@@ -222,16 +288,46 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         raise ConfigError("model= selects one of several models; this state holds one")
     call = fn or _default_predict
     device = state.device
-    outputs = []
+    outputs: list[Any] = []
+    rank, world = 0, 1
+    if distributed is None:
+        run = run_info(state)
+        rank, world = (run.rank, run.world) if run is not None else (0, 1)
+    elif distributed:  # under torchrun: the process group, joined here if need be
+        from ftrain.parallel import dist as _pd
+        rank, world = _pd.rank_world()
+        if world == 1:
+            rank, world = _pd.setup(None, _pd.DEFAULT_TIMEOUT)
+    if world > 1 and write_to is None:
+        raise ConfigError("ft.predict on several processes writes its share: give "
+                          "write_to=<folder shared by the ranks>, then "
+                          "ft.read_predictions(folder)")
+    writer = None if write_to is None else _pw.PredictionWriter(write_to, rank, world,
+                                                                 batches_per_file)
+    check_int("predict limit_batches", limit_batches, 1)
+    if not isinstance(data, Iterable):
+        raise DataError(f"predict data must be a DataLoader or an iterable of batches, "
+                        f"got {type(data).__name__}")
     try:
         with torch.no_grad():
-            for index, batch in enumerate(_batches(data, limit_batches, "predict")):
+            for index, batch in _pw.shard_batches(data, rank, world, limit_batches):
                 try:
-                    outputs.append(call(target, _data.to_device(batch, device)))
+                    out = call(target, _data.to_device(batch, device))
                 except Exception as err:
                     raise StepError(f"prediction batch {index} failed: {type(err).__name__}: "
                                     f"{err}") from err
+                if writer is None:
+                    outputs.append(out)
+                else:
+                    writer.add(index, out)  # written, not kept
+            if writer is not None:
+                writer.finish()
     finally:
         if own is not None:
             own.end()
-    return outputs
+    if writer is None:
+        return outputs
+    if world > 1:  # every rank's files are complete when any rank reads them
+        from ftrain.parallel.dist import barrier
+        barrier()
+    return writer.folder

@@ -62,10 +62,12 @@ def _check_not_tensor(data: Any, what: str) -> None:
                         "(e.g. [(inputs, targets), ...]), not the dataset itself")
 
 
-def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
-           ) -> tuple[TrainState, _bind.Binding]:
+def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object,
+           prev: _bind.Binding | None = None) -> tuple[TrainState, _bind.Binding]:
     """Make `state` one this loop runs: bound, owned by this loop, holding its position;
-    return it with its binding (one run-context lookup).
+    return it with its binding (one run-context lookup). A state with a new params dict
+    (a hook froze or unfroze parameters) gets a new binding, which takes over `prev`'s
+    run context (pending losses, deferred actions; DDP is wrapped again).
 
     Then run what layers asked to do once the whole stack has returned (checkpoint
     saves), so a checkpoint holds every layer's slot as it is after this step. A binding
@@ -73,7 +75,11 @@ def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object
     releases the binding when it ends).
     """
     while True:
-        binding = _bind.binding_of(state) or _bind.Binding(state, training=True)
+        binding = _bind.binding_of(state)
+        if binding is None:
+            binding = _bind.Binding(state, training=True)
+            if prev is not None and prev.live and prev.owner is owner:
+                binding.take_over(prev)
         binding.run = run
         binding.owner = owner
         if state.slots.get(LOOP_SLOT) is not pos:
@@ -128,7 +134,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if STOP_SLOT in state.slots:
             log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
             state.slots.pop(STOP_SLOT)
-        state, binding = _adopt(_layer.init(step, state), pos, run, owner)
+        state, binding = _adopt(_layer.init(step, state), pos, run, owner, binding)
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
         if bundle is not None:
@@ -214,7 +220,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     donate(before, caller)
                 if binding.deferred or not binding.live or state.params is not binding.params \
                         or state.slots.get(LOOP_SLOT) is not pos:
-                    state, binding = _adopt(state, pos, run, owner)
+                    state, binding = _adopt(state, pos, run, owner, binding)
                 else:  # the usual step: same binding, position in place, nothing deferred
                     binding.run, binding.owner = run, owner
                 index += 1
@@ -253,7 +259,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     if complete:
                         _pos.next_epoch(pos, epoch)
                     state, end_metrics = _layer.epoch_end(step, state)
-                    state, binding = _adopt(state, pos, run, owner)
+                    state, binding = _adopt(state, pos, run, owner, binding)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
@@ -266,7 +272,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         interrupt._ftrain_agreed = True  # type: ignore[attr-defined]
                         raise interrupt
                     state, binding = _adopt(_on_signal(step, state, metrics, run.signals),
-                                            pos, run, owner)
+                                            pos, run, owner, binding)
                     finished = True
                     yield state, metrics
                     break
@@ -274,7 +280,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
                     old = binding
-                    state, binding = _adopt(sent, pos, run, owner)
+                    state, binding = _adopt(sent, pos, run, owner, binding)
                     if binding is not old:  # losses still pending belong to this run
                         old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots

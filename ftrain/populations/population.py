@@ -73,8 +73,14 @@ def vmap(step: Any, **options: Any) -> PopulationStep | PopulationEvalStep:
                               "(use 'raise' or 'ignore')")
         kwargs = {"on_nonfinite": step.on_nonfinite,
                   "check_finite_every_step": step.check_finite_every_step, **options}
+        if step.metrics:
+            raise ConfigError(f"ft.vmap does not support train_step(metrics=...) (got "
+                              f"{sorted(step.metrics)}): return per-member values instead")
         return population_step(step.loss_fn, **kwargs)
     if isinstance(step, EvalStep):
+        if step.metrics or step.batch_size is not None:
+            raise ConfigError("ft.vmap does not support eval_step(metrics=..., "
+                              "batch_size=...): return per-member values from fn instead")
         return population_eval_step(step.fn, **options)
     if isinstance(step, (PopulationStep, PopulationEvalStep)):
         raise ConfigError(f"{step!r} is already a population step")
