@@ -22,6 +22,9 @@ from ftrain.core.bind import install
 from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError, FTrainError
 
+# ONNX files are protobufs, which cannot exceed 2 GB; leave room for the graph itself.
+SINGLE_FILE_LIMIT = 2**31 - 2**24
+
 
 class ExportError(FTrainError):
     """An export failed, or its result disagrees with the PyTorch model."""
@@ -123,19 +126,37 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
 def onnx(state: TrainState, example: Any, path: str | os.PathLike[str], *,
          model: str | None = None, dynamic_batch: bool = True, opset: int | None = None,
          rtol: float = 1e-4, atol: float = 1e-5,
-         input_names: Sequence[str] | None = None) -> str:
+         input_names: Sequence[str] | None = None, single_file: bool = False) -> str:
     """Write the state's model as ONNX to `path`, validated in onnxruntime; the path.
 
+    The weights go into a sidecar `<path>.data` next to the file (torch's exporter's
+    default, needed past ONNX's 2 GB protobuf limit): ship both files together. With
+    `single_file=True` they go inside the one `.onnx` file (small models: under 2 GB of
+    weights; a larger model is refused before exporting).
     The file is loaded in onnxruntime and its outputs on `example` compared with the
     PyTorch model's (`rtol`, `atol`); a mismatch is an ExportError and leaves no file.
     Needs the `export` extra (onnx, onnxscript, onnxruntime).
 
     Examples:
-        >>> import tempfile, torch, ftrain as ft
+        >>> import os, tempfile, torch, ftrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
-        >>> path = ft.export.onnx(state, torch.randn(4, 3), tempfile.mkdtemp() + "/m.onnx")
+        >>> folder = tempfile.mkdtemp()
+        >>> path = ft.export.onnx(state, torch.randn(4, 3), folder + "/m.onnx",
+        ...                       single_file=True)
+        >>> os.listdir(folder)
+        ['m.onnx']
     """
+    if not isinstance(single_file, bool):
+        raise ConfigError(f"single_file must be True or False, got {single_file!r}")
     module, args, expected = _checked(state, example, model)
+    if single_file:
+        size = sum(t.numel() * t.element_size()
+                   for t in (*module.parameters(), *module.buffers()))
+        if size >= SINGLE_FILE_LIMIT:
+            raise ConfigError(f"single_file=True keeps the weights inside the .onnx file, "
+                              f"which ONNX (protobuf) limits to 2 GB; this model's weights "
+                              f"are {size / 2**30:.2f} GiB: export with single_file=False "
+                              f"(weights in a .onnx.data file beside it)")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if len(tensors) != len(args):
         raise ConfigError(f"onnx export takes tensor inputs only, got ({_describe(args)})")
@@ -145,7 +166,8 @@ def onnx(state: TrainState, example: Any, path: str | os.PathLike[str], *,
     try:
         torch.onnx.export(module, args, path, dynamo=True, input_names=names,
                           dynamic_shapes=_dynamic_batch(args) if dynamic_batch else None,
-                          opset_version=opset, verbose=False)
+                          opset_version=opset, verbose=False,
+                          external_data=not single_file)
     except ImportError as err:
         raise ConfigError("ONNX export needs the export extra: pip install "
                           "'ftrain[export]' (onnx, onnxscript, onnxruntime)") from err
@@ -155,7 +177,9 @@ def onnx(state: TrainState, example: Any, path: str | os.PathLike[str], *,
     try:
         check_onnx(path, args, _flat_outputs(expected), rtol=rtol, atol=atol)
     except BaseException:
-        os.remove(path)
+        for leftover in (path, path + ".data"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
         raise
     return path
 

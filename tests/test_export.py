@@ -86,3 +86,35 @@ def test_a_donated_state_cannot_be_exported():
            checkpoint=False, progress=False)
     with pytest.raises(ft.DonatedStateError):
         ft.bind(state)
+
+
+def test_onnx_writes_a_data_sidecar_by_default_and_one_file_on_request(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    state = trained_state()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    ft.export.onnx(state, fresh(4), tmp_path / "two" / "m.onnx")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m.onnx", "m.onnx.data"]
+    path = ft.export.onnx(state, fresh(4), tmp_path / "one" / "m.onnx", single_file=True)
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["m.onnx"]
+    # the single file alone, moved away from its folder, holds the weights
+    moved = tmp_path / "elsewhere.onnx"
+    (tmp_path / "one" / "m.onnx").rename(moved)
+    session = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = fresh(11)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), ft.bind(state)(x), rtol=1e-4,
+                               atol=1e-5)
+    assert path.endswith("m.onnx")
+
+
+def test_onnx_single_file_refuses_weights_past_the_protobuf_limit(tmp_path, monkeypatch):
+    state = trained_state()
+    weights = sum(t.numel() * t.element_size()
+                  for t in [*state.params.values(), *state.buffers.values()])
+    monkeypatch.setattr(ft.export, "SINGLE_FILE_LIMIT", weights)  # as if it were 2 GB
+    with pytest.raises(ft.ConfigError, match=r"limits to 2 GB.*single_file=False"):
+        ft.export.onnx(state, fresh(4), tmp_path / "m.onnx", single_file=True)
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ft.ConfigError, match="single_file must be True or False, got 'yes'"):
+        ft.export.onnx(state, fresh(4), tmp_path / "m.onnx", single_file="yes")

@@ -5,13 +5,14 @@ DataLoader, a list of batches) or a zero-argument factory that builds it; `prepa
 once per machine (download, unpack: on local rank 0, the other local ranks wait) and
 `setup` once per process, both before the first split is built. `ft.fit`,
 `ft.evaluate`, `ft.predict` and `ft.with_validation` accept a `Data` and take the split
-they need; a factory is called once and its result kept.
+they need; a factory is called once and its result kept. The `val` split may hold several
+validation sets for `ft.with_validation`: a dict name -> data, or a list of DataLoaders.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -104,6 +105,27 @@ def resolve(data: Any, *names: str) -> Any:
         return data
     for name in names:
         if data.has(name):
-            return data.split(name)
+            value = data.split(name)
+            if names != ("val",) and _several_sets(value):
+                raise DataError(
+                    f"the {name!r} split of this ft.Data holds several sets "
+                    f"({_describe_sets(value)}); this call takes one: give it one set, "
+                    "e.g. ft.evaluate(evaluator, state, data.split('val')['name'])")
+            return value
     raise DataError(f"this ft.Data has no {' or '.join(map(repr, names))} split; it has "
                     f"{data.given()}")
+
+
+def _several_sets(value: Any) -> bool:
+    """A dict of sets, or a list of two or more DataLoaders (`with_validation`'s sets)."""
+    from torch.utils.data import DataLoader
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 1 and all(
+        isinstance(item, DataLoader) for item in value)
+
+
+def _describe_sets(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a dict of {sorted(map(str, value))}"
+    return f"a list of {len(value)} DataLoaders"

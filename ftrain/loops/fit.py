@@ -19,7 +19,9 @@ from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError
 from ftrain.layers.logging import with_logging
 from ftrain.layers.logging.loggers import check_logger
-from ftrain.loops.evaluate import _check_state
+from ftrain.layers.max_time import with_max_time
+from ftrain.loops.evaluate import _check_state, _stderr_is_terminal
+from ftrain.loops.summary import show_summary
 from ftrain.loops.train import _run
 
 log = logging.getLogger("ftrain")
@@ -31,7 +33,8 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         progress: bool = True, root_dir: str | None = None, hparams: Any = None,
         donate: bool = True, limit_train_batches: int | float | None = None,
         fast_dev_run: bool | int = False, resume: str | os.PathLike[str] | None = None,
-        resume_hparams: str = "match", handle_sigterm: bool = True) -> TrainState:
+        resume_hparams: str = "match", handle_sigterm: bool = True, max_time: Any = None,
+        summary: bool = True) -> TrainState:
     """Train for `epochs` (or until `max_steps`) and return the final state.
 
     `epochs` and `max_steps` are totals counted from a fresh state (as Lightning's), so a
@@ -62,6 +65,14 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     batch is not consumed, buffers its forward changed are restored; only a failure inside
     the optimizer update itself leaves no state to continue from, and says so).
 
+    `max_time` (seconds, a `datetime.timedelta`, `{"hours": 2}` or "DD:HH:MM:SS", as
+    Lightning's) stops training once that much wall-clock time is spent, saving
+    `last.ckpt` as it stops (`ft.with_max_time`); a resumed run counts on from the time
+    spent.
+    `summary` prints the model's parameters per top-level module at the start
+    (`ft.summary(state)`: to the "ftrain" logger at INFO when logging is configured, else
+    to the terminal when the progress bar would show); `summary=False` switches it off.
+
     Examples:
         >>> import torch, ftrain as ft
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
@@ -84,6 +95,12 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                           f"{resume_hparams!r}")
     root = os.fspath(root_dir) if root_dir is not None else None
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
+    if max_time is not None:  # outermost: its save request reaches every layer
+        step = with_max_time(step, max_time)
+    if summary:
+        _check_state(state, "ft.fit")
+        show_summary(state, console=progress == "always" or (
+            bool(progress) and _stderr_is_terminal()))
     folder = None
     if resume is not None:
         _check_state(state, "ft.fit")
