@@ -9,7 +9,7 @@ Examples:
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import cli, export, optim
+from ftrain import cli, export, optim, tune
 from ftrain.checkpointing.file import load, load_hparams, save
 from ftrain.checkpointing.manager import checkpoints, with_checkpointing
 from ftrain.compiling.step import compile
@@ -42,13 +42,20 @@ from ftrain.errors import (
     StepError,
 )
 from ftrain.export import ExportError, bind
+from ftrain.layers.averaging import averaged
 from ftrain.layers.early_stop import early_stop
+from ftrain.layers.ema import with_ema
 from ftrain.layers.hooks import every
 from ftrain.layers.logging import loggers, with_logging
+from ftrain.layers.max_time import with_max_time
+from ftrain.layers.plateau import reduce_lr_on_plateau
 from ftrain.layers.profile import with_profiling
+from ftrain.layers.swa import update_bn, with_swa
 from ftrain.layers.validation import with_validation
 from ftrain.loops.evaluate import evaluate, predict
 from ftrain.loops.fit import fit
+from ftrain.loops.predict_writer import read_predictions
+from ftrain.loops.summary import summary
 from ftrain.loops.train import iterate
 from ftrain.parallel.ddp import with_ddp
 from ftrain.parallel.dist import (
@@ -88,6 +95,7 @@ __all__ = [
     "StepError",
     "TrainState",
     "TrainStep",
+    "averaged",
     "bind",
     "check_finite",
     "checkpoints",
@@ -114,19 +122,27 @@ __all__ = [
     "population_eval_step",
     "population_step",
     "predict",
+    "read_predictions",
+    "reduce_lr_on_plateau",
     "request_stop",
     "run_info",
     "sample_seed",
     "save",
     "split_members",
     "stop_reason",
+    "summary",
     "train_step",
+    "tune",
+    "update_bn",
     "vmap",
     "with_accumulation",
     "with_amp",
     "with_checkpointing",
     "with_ddp",
+    "with_ema",
     "with_logging",
+    "with_max_time",
     "with_profiling",
+    "with_swa",
     "with_validation",
 ]
