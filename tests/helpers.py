@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 torch.set_num_threads(1)
 
@@ -47,3 +48,18 @@ def tensors_equal(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+class CountHostReads(TorchFunctionMode):
+    """Counts every tensor-to-host read made through Python (tolist, item, bool, ...)."""
+
+    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from helpers import Net, classify, make_batches, tensors_equal
+from helpers import CountHostReads, Net, classify, make_batches, tensors_equal
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn
-from torch.overrides import TorchFunctionMode
 
 import ftrain as ft
 from ftrain.layers.swa import current_lrs
@@ -184,18 +183,6 @@ def test_averaged_evaluator_with_torchmetrics_metrics():
     assert got["val_acc"] == pytest.approx(expected["acc"], rel=1e-6)
     assert got["val_loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
-
-class CountHostReads(TorchFunctionMode):
-    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_ema_adds_no_host_read_per_step():

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Net
+from helpers import CountHostReads, Net
 from sklearn import metrics as skm
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAUROC,
@@ -158,20 +157,6 @@ def test_a_validation_metric_can_be_monitored(tmp_path):
     assert state.slots["validation"]["checks"] >= 2
     assert isinstance(state.slots["validation"]["last"]["val_f1"], float)
 
-
-class CountHostReads(TorchFunctionMode):
-    """Counts every tensor-to-host read made through Python (as tests/test_logging.py)."""
-
-    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_evaluation_with_torchmetrics_adds_no_host_sync_per_batch():

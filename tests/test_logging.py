@@ -16,9 +16,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import Net, classify, make_batches
+from helpers import CountHostReads, Net, classify, make_batches
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.overrides import TorchFunctionMode
 
 import ftrain as ft
 
@@ -143,20 +142,6 @@ def test_csv_rows_match_metrics_and_versions_count_up(tmp_path):
         assert int(row["step"]) == s and float(row["loss"]) == pytest.approx(loss, rel=1e-6)
     assert rows[-1]["loss_epoch"] and not rows[-1]["loss"]  # the epoch row, header widened
 
-
-class CountHostReads(TorchFunctionMode):
-    """Counts every tensor-to-host read made through Python (tolist, item, bool, ...)."""
-
-    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("every", [5, 10])
