@@ -14,10 +14,10 @@ from typing import Any, Literal
 from ftrain.core import slots as _slots
 from ftrain.core.health import log
 from ftrain.core.host import to_host
-from ftrain.core.layer import Combinator, Metrics, matcher, written_inside
 from ftrain.core.state import TrainState
 from ftrain.core.step import request_stop
 from ftrain.errors import ConfigError, MonitorError
+from ftrain.layers.monitored import Monitored
 from ftrain.parallel.dist import across_ranks
 
 _FIELDS = {"best": (_slots.optional(_slots.number), "a number or None"),
@@ -28,7 +28,7 @@ _FIELDS = {"best": (_slots.optional(_slots.number), "a number or None"),
            "mode": (_slots.optional(_slots.text), "a string or None")}
 
 
-class EarlyStop(Combinator):
+class EarlyStop(Monitored):
     """The combinator built by `early_stop`."""
 
     def __init__(self, inner: Any, monitor: str, *, patience: int = 3,
@@ -54,11 +54,7 @@ class EarlyStop(Combinator):
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
         self.reads = (monitor,)
-        # A monitor some layer inside adds (validation's "val_*") is checked whenever such
-        # results arrive; any other (a train metric, "loss_epoch") at each epoch's end.
-        self.results = matcher(written_inside(inner, monitor))
-        self.on_results = bool(written_inside(inner, monitor))
-        self._last_metrics: dict[str, Any] = {}  # the epoch's last step's, for epoch checks
+        self._watch(inner, monitor)  # when it checks: ftrain.layers.monitored
         self._checked()
 
     def __repr__(self) -> str:
@@ -81,31 +77,11 @@ class EarlyStop(Combinator):
     def after_init(self, state: TrainState) -> TrainState:
         return self._ensure(state)
 
-    def _arrived(self, state: TrainState, metrics: Metrics) -> bool:
-        """Results the monitor is among arrived (once per step: an epoch end may repeat
-        the results of a check made at its last step)."""
-        match = self.results
-        return any(match(k) for k in metrics) and \
-            state.slots[self.name].get("at") != state.step
-
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         state, metrics = self.inner(state, batch)
         if self.name not in state.slots:
             state = self._ensure(state)
-        self._last_metrics = metrics
-        if self.on_results and self._arrived(state, metrics):
-            state = self._check(state, metrics)
-        return state, metrics
-
-    def at_epoch_end(self, state: TrainState, metrics: Metrics) -> tuple[TrainState, Any]:
-        state = self._ensure(state)
-        if not self.on_results:
-            if state.slots.get("loop", {}).get("batch", 0) == 0:  # a completed epoch
-                # the epoch's last step's metrics too (a train metric may be monitored)
-                state = self._check(state, {**self._last_metrics, **metrics})
-        elif self._arrived(state, metrics):
-            state = self._check(state, metrics)
-        return state, metrics
+        return self._after_step(state, metrics), metrics
 
     def _improved(self, value: float, best: float | None) -> bool:
         if best is None:

@@ -23,9 +23,9 @@ from typing import Any, Literal
 from ftrain.core import slots as _slots
 from ftrain.core.health import log
 from ftrain.core.host import to_host
-from ftrain.core.layer import Combinator, Metrics, matcher, written_inside
 from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError, MonitorError
+from ftrain.layers.monitored import Monitored
 from ftrain.optim.rates import Scaled, group_lrs, with_group_lrs
 from ftrain.parallel.dist import across_ranks
 
@@ -39,7 +39,7 @@ _FIELDS = {"best": (_slots.number, "a number"), "bad": (_slots.count, "an int >=
            "monitor": (_slots.text, "a string"), "mode": (_slots.text, "a string")}
 
 
-class ReduceLROnPlateau(Combinator):
+class ReduceLROnPlateau(Monitored):
     """The combinator built by `reduce_lr_on_plateau`."""
 
     def __init__(self, inner: Any, monitor: str = "val_loss", *,
@@ -75,9 +75,7 @@ class ReduceLROnPlateau(Combinator):
         self.threshold, self.threshold_mode, self.eps = threshold, threshold_mode, eps
         self.min_lr = min_lr
         self.reads = (monitor,)
-        self.results = matcher(written_inside(inner, monitor))
-        self.on_results = bool(written_inside(inner, monitor))
-        self._last_metrics: dict[str, Any] = {}
+        self._watch(inner, monitor)  # when it checks: ftrain.layers.monitored
         self._synced: Any = None  # the state optimizer last made to follow the slot
         self._checked()
 
@@ -170,26 +168,7 @@ class ReduceLROnPlateau(Combinator):
         if state.optimizer is not self._synced or self.name not in state.slots:
             state = self._ensure(state)  # a new state (a resume, a swap): follow the slot
         state, metrics = self.inner(state, batch)
-        self._last_metrics = metrics
-        if self.on_results and self._arrived(state, metrics):
-            state = self._check(state, metrics)
-        return state, metrics
-
-    def at_epoch_end(self, state: TrainState, metrics: Metrics) -> tuple[TrainState, Any]:
-        state = self._ensure(state)
-        if not self.on_results:
-            if state.slots.get("loop", {}).get("batch", 0) == 0:  # a completed epoch
-                state = self._check(state, {**self._last_metrics, **metrics})
-        elif self._arrived(state, metrics):
-            state = self._check(state, metrics)
-        return state, metrics
-
-    def _arrived(self, state: TrainState, metrics: Metrics) -> bool:
-        match = self.results
-        return any(match(k) for k in metrics) and \
-            state.slots[self.name].get("at") != state.step
-
-    # -- torch's decision --------------------------------------------------------------
+        return self._after_step(state, metrics), metrics
 
     def _better(self, value: float, best: float) -> bool:
         if self.mode == "min":
