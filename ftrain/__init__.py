@@ -9,10 +9,10 @@ Examples:
     >>> step = ft.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
 """
 
-from ftrain import cli, export, optim, tune
-from ftrain.checkpointing.file import load, load_hparams, save
-from ftrain.checkpointing.manager import checkpoints, with_checkpointing
-from ftrain.compiling.step import compile
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ftrain import optim
 from ftrain.core import layer as combinators
 from ftrain.core.accumulation import with_accumulation
 from ftrain.core.amp import loss_scale, with_amp
@@ -41,39 +41,94 @@ from ftrain.errors import (
     NonFiniteLossError,
     StepError,
 )
-from ftrain.export import ExportError, bind
-from ftrain.layers.averaging import averaged
 from ftrain.layers.early_stop import early_stop
-from ftrain.layers.ema import with_ema
 from ftrain.layers.hooks import every
 from ftrain.layers.logging import loggers, with_logging
 from ftrain.layers.max_time import with_max_time
-from ftrain.layers.plateau import reduce_lr_on_plateau
-from ftrain.layers.profile import with_profiling
-from ftrain.layers.swa import update_bn, with_swa
 from ftrain.layers.validation import with_validation
 from ftrain.loops.evaluate import evaluate, predict
 from ftrain.loops.fit import fit
-from ftrain.loops.predict_writer import read_predictions
-from ftrain.loops.summary import summary
 from ftrain.loops.train import iterate
-from ftrain.parallel.ddp import with_ddp
 from ftrain.parallel.dist import (
     CollectiveError,
     CollectiveTimeoutError,
     PeerFailedError,
     local_device,
 )
-from ftrain.populations.population import (
-    member,
-    population,
-    population_eval_step,
-    population_step,
-    split_members,
-    vmap,
-)
 
 __version__ = "0.1.0"
+
+# Names below are imported on first use (module __getattr__, PEP 562), keeping
+# `import ftrain` within its 0.2 s budget (docs/performance.md): the CLI's parser, export,
+# the tuners, populations and the checkpoint manager are ~0.15 s together. A program pays
+# for each the first time it names it (`ft.fit` loads checkpointing when it adds it).
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "ExportError": ("ftrain.export", "ExportError"),
+    "averaged": ("ftrain.layers.averaging", "averaged"),
+    "bind": ("ftrain.export", "bind"),
+    "checkpoints": ("ftrain.checkpointing.manager", "checkpoints"),
+    "cli": ("ftrain.cli", None),
+    "compile": ("ftrain.compiling.step", "compile"),
+    "export": ("ftrain.export", None),
+    "load": ("ftrain.checkpointing.file", "load"),
+    "load_hparams": ("ftrain.checkpointing.file", "load_hparams"),
+    "member": ("ftrain.populations.population", "member"),
+    "population": ("ftrain.populations.population", "population"),
+    "population_eval_step": ("ftrain.populations.population", "population_eval_step"),
+    "population_step": ("ftrain.populations.population", "population_step"),
+    "read_predictions": ("ftrain.loops.predict_writer", "read_predictions"),
+    "reduce_lr_on_plateau": ("ftrain.layers.plateau", "reduce_lr_on_plateau"),
+    "save": ("ftrain.checkpointing.file", "save"),
+    "split_members": ("ftrain.populations.population", "split_members"),
+    "summary": ("ftrain.loops.summary", "summary"),
+    "tune": ("ftrain.tune", None),
+    "update_bn": ("ftrain.layers.swa", "update_bn"),
+    "vmap": ("ftrain.populations.population", "vmap"),
+    "with_checkpointing": ("ftrain.checkpointing.manager", "with_checkpointing"),
+    "with_ddp": ("ftrain.parallel.ddp", "with_ddp"),
+    "with_ema": ("ftrain.layers.ema", "with_ema"),
+    "with_profiling": ("ftrain.layers.profile", "with_profiling"),
+    "with_swa": ("ftrain.layers.swa", "with_swa"),
+}
+
+if TYPE_CHECKING:  # type checkers and IDEs see the names directly
+    from ftrain import cli, export, tune
+    from ftrain.checkpointing.file import load, load_hparams, save
+    from ftrain.checkpointing.manager import checkpoints, with_checkpointing
+    from ftrain.compiling.step import compile
+    from ftrain.export import ExportError, bind
+    from ftrain.layers.averaging import averaged
+    from ftrain.layers.ema import with_ema
+    from ftrain.layers.plateau import reduce_lr_on_plateau
+    from ftrain.layers.profile import with_profiling
+    from ftrain.layers.swa import update_bn, with_swa
+    from ftrain.loops.predict_writer import read_predictions
+    from ftrain.loops.summary import summary
+    from ftrain.parallel.ddp import with_ddp
+    from ftrain.populations.population import (
+        member,
+        population,
+        population_eval_step,
+        population_step,
+        split_members,
+        vmap,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'ftrain' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointError",

@@ -4,6 +4,8 @@ lines."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import ftrain
 
@@ -119,3 +121,24 @@ def test_no_module_is_too_long():
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_every_public_name_resolves_and_lazy_ones_wait_for_use():
+    # __all__ names all resolve (lazy ones through ftrain.__getattr__) ...
+    for name in ftrain.__all__:
+        assert getattr(ftrain, name) is not None, name
+    assert set(ftrain._LAZY) <= set(ftrain.__all__)
+    assert set(ftrain.__all__) <= set(dir(ftrain))
+    try:
+        ftrain.no_such_name  # noqa: B018
+    except AttributeError as err:
+        assert "no_such_name" in str(err)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
+    # ... and a bare `import ftrain` loads none of the lazy modules (fresh interpreter)
+    code = ("import sys, ftrain; print(sorted(m for m in sys.modules if m in "
+            "{'ftrain.cli', 'ftrain.export', 'ftrain.tune', 'ftrain.checkpointing.manager', "
+            "'ftrain.populations.population', 'ftrain.compiling.step'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -12,16 +12,12 @@ from typing import Any
 
 import torch
 
-from ftrain.checkpointing.manager import with_checkpointing
-from ftrain.checkpointing.resume import resume_from
 from ftrain.core.layer import provides
 from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError
 from ftrain.layers.logging import with_logging
 from ftrain.layers.logging.loggers import check_logger
-from ftrain.layers.max_time import with_max_time
 from ftrain.loops.evaluate import _check_state, _stderr_is_terminal
-from ftrain.loops.summary import show_summary
 from ftrain.loops.train import _run
 
 log = logging.getLogger("ftrain")
@@ -96,13 +92,19 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     root = os.fspath(root_dir) if root_dir is not None else None
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
     if max_time is not None:  # outermost: its save request reaches every layer
+        from ftrain.layers.max_time import with_max_time
+
         step = with_max_time(step, max_time)
     if summary:
+        from ftrain.loops.summary import show_summary
+
         _check_state(state, "ft.fit")
         show_summary(state, console=progress == "always" or (
             bool(progress) and _stderr_is_terminal()))
     folder = None
     if resume is not None:
+        from ftrain.checkpointing.resume import resume_from
+
         _check_state(state, "ft.fit")
         state, folder = resume_from(step, state, resume, root, donate, hparams,
                                 check=resume_hparams == "match")
@@ -173,6 +175,9 @@ def default_stack(step: Any, *, logger: Any = True, checkpoint: Any = True,
                 check_logger(one)
         step = with_logging(step, loggers)
     if not provides(step, "checkpointing") and checkpoint is not False:
+        # imported here: checkpointing's modules are a fifth of `import ftrain`
+        from ftrain.checkpointing.manager import with_checkpointing
+
         if checkpoint is True:
             step = with_checkpointing(step)
         elif isinstance(checkpoint, (str, os.PathLike)):
