@@ -333,7 +333,7 @@ def test_a_checkpoint_of_other_metrics_is_refused_naming_the_field():
     state = model_state()
     bad = state.replace(slots={"train_metrics": {"acc": {}}})
     with pytest.raises(ft.ConfigError, match=r"slot 'train_metrics': expected a dict with "
-                                             r"keys \['__world__', 'f1'\], found keys \['acc'\]"):
+                       r"keys \['__partial__', '__world__', 'f1'\], found keys \['acc'\]"):
         for _ in ft.iterate(step, bad, data((12,)), epochs=1):
             pass
     good = ft.train_step(recording_loss([]), metrics=train_metrics()).init(state)
@@ -466,9 +466,10 @@ def test_logging_takes_batch_size_for_batches_it_cannot_size(tmp_path):
     assert seen == [12, 4]
 
 
-def test_a_mid_epoch_checkpoint_of_a_data_parallel_run_restarts_the_epochs_metrics(caplog):
-    # under with_ddp a checkpoint holds rank 0's metric states only: continuing from them
-    # would give a partial epoch metric silently, so they are dropped, with a warning
+def test_a_mid_epoch_checkpoint_of_a_data_parallel_run_refuses_that_epochs_metrics(caplog):
+    # under with_ddp a checkpoint holds rank 0's metric states only: the resumed epoch's
+    # value would miss the other ranks' batches, so it is not reported (a warning says
+    # why); the next whole epoch is reported again, exactly
     step = ft.train_step(recording_loss([]), metrics=train_metrics())
     part = None
     for part, _ in ft.iterate(step, model_state(), data((12, 12, 12)), max_steps=2):
@@ -477,13 +478,18 @@ def test_a_mid_epoch_checkpoint_of_a_data_parallel_run_restarts_the_epochs_metri
     resumed = part.replace(slots={**part.slots, "train_metrics": slot})
     seen: list = []
     step = ft.train_step(recording_loss(seen), metrics=train_metrics())
+    ends = []
     with caplog.at_level("WARNING", logger="ftrain"):
-        for _, metrics in ft.iterate(step, resumed, data((12, 12, 12)), epochs=1):
-            pass
-    assert "cover the batches after the resume only" in caplog.text
-    pred, ys = seen[0]
-    assert float(metrics["f1_epoch"]) == pytest.approx(
-        skm.f1_score(ys, pred, average="macro"), abs=1e-6)  # the last batch only
+        for state, metrics in ft.iterate(step, resumed, data((12, 12, 12)), epochs=2):
+            if state.slots["loop"]["batch"] == 0:  # an epoch's last step
+                ends.append(dict(metrics))
+    assert "are not reported for this epoch" in caplog.text
+    assert len(ends) == 2
+    assert "f1_epoch" not in ends[0]  # refused, not partial
+    pred = torch.cat([p for p, _ in seen[1:]])  # the second epoch's three batches
+    ys = torch.cat([y for _, y in seen[1:]])
+    assert float(ends[1]["f1_epoch"]) == pytest.approx(
+        skm.f1_score(ys, pred, average="macro"), abs=1e-6)
 
 
 def test_compile_and_vmap_refuse_metrics_they_cannot_compute():

@@ -318,10 +318,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_finetune.py"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_unfreeze_under_torchrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_unfreeze_under_torchrun(tmp_path: Path, optimizer: str) -> None:
     """2 ranks, with_ddp, unfreeze at step 2: the backbone's gradients are averaged from
     then on (DDP rebuilt for the new trainable set), so both ranks end bitwise equal, and
-    close to one process on the whole batch."""
+    close to one process on the whole batch. rmsprop: ft.optim.from_torch(RMSprop) under
+    with_ddp (torch's own optimizer on DDP-averaged gradients)."""
     # the processes import the ftrain this test imports (not whatever is installed)
     root = str(Path(ft.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -329,11 +331,12 @@ def test_unfreeze_under_torchrun(tmp_path: Path) -> None:
     env.pop("WORLD_SIZE", None)
     single = tmp_path / "single"
     single.mkdir()
-    done = subprocess.run([sys.executable, str(SCRIPT), str(single), "8", "6", "2"],
+    done = subprocess.run([sys.executable, str(SCRIPT), str(single), "8", "6", "2", optimizer],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(SCRIPT), str(tmp_path), "4", "6", "2"],
+                           "--nproc_per_node=2", str(SCRIPT), str(tmp_path), "4", "6", "2",
+                           optimizer],
                           capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

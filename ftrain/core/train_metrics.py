@@ -29,6 +29,7 @@ from ftrain.errors import ConfigError
 SLOT = "train_metrics"
 _UPDATES = "__updates__"
 _WORLD = "__world__"  # the processes whose batches the entry counts (rank 0's own under DDP)
+_PARTIAL = "__partial__"  # 1: this epoch's states miss batches, so its values are refused
 
 log = logging.getLogger("ftrain")
 
@@ -93,6 +94,7 @@ def _empty(step: Any, device: torch.device) -> dict[str, Any]:
         worker.reset()
         out[name] = _copy(_dump(worker))
     out[_WORLD] = step.phases.world
+    out[_PARTIAL] = 0
     return out
 
 
@@ -138,14 +140,14 @@ def init(step: Any, state: TrainState) -> TrainState:
         return state.replace(slots={**state.slots, SLOT: expected})
     _check(state.slots[SLOT], expected, "")
     entry = state.slots[SLOT]
-    if _count(entry) and (entry[_WORLD] > 1 or expected[_WORLD] > 1):
+    if not entry[_PARTIAL] and _count(entry) and (entry[_WORLD] > 1 or expected[_WORLD] > 1):
         # a checkpoint holds rank 0's metric states only: the other ranks' share of the
-        # epoch so far is not in it, so its metrics would be silently partial
+        # epoch so far is not in it, so this epoch's values would be silently partial
         log.warning("training metrics %s: resumed mid-epoch in a data-parallel run, whose "
-                    "checkpoint holds one rank's metric states; this epoch's %s cover the "
-                    "batches after the resume only", sorted(step.metrics),
-                    ", ".join(f"{n}_epoch" for n in step.metrics))
-        return state.replace(slots={**state.slots, SLOT: expected})
+                    "checkpoint holds one rank's metric states; %s are not reported for "
+                    "this epoch (they would miss the batches before the resume)",
+                    sorted(step.metrics), ", ".join(f"{n}_epoch" for n in step.metrics))
+        return state.replace(slots={**state.slots, SLOT: {**expected, _PARTIAL: 1}})
     return state
 
 
@@ -166,7 +168,7 @@ def updated(step: Any, state: TrainState, feed: list[_em.Inputs]) -> dict[str, A
     entry = state.slots.get(SLOT)
     if entry is None:  # a direct call on a state no loop initialized
         entry = _empty(step, state.device)
-    new: dict[str, Any] = {_WORLD: entry[_WORLD]}
+    new: dict[str, Any] = {_WORLD: entry[_WORLD], _PARTIAL: entry.get(_PARTIAL, 0)}
     with torch.no_grad():
         for name in step.metrics:
             worker = _worker(step, name, state.device)
@@ -180,13 +182,16 @@ def updated(step: Any, state: TrainState, feed: list[_em.Inputs]) -> dict[str, A
 
 def epoch_end(step: Any, state: TrainState) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """The epoch's values as `<name>_epoch` (0-d device tensors); reset after a complete
-    epoch. Under `with_ddp` every rank takes part (torchmetrics syncs the states)."""
+    epoch. Under `with_ddp` every rank takes part (torchmetrics syncs the states); an epoch
+    resumed mid-way under `with_ddp` reports none (its states miss the other ranks' batches
+    before the resume)."""
     entry = state.slots.get(SLOT)
     if entry is None:
         return state, {}
     world = step.phases.world
     out: dict[str, torch.Tensor] = {}
-    for name in step.metrics:
+    # refused: a data-parallel epoch resumed mid-way, whose states miss batches (see init)
+    for name in () if entry.get(_PARTIAL) else step.metrics:
         worker = _worker(step, name, state.device)
         _load(worker, _copy(entry[name]))
         if not _em.updated(worker):

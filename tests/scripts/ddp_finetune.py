@@ -1,7 +1,9 @@
 """Fine-tuning under torchrun (tests/test_finetune.py): a frozen backbone unfrozen by an
 `ft.every` hook mid-run, with `with_ddp`; each rank saves its final params.
 
-usage: ddp_finetune.py OUT BATCH MAX_STEPS UNFREEZE_AT
+usage: ddp_finetune.py OUT BATCH MAX_STEPS UNFREEZE_AT [OPTIMIZER]
+OPTIMIZER: adam (ft.optim.adam, the default) or rmsprop (ft.optim.from_torch of
+torch.optim.RMSprop with momentum: a torch optimizer under with_ddp).
 """
 
 import sys
@@ -31,7 +33,10 @@ def main() -> None:
     x = torch.randn(64, 5, generator=g)
     y = (x.sum(1) > 0).long()
     data = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
-    state = ft.TrainState.create(Net(), ft.optim.adam(1e-2), seed=3).freeze("backbone.*")
+    which = sys.argv[5] if len(sys.argv) > 5 else "adam"
+    opt = ft.optim.adam(1e-2) if which == "adam" else ft.optim.from_torch(
+        torch.optim.RMSprop, lr=1e-2, momentum=0.9)
+    state = ft.TrainState.create(Net(), opt, seed=3).freeze("backbone.*")
 
     def unfreeze(s, metrics):
         if s.step == at:
@@ -44,8 +49,9 @@ def main() -> None:
     state = ft.fit(step, state, data, max_steps=max_steps, logger=False, checkpoint=False,
                    progress=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save({"params": state.params, "trained": sorted(state.opt_state["adam"]["exp_avg"])},
-               f"{out}/rank{rank}.pt")
+    trained = (state.opt_state["adam"]["exp_avg"] if which == "adam"
+               else state.opt_state["rmsprop"]["state"]["square_avg"])
+    torch.save({"params": state.params, "trained": sorted(trained)}, f"{out}/rank{rank}.pt")
 
 
 if __name__ == "__main__":
