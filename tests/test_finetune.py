@@ -215,6 +215,19 @@ def test_patterns_that_match_nothing_and_bad_settings() -> None:
         state.with_optimizer("sgd")
 
 
+def test_unfreeze_with_settings_never_changes_what_already_trains() -> None:
+    # a new group keyed by a pattern that also matches trainable parameters would move
+    # them into it (new lr, and out of their own group): refused, naming them
+    opt = ft.optim.adamw(1e-3, weight_decay=0.1, groups={"*.bias": {"weight_decay": 0.0}})
+    state = ft.TrainState.create(_net(), opt).freeze("backbone.*")
+    with pytest.raises(ft.ConfigError, match=r"already train \(\['head\.bias'\]\)"):
+        state.unfreeze(["backbone.0.weight", "*.bias"], lr=1e-4)
+    done = state.unfreeze("backbone.*", lr=1e-4)  # only frozen ones: a new group
+    rates = ft.optim.learning_rates(done)
+    assert rates["adamw/backbone.*"] == 1e-4 and rates["adamw/*.bias"] == 1e-3
+    assert rates["adamw"] == 1e-3
+
+
 def test_several_models() -> None:
     nets = {"G": _net(), "D": _net()}
     state = ft.TrainState.create(nets, {"G": ft.optim.adam(1e-2), "D": ft.optim.sgd(0.1)})

@@ -1281,6 +1281,31 @@ def test_per_epoch_schedule_uses_the_loops_epoch_length() -> None:
         assert seen == [0.1 * 0.5 ** (k // per) for k in range(1, 3 * per + 1)]
 
 
+def test_per_epoch_schedule_follows_the_loops_epoch_not_the_update_count() -> None:
+    # a skipped update (non-finite loss) does not advance the update count; the epoch
+    # boundaries must not move with it
+    sched = schedules.per_epoch(schedules.step_decay(1.0, step_size=1, gamma=0.5))
+    data = _data(4)
+    data[1] = (torch.full_like(data[1][0], float("nan")), data[1][1])
+    used: list[float] = []
+
+    def loss_fn(model, batch):
+        used.append(sched(0))  # in the step: what this update's lr reads (any count)
+        return _mse(model, batch)
+    state = ft.TrainState.create(make_model(), ft.optim.sgd(sched))
+    for _ in ft.iterate(ft.train_step(loss_fn, on_nonfinite="skip"), state, data, epochs=3):
+        pass
+    assert used == [1.0] * 4 + [0.5] * 4 + [0.25] * 4
+
+
+def test_compile_refuses_a_per_epoch_schedule() -> None:
+    sched = schedules.per_epoch(schedules.step_decay(1.0, step_size=1, gamma=0.5))
+    state = ft.TrainState.create(make_model(), ft.optim.sgd(sched))
+    with pytest.raises(ft.ConfigError, match="does not support schedules.per_epoch"):
+        for _ in ft.iterate(ft.compile(ft.train_step(_mse)), state, _data(2), epochs=1):
+            pass
+
+
 def test_per_epoch_schedule_outside_a_loop_needs_steps_per_epoch() -> None:
     opt = ft.optim.sgd(schedules.per_epoch(schedules.step_decay(0.1, 1, 0.5)))
     state = ft.TrainState.create(make_model(), opt)

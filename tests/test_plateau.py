@@ -260,6 +260,44 @@ def test_placed_inside_the_layer_that_adds_the_monitor_fails_at_build() -> None:
         ft.with_validation(inner, ft.eval_step(mse), make_data(1))
 
 
+def test_the_user_setting_the_first_lr_again_is_kept() -> None:
+    # a float equal to the group's first lr looks like a resume's rebuilt optimizer; a
+    # set_hparams (the "finetune" log grew) says the user set it: it counts from there
+    stack = ft.reduce_lr_on_plateau(Scores(ft.train_step(mse), [1.0, 2.0]), "score",
+                                    patience=0)
+    state = ft.fit(stack, ft.TrainState.create(make_model(), ft.optim.sgd(0.1)),
+                   make_data(1), epochs=2, **OFF)
+    assert ft.optim.learning_rates(state) == pytest.approx({"sgd": 1e-2})
+    again, _ = stack(state.set_hparams(lr=0.1), make_data(1)[0])
+    assert ft.optim.learning_rates(again) == {"sgd": 0.1}
+    assert again.slots["plateau"]["groups"]["sgd"]["lr"] == 0.1
+
+
+def test_a_reduction_smaller_than_eps_is_skipped_as_torch_does() -> None:
+    # torch's _reduce_lr: new = max(lr * factor, min_lr), applied only if lr - new > eps
+    stack = ft.reduce_lr_on_plateau(Scores(ft.train_step(mse), [1.0, 2.0]), "score",
+                                    patience=0, min_lr=0.1 - 1e-9)
+    state = ft.fit(stack, ft.TrainState.create(make_model(), ft.optim.sgd(0.1)),
+                   make_data(1), epochs=2, **OFF)
+    assert ft.optim.learning_rates(state) == {"sgd": 0.1}
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, min_lr=0.1 - 1e-9)
+    for value in (1.0, 2.0):
+        sched.step(value)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_groups_gone_with_an_optimizer_swap_are_forgotten() -> None:
+    stack = ft.reduce_lr_on_plateau(Scores(ft.train_step(mse), [1.0, 2.0]), "score",
+                                    patience=0)
+    state = ft.fit(stack, ft.TrainState.create(make_model(), ft.optim.sgd(0.1)),
+                   make_data(1), epochs=2, **OFF)
+    swapped, _ = stack(state.with_optimizer(ft.optim.adam(1e-3)), make_data(1)[0])
+    assert set(swapped.slots["plateau"]["groups"]) == {"adam"}
+    back, _ = stack(swapped.with_optimizer(ft.optim.sgd(0.1)), make_data(1)[0])
+    assert ft.optim.learning_rates(back) == {"sgd": 0.1}  # not the old reduced 0.01
+
+
 def test_direct_call_on_a_loaded_state_uses_the_reduced_lr(tmp_path) -> None:
     values = [1.0, 2.0]
     stack = ft.reduce_lr_on_plateau(Scores(ft.train_step(mse), values), "score", patience=0)

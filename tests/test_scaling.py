@@ -386,6 +386,34 @@ def test_evaluation_keeps_a_loader_that_already_has_a_distributed_sampler():
     assert ft_data.shard(loader, 1, 2, seed=0) is loader
 
 
+def test_evaluation_splits_a_padding_distributed_batch_sampler_exactly():
+    # DistributedSampler inside batch_sampler=: 5 samples on 2 ranks pad to 6; evaluation
+    # rebuilds the BatchSampler over an exact split (every sample once)
+    from torch.utils.data import BatchSampler, Sampler
+    from torch.utils.data.distributed import DistributedSampler
+    ds = TensorDataset(torch.arange(5.0).unsqueeze(1), torch.zeros(5))
+    shares = []
+    for r in (0, 1):
+        batcher = BatchSampler(DistributedSampler(ds, 2, r, shuffle=False), 2, False)
+        shares.append(ft_data.shard_eval(DataLoader(ds, batch_sampler=batcher), r, 2))
+    assert sorted(_indices(shares[0]) + _indices(shares[1])) == list(range(5))
+    assert all(len(b[0]) <= 2 for b in shares[0])
+
+    class Pairs(Sampler):  # a custom batch sampler over a padding sampler: refused
+        def __init__(self, inner):
+            self.sampler = inner
+
+        def __iter__(self):
+            it = iter(self.sampler)
+            return iter(list(zip(it, it)))
+
+        def __len__(self):
+            return 1
+    loader = DataLoader(ds, batch_sampler=Pairs(DistributedSampler(ds, 2, 0, shuffle=False)))
+    with pytest.raises(ft.DataError, match="cannot be rebuilt over an exact split"):
+        ft_data.shard_eval(loader, 0, 2)
+
+
 def test_make_dataset_loader_shards_keep_loader_settings():
     loader = DataLoader(make_dataset(), batch_size=10, drop_last=True)
     sharded = ft_data.shard(loader, 0, 2, seed=0)

@@ -33,6 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
+import attrs
 import torch
 
 from ftrain.compiling.capture import _Compiled, _equivalent, _NotCapturable, _reason, _same
@@ -50,6 +51,7 @@ from ftrain.core.step import (
     require_optimizer,
 )
 from ftrain.errors import ConfigError, NonFiniteLossError
+from ftrain.optim.schedules import per_epoch
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -312,6 +314,10 @@ class CompiledStep(TrainStep):
         entry = self._optimizers.get(id(optimizer))
         if entry is not None and entry[0] is optimizer:
             return entry[1]
+        if _holds(optimizer, per_epoch):  # it reads the loop's epoch, a host int
+            raise ConfigError("ft.compile does not support schedules.per_epoch learning "
+                              "rates yet (the compiled step would keep one epoch's value); "
+                              "use a schedule of the update count, or the eager step")
         same = next((o for _, o in self._optimizers.values() if _same(o, optimizer)),
                     optimizer)
         self._optimizers[id(optimizer)] = (optimizer, same)
@@ -389,3 +395,19 @@ def _dynamo_error(err: BaseException) -> bool:
 def _graphs(mode: str, device: torch.device) -> bool:
     """Whether this mode replays CUDA graphs on this device."""
     return mode in _GRAPH_MODES and device.type == "cuda"
+
+
+def _holds(value: Any, kind: type, depth: int = 0) -> bool:
+    """Whether `value` (an optimizer: attrs records, containers, schedules) holds a `kind`."""
+    if isinstance(value, kind):
+        return True
+    if depth > 8 or isinstance(value, (str, bytes, int, float, torch.Tensor)):
+        return False
+    if isinstance(value, dict):
+        return any(_holds(v, kind, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds(v, kind, depth + 1) for v in value)
+    if attrs.has(type(value)):
+        return any(_holds(getattr(value, f.name), kind, depth + 1)
+                   for f in attrs.fields(type(value)))
+    return False

@@ -33,6 +33,9 @@ class RunInfo:
         self.rank = 0
         self.world = 1
         self.on_error: Any = None
+        # The epoch the loop is in (set at each epoch start): what `per_epoch` schedules
+        # follow, so skipped updates and a resume on another world size keep it exact.
+        self.epoch: int | None = None
 
     @property
     def epoch_length(self) -> int | None:

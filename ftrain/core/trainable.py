@@ -166,10 +166,16 @@ def unfreeze(state: TrainState, patterns: str | Iterable[str], settings: Mapping
     `TrainState.unfreeze`)."""
     pats = _patterns(patterns, "unfreeze")
     hit = _match(state, pats, "unfreeze")
-    trainable = (set(_names(state)) - set(frozen(state))) | hit
+    was = set(_names(state)) - set(frozen(state))
+    trainable = was | hit
     optimizers: dict[str | None, Any] = {}
     if settings:
-        for part, group in _split(state, pats, "unfreeze").items():
+        split = _split(state, pats, "unfreeze")
+        if hit & was:  # the new group would change how those already train
+            raise ConfigError(f"unfreeze {list(pats)} with settings {sorted(settings)}: "
+                              f"the patterns also match parameters that already train "
+                              f"({sorted(hit & was)[:5]}); name only the frozen ones")
+        for part, group in split.items():
             opt = state.optimizer if part is None else state.optimizer[part]
             if opt is None:
                 raise ConfigError(f"unfreeze with settings {sorted(settings)}: "

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from ftrain.core import rng as _rng
 from ftrain.errors import DataError
@@ -157,7 +157,7 @@ class Interleaved:
 def _plain_batching(loader: DataLoader) -> Any:
     """The loader's sampler when it batches a map-style dataset with torch's BatchSampler
     over a sequential or random sampler (what `batch_size=`/`shuffle=` build), else None."""
-    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+    from torch.utils.data import RandomSampler, SequentialSampler
     if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
         return None
     if type(loader.batch_sampler) is not BatchSampler:
@@ -240,8 +240,19 @@ def shard_eval(data: Any, rank: int, world: int) -> Any:
                 log.info("evaluation: the loader's DistributedSampler pads or drops "
                          "samples; evaluating on an exact split instead")
             mine = range(rank, len(data.dataset), world)  # type: ignore[arg-type]
-            return DataLoader(data.dataset, batch_size=data.batch_size, sampler=mine,
-                              drop_last=data.drop_last, **_loader_kwargs(data))
+            if data.batch_size is not None:
+                return DataLoader(data.dataset, batch_size=data.batch_size, sampler=mine,
+                                  drop_last=data.drop_last, **_loader_kwargs(data))
+            batcher = data.batch_sampler  # batch_sampler= given: rebuilt over `mine`
+            if type(batcher) is not BatchSampler:  # a custom one: its batching is unknown
+                raise DataError(
+                    f"evaluation under with_ddp: the loader's DistributedSampler pads or "
+                    f"drops samples (a metric would count some twice or not at all), and its "
+                    f"batch sampler {type(batcher).__name__} cannot be rebuilt over an exact "
+                    f"split; use a DistributedSampler whose dataset size divides by the "
+                    f"{world} ranks, or a plain DataLoader (ftrain splits it exactly)")
+            return DataLoader(data.dataset, batch_sampler=BatchSampler(
+                mine, batcher.batch_size, batcher.drop_last), **_loader_kwargs(data))
     return Interleaved(data, rank, world, complete=False)
 
 

@@ -24,6 +24,7 @@ from ftrain.core import slots as _slots
 from ftrain.core.health import log
 from ftrain.core.host import to_host
 from ftrain.core.state import TrainState
+from ftrain.core.trainable import SLOT as FINETUNE_SLOT
 from ftrain.errors import ConfigError, MonitorError
 from ftrain.layers.monitored import Monitored
 from ftrain.optim.rates import Scaled, group_lrs, with_group_lrs
@@ -36,7 +37,13 @@ _FIELDS = {"best": (_slots.number, "a number"), "bad": (_slots.count, "an int >=
            "cooldown": (_slots.count, "an int >= 0"), "seen": (_slots.count, "an int >= 0"),
            "at": (_slots.optional(_slots.count), "an int >= 0 or None"),
            "groups": (_GROUP, "a dict of group name -> {base, lr, scale, schedule}"),
-           "monitor": (_slots.text, "a string"), "mode": (_slots.text, "a string")}
+           "monitor": (_slots.text, "a string"), "mode": (_slots.text, "a string"),
+           "edits": (_slots.count, "an int >= 0")}
+
+
+def _edits(state: TrainState) -> int:
+    """How many optimizer changes (`set_hparams`, `unfreeze`, ...) the state has had."""
+    return len((state.slots.get(FINETUNE_SLOT) or {}).get("log", []))
 
 
 class ReduceLROnPlateau(Monitored):
@@ -89,7 +96,8 @@ class ReduceLROnPlateau(Monitored):
         if slot is None:
             worse = math.inf if self.mode == "min" else -math.inf
             slot = {"best": worse, "bad": 0, "cooldown": 0, "seen": 0, "at": None,
-                    "groups": {}, "monitor": self.monitor, "mode": self.mode}
+                    "groups": {}, "monitor": self.monitor, "mode": self.mode,
+                    "edits": _edits(state)}
             state = state.replace(slots={**state.slots, self.name: slot})
         else:
             _slots.check(slot, self.name, _FIELDS)
@@ -115,9 +123,12 @@ class ReduceLROnPlateau(Monitored):
         """Make the state's optimizer use the slot's learning rates (a new optimizer only
         where one differs); note groups the slot has not seen yet. A float lr that is
         neither the group's first lr nor the slot's (the user set it: a new optimizer)
-        counts from there, except right after a reduction (`reduced`)."""
+        counts from there, except right after a reduction (`reduced`). Equal to the first
+        lr, it is the optimizer rebuilt from code at a resume, unless the `"finetune"` log
+        grew since the last sync (`set_hparams`, `with_optimizer`: the user set it)."""
         slot = dict(state.slots[self.name])
         groups = {k: dict(v) for k, v in slot["groups"].items()}
+        edited = _edits(state) != slot["edits"]
         changed: dict[str | None, Any] = {}
         known: set[str] = set()
         for part, opt in self._parts(state):
@@ -136,8 +147,8 @@ class ReduceLROnPlateau(Monitored):
                     if want != setting:
                         wanted[key] = want
                     continue
-                if entry is None or entry["schedule"] or (
-                        not reduced and setting not in (entry["base"], entry["lr"])):
+                if entry is None or entry["schedule"] or (not reduced and (
+                        setting != entry["lr"] and (edited or setting != entry["base"]))):
                     # a group first seen, or an lr the user set since: it counts from here
                     entry = groups[full] = {"base": float(setting), "lr": float(setting),
                                             "scale": 1.0, "schedule": False}
@@ -150,8 +161,9 @@ class ReduceLROnPlateau(Monitored):
             if unknown:
                 raise ConfigError(f"reduce_lr_on_plateau: min_lr names parameter group(s) "
                                   f"{unknown}; the groups are {sorted(known)}")
-        if groups != slot["groups"]:
-            slot["groups"] = groups
+        groups = {k: v for k, v in groups.items() if k in known}  # gone with a swap
+        if groups != slot["groups"] or edited:
+            slot["groups"], slot["edits"] = groups, _edits(state)
             state = state.replace(slots={**state.slots, self.name: slot})
         if changed:
             optimizer = {**state.optimizer, **changed} if state.multi else changed[None]

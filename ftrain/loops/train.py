@@ -158,6 +158,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             if (epochs is not None and epoch >= epochs) or (
                     max_steps is not None and state.step >= max_steps):
                 break
+            run.epoch = epoch
             skip = pos["batch"]
             epoch_length = per_epoch
             if pos.get("start"):  # the rest of an epoch begun under another world size
@@ -258,6 +259,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
                     if complete:
                         _pos.next_epoch(pos, epoch)
+                        run.epoch = pos["epoch"]  # reads from here on see the next epoch
                     state, end_metrics = _layer.epoch_end(step, state)
                     state, binding = _adopt(state, pos, run, owner, binding)
                     if end_metrics:

@@ -62,10 +62,14 @@ def add_group(optimizer: Optimizer, patterns: tuple[str, ...],
                           f"are {sorted(known)}")
     for i in where:
         t = transforms[i]
+        clash = [p for p in patterns if p in dict(t.groups.overrides)]
+        if clash:  # the new settings would silently replace that group's own
+            raise ConfigError(f"a new parameter group for {clash}: already a group of this "
+                              f"optimizer; unfreeze without settings, then change the "
+                              f"group with set_hparams({_pattern_name(clash[0])!r}, ...)")
         mine = {k: v for k, v in settings.items() if k in t.groups.base}
         new: dict[Pattern, Mapping[str, Any]] = {p: mine for p in patterns}
-        for pat, opts in t.groups.overrides:
-            new.setdefault(pat, opts)
+        new.update(t.groups.overrides)
         transforms[i] = _rebuilt(t, t.groups.base, new)
     return Optimizer(tuple(transforms))
 

@@ -193,28 +193,29 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, *, init: flo
                  cosine_decay(peak, total_steps - warmup_steps, end / peak)], [warmup_steps])
 
 
-def _running_epoch_length() -> int | None:
-    """The epoch length (batches per epoch after sharding and limits: this rank's updates
-    per epoch) of the loop running now, if exactly one loop runs and knows it."""
+def _running(attr: str) -> Any:
+    """`attr` of the RunInfo of the loop running now (`epoch_length`: batches per epoch
+    after sharding and limits; `epoch`), if exactly one loop runs and knows it."""
     from ftrain.core import context
 
     live = [b for b in list(context._LIVE.values())
-            if getattr(b, "run", None) is not None and b.run.epoch_length]
+            if getattr(b, "run", None) is not None and getattr(b.run, attr) is not None]
     for chosen in ([b for b in live if getattr(b, "in_step", False)], live):
-        lengths = {b.run.epoch_length for b in chosen}  # the loop stepping now, if any
-        if len(lengths) == 1:
-            return lengths.pop()
+        values = {getattr(b.run, attr) for b in chosen}  # the loop stepping now, if any
+        if len(values) == 1:
+            return values.pop()
     return None
 
 
 @attrs.frozen
 class per_epoch:
-    """`schedule` counted in epochs: the update at count `k` uses `schedule(k // E)`, E
-    updates per epoch (Lightning's `interval="epoch"`: the lr changes at epoch starts).
-
-    E is `steps_per_epoch` when given, else the running loop's epoch length (after
-    `limit_train_batches`, and per rank under `with_ddp`), which the schedule remembers
-    for reads after the loop. Outside any loop, with none given, it is a ConfigError.
+    """`schedule` counted in epochs (Lightning's `interval="epoch"`: the lr changes at
+    epoch starts). In a loop (`ft.fit`, `ft.iterate`) it is `schedule(epoch)`, the loop's
+    epoch, so updates skipped (`on_nonfinite="skip"`, float16 overflow) and a resume on
+    another number of processes do not shift it. Outside a loop (a direct call, a read
+    afterwards) the update at count `k` uses `schedule(k // E)`, E updates per epoch:
+    `steps_per_epoch` when given, else the last loop's epoch length (after
+    `limit_train_batches`, per rank under `with_ddp`); with neither, a ConfigError.
 
     Examples:
         >>> from ftrain.optim import schedules
@@ -238,7 +239,7 @@ class per_epoch:
         """E: given, the running loop's (remembered), or a ConfigError."""
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
-        n = _running_epoch_length()
+        n = _running("epoch_length") or None
         if n is not None:
             self._seen["n"] = n
             return n
@@ -249,6 +250,9 @@ class per_epoch:
                           "steps_per_epoch= (updates per epoch) for direct calls")
 
     def __call__(self, count: Any) -> Any:
+        epoch = _running("epoch")
+        if epoch is not None:  # in a loop: its epoch (a skipped update does not shift it)
+            return self.schedule(epoch)
         n = self.epoch_length()
         if _is_tensor(count):
             return self.schedule(torch.div(count, n, rounding_mode="floor"))
