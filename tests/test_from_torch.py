@@ -201,6 +201,25 @@ def test_lbfgs_and_sparse_adam_are_refused_with_the_reason(cls) -> None:
         ft.optim.from_torch(cls, lr=0.1)
 
 
+def test_state_made_from_the_first_gradient_is_refused_unless_it_matches() -> None:
+    # SGD starts its momentum buffer at the first gradient; with dampening a buffer made
+    # before the first step gives (1 - dampening) times it: refused, not silently off
+    with pytest.raises(ft.ConfigError, match=r"from_torch\(SGD.*first gradient.*ft\.optim\.sgd"):
+        ft.optim.from_torch(torch.optim.SGD, lr=0.1, momentum=0.9, dampening=0.5)
+    with pytest.raises(ft.ConfigError, match="first gradient"):  # a group's settings too
+        ft.optim.from_torch(torch.optim.SGD, lr=0.1, momentum=0.9,
+                            groups={"*bias": {"dampening": 0.5}})
+    # without dampening a zero buffer is exact: accepted, and bitwise torch's
+    data = make_data(8)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "nesterov": True}
+    reference = hand_loop(make_model(torch.optim.SGD), torch.optim.SGD, kwargs, data)
+    state = ft.TrainState.create(make_model(torch.optim.SGD),
+                                 ft.optim.from_torch(torch.optim.SGD, **kwargs))
+    for batch in data:
+        state, _ = ft.train_step(mse)(state, batch)
+    assert all(torch.equal(state.params[n], p) for n, p in reference.items())
+
+
 def test_bad_arguments_are_config_errors() -> None:
     with pytest.raises(ft.ConfigError, match="torch.optim.Optimizer subclass"):
         ft.optim.from_torch(nn.Linear, lr=0.1)

@@ -312,8 +312,40 @@ def from_torch(cls: type, lr: Any = None, *,
     if not isinstance(key, str) or not key or key == "count":
         raise ConfigError(f"from_torch: name must be a non-empty string other than "
                           f"'count', got {key!r}")
-    return Optimizer((FromTorch(cls, tuple(sorted(kwargs.items())),
-                                Groups.build(base, groups), key),))
+    made = FromTorch(cls, tuple(sorted(kwargs.items())), Groups.build(base, groups), key)
+    for own in [{}, *(dict(o) for o in (groups or {}).values())]:  # each group's settings
+        settings = {**probe_kwargs, **own}
+        settings["lr"] = _lr_float(settings.get("lr", base["lr"]), lambda: 0)
+        probe_t = FromTorch(cls, tuple(sorted((k, v) for k, v in settings.items() if k != "lr")),
+                            Groups.build({**base, "lr": settings["lr"]}, None), key)
+        _check_first_steps(probe_t, settings)
+    return Optimizer((made,))
+
+
+def _check_first_steps(t: FromTorch, kwargs: Mapping[str, Any]) -> None:
+    """Refuse an optimizer whose state ftrain cannot hold before the first step: ftrain
+    creates the state at init (from a recorded step on zero gradients), torch at the first
+    update, from the gradient (SGD's momentum buffer with dampening: torch starts it at
+    the gradient, a zero buffer gives (1 - dampening) times it). Two steps on a probe
+    parameter, both ways, must agree bitwise."""
+    grad = torch.linspace(-1.0, 1.0, 4).reshape(2, 2)
+    theirs = torch.ones(2, 2, requires_grad=True)
+    opt = t.cls([theirs], **kwargs)
+    mine = torch.ones(2, 2, requires_grad=True)
+    state = t.init({"w": mine.detach()})
+    count = torch.zeros((), dtype=torch.int64)
+    with torch.no_grad():
+        for _ in range(2):
+            theirs.grad, mine.grad = grad.clone(), grad.clone()
+            opt.step()
+            t.apply({"w": mine}, state, count, None)
+            count += 1
+    if not torch.equal(theirs, mine):
+        raise ConfigError(
+            f"from_torch({t.cls.__name__}, {dict(t.kwargs)}): this optimizer builds its "
+            f"state from the first gradient, which ftrain's state (made before the first "
+            f"step) cannot reproduce; its updates would differ from torch's"
+            + (" (ft.optim.sgd supports dampening)" if t.cls is torch.optim.SGD else ""))
 
 
 def _check_groups(cls: type, base: Mapping[str, Any],
