@@ -61,6 +61,26 @@ def test_a_list_of_loaders_gives_each_set_its_own_names_and_true_values():
     assert last["val_0_loss"] != last["val_1_loss"]
 
 
+def test_an_ft_data_as_a_set_validates_on_its_val_split():
+    val, test = loaders()
+    step = ft.with_validation(ft.train_step(classify), ft.eval_step(classify),
+                              {"a": ft.Data(val=val, test=test)})
+    state = ft.fit(step, fresh(), make_batches(2), epochs=1, **OFF)
+    direct = ft.evaluate(ft.eval_step(classify), state, val)
+    assert state.slots["validation"]["last"]["val_a_loss"] == pytest.approx(direct["loss"],
+                                                                          rel=1e-12)
+
+
+def test_set_and_metric_names_that_collide_are_refused():
+    def two(model, batch):  # metrics "loss" and "b_loss"
+        loss, _ = classify(model, batch)
+        return loss, {"b_loss": loss * 2}
+    a, b = loaders()
+    step = ft.with_validation(ft.train_step(classify), ft.eval_step(two), {"a": a, "a_b": b})
+    with pytest.raises(ft.ConfigError, match=r"two metrics named 'val_a_b_loss'"):
+        ft.fit(step, fresh(), make_batches(2), epochs=1, **OFF)
+
+
 def test_one_loader_in_a_list_keeps_plain_names():
     step = ft.with_validation(ft.train_step(classify), ft.eval_step(classify), loaders()[:1])
     state = ft.fit(step, fresh(), make_batches(2), epochs=1, **OFF)

@@ -164,12 +164,18 @@ class WithValidation(Combinator):
         show = bool(run is not None and run.progress)
         out: dict[str, float] = {}
         for set_name, data in self._sets().items():
-            values = evaluate(self.evaluator, state, data, limit_batches=limit,
+            # an ft.Data as a set: its val split (evaluate alone would prefer test)
+            values = evaluate(self.evaluator, state, resolve(data, "val"), limit_batches=limit,
                               numbers_only=True, progress=show,
                               desc="validation" if set_name is None
                               else f"validation {set_name}")
             head = self.prefix if set_name is None else f"{self.prefix}{set_name}_"
-            out.update({head + k: v for k, v in values.items()})
+            for key, value in values.items():
+                if head + key in out:  # e.g. sets "a" and "a_b", metrics "b_loss", "loss"
+                    raise ConfigError(f"validation sets give two metrics named "
+                                      f"{head + key!r} (set {set_name!r}'s {key!r} and "
+                                      f"another set's): rename a set or a metric")
+                out[head + key] = value
         return out
 
     def after_init(self, state: TrainState) -> TrainState:
