@@ -126,6 +126,33 @@ def test_read_predictions_refuses_incomplete_mixed_or_unsafe_folders(tmp_path):
         ft.read_predictions(other)
 
 
+
+def test_read_predictions_never_sizes_anything_by_numbers_in_the_files(tmp_path):
+    # untrusted sizes: a huge world or file count, a huge or foreign batch index, a marker
+    # naming another rank; each is refused before anything is built from it
+    s = state()
+    marker = {"format": "ftrain.predictions", "rank": 0, "world": 10**12, "files": 1,
+              "batches": 1}
+    folder = Path(ft.predict(s, make_batches(1), write_to=tmp_path / "a"))
+    (folder / "done-r000.json").write_text(json.dumps(marker))
+    with pytest.raises(ft.CheckpointError, match="expected every rank of 1000000000000"):
+        ft.read_predictions(folder)
+    (folder / "done-r000.json").write_text(json.dumps({**marker, "world": 1, "files": 10**12}))
+    with pytest.raises(ft.CheckpointError, match="wrote 1000000000000 files"):
+        ft.read_predictions(folder)
+    (folder / "done-r000.json").write_text(json.dumps({**marker, "world": 1, "rank": 3}))
+    with pytest.raises(ft.CheckpointError, match="says rank 3"):
+        ft.read_predictions(folder)
+    # a part whose batch index is far out: "lacks batches", not a range up to it
+    folder = Path(ft.predict(s, make_batches(2), write_to=tmp_path / "b"))
+    part = folder / "predictions-r000-000001.pt"
+    data = torch.load(part, weights_only=True)
+    data["indices"] = [10**12]
+    torch.save(data, part)
+    with pytest.raises(ft.CheckpointError, match=r"lacks batches \[1\]"):
+        ft.read_predictions(folder)
+
+
 def test_distributed_on_one_process_predicts_in_memory():
     # one process asked for a distributed prediction has a world of one: in memory
     assert len(ft.predict(state(), make_batches(2), distributed=True)) == 2

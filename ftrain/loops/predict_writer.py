@@ -197,25 +197,33 @@ def read_predictions(folder: str | os.PathLike[str]) -> list[Any]:
                               "the writing processes did not finish, or this is not a "
                               "predictions folder)")
     markers = {r: _read_done(os.path.join(folder, n)) for r, n in dones.items()}
+    for r, m in markers.items():
+        if m["rank"] != r:
+            raise CheckpointError(f"{dones[r]!r} in {folder!r} says rank {m['rank']}")
     world = markers[min(markers)]["world"]
-    expected = set(range(world))
     ranks = set(markers) | set(parts)
-    if set(markers) != expected or any(m["world"] != world for m in markers.values()) or \
-            not ranks <= expected:
+    # sizes read from the files are compared with what is listed before any is used
+    if world != len(markers) or set(markers) != set(range(len(markers))) or any(
+            m["world"] != world for m in markers.values()) or not ranks <= set(markers):
         raise CheckpointError(
             f"{folder!r} holds predictions of ranks {sorted(ranks)} with markers of "
             f"{sorted(markers)} (world sizes {sorted({m['world'] for m in markers.values()})}),"
             f" expected every rank of {world} to have finished: a run still writing, one "
             "that failed, or files of two runs mixed")
+    expected = set(markers)
     by_index: dict[int, Any] = {}
     for rank in sorted(expected):
         files = sorted(parts.get(rank, []))
-        if [p for p, _ in files] != list(range(markers[rank]["files"])):
+        if len(files) != markers[rank]["files"] or [p for p, _ in files] != list(
+                range(len(files))):
             raise CheckpointError(f"rank {rank} wrote {markers[rank]['files']} files to "
                                   f"{folder!r}, found parts {[p for p, _ in files]}")
         count = 0
         for _, name in files:
             for index, output in _load_part(os.path.join(folder, name), rank):
+                if index % world != rank:  # batch i is rank i % world's (shard_batches)
+                    raise CheckpointError(f"{name!r} holds batch {index}, which rank "
+                                          f"{rank} of {world} does not predict")
                 if index in by_index:
                     raise CheckpointError(f"batch {index} was written twice (again in "
                                           f"{name!r})")
@@ -224,9 +232,9 @@ def read_predictions(folder: str | os.PathLike[str]) -> list[Any]:
         if count != markers[rank]["batches"]:
             raise CheckpointError(f"rank {rank} wrote {markers[rank]['batches']} batches, "
                                   f"its files hold {count}")
-    if sorted(by_index) != list(range(len(by_index))):
-        missing = sorted(set(range(max(by_index, default=-1) + 1)) - set(by_index))
-        raise CheckpointError(f"{folder!r} lacks batches {missing[:10]}")
+    if sorted(by_index) != list(range(len(by_index))):  # bounded by the batches read
+        missing = [i for i in range(len(by_index)) if i not in by_index][:10]
+        raise CheckpointError(f"{folder!r} lacks batches {missing}")
     return [by_index[i] for i in range(len(by_index))]
 
 
