@@ -260,6 +260,27 @@ def test_swa_average_lrs_and_bn_match_torch_on_the_same_weights():
         assert torch.allclose(avg.buffers[name], b, atol=1e-6, rtol=1e-6), name
 
 
+@pytest.mark.parametrize("start", [1, 3])
+def test_swa_without_annealing_sets_its_lr_when_the_first_swa_epoch_starts(start):
+    # SWALR(anneal_epochs=0) sets swa_lr when built, at the start of epoch swa_start
+    data, epochs = make_batches(2), 4
+    step = ft.with_swa(ft.train_step(swa_loss), swa_lrs=0.02, swa_epoch_start=start,
+                       annealing_epochs=0)
+    lrs = [current_lrs(s.optimizer, s.opt_state, "test")[None]
+           for s, _ in ft.iterate(step, fresh(bn_net()), data, epochs=epochs)
+           if s.step % len(data) == 1]  # the first step of an epoch: the lr it used
+    opt = torch.optim.SGD(bn_net().parameters(), lr=0.1)
+    expected, sched = [], None
+    for e in range(epochs):
+        if e == start - 1:
+            sched = SWALR(opt, swa_lr=0.02, anneal_epochs=0)
+        expected.append(opt.param_groups[0]["lr"])
+        if sched is not None:
+            sched.step()
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert expected[start - 1] == 0.02
+
+
 def test_swa_end_to_end_against_a_torch_loop():
     data, epochs = make_batches(5), 5
     step = ft.with_swa(ft.train_step(swa_loss), swa_lrs=0.05, swa_epoch_start=0.6,

@@ -216,7 +216,10 @@ class WithSWA(Combinator):
         slot = state.slots.get(self.name)
         if slot is None:
             slot = {**_avg.fresh_slot(state, "swa", False), "lr0": None, "bn": None}
-            return state.replace(slots={**state.slots, self.name: slot})
+            state = state.replace(slots={**state.slots, self.name: slot})
+            if self._swa_lr_at_once() and state.epoch == self.start_epoch(state) == 0:
+                state = self._start_swa_lr(state, slot, 0)  # SWALR built before epoch 1
+            return state
         _avg.check_slot(slot, self.name, "swa", state, None)
         if slot["buffers"]:
             _avg.check_tree(slot["buffers"], state.buffers, f"the {self.name!r} slot's buffers")
@@ -242,6 +245,27 @@ class WithSWA(Combinator):
         return state.replace(slots={**state.slots, self.name: {**slot, "seen": state.step}}
                              ), metrics
 
+    def _swa_lr_at_once(self) -> bool:
+        """annealing_epochs=0: SWALR sets swa_lrs when it is built, at the start of the
+        first SWA epoch (Lightning builds it then), not after that epoch."""
+        return self.annealing_epochs == 0 and self.swa_lrs is not None
+
+    def _lr0(self, state: TrainState) -> list[list[Any]]:
+        """Each group's lr now, the lr SWALR anneals from ([group, lr] pairs)."""
+        known = current_lrs(state.optimizer, state.opt_state, "with_swa")
+        if isinstance(self.swa_lrs, Mapping):
+            unknown = sorted(map(str, set(self.swa_lrs) - set(known)))
+            if unknown:
+                raise ConfigError(f"with_swa: swa_lrs names groups {unknown}; this "
+                                  f"optimizer's groups are {sorted(map(str, known))}")
+        return [[label, lr] for label, lr in known.items()]
+
+    def _start_swa_lr(self, state: TrainState, slot: dict[str, Any], epoch: int
+                      ) -> TrainState:
+        slot["lr0"] = self._lr0(state)
+        state = state.replace(slots={**state.slots, self.name: slot})
+        return self._set_lr(state, slot, epoch)
+
     def _set_lr(self, state: TrainState, slot: dict[str, Any], epoch: int) -> TrainState:
         """The optimizer with the lr SWALR gives epoch `epoch` (0-based)."""
         k = epoch - self.start_epoch(state)
@@ -259,7 +283,10 @@ class WithSWA(Combinator):
         if LOOP_SLOT not in state.slots or not ended_epoch(state):
             return state, metrics
         epoch = state.epoch - 1  # the epoch that just ended (0-based)
-        if epoch < self.start_epoch(state):
+        start = self.start_epoch(state)
+        if epoch < start:
+            if self._swa_lr_at_once() and epoch + 1 == start:  # the next epoch is SWA's
+                state = self._start_swa_lr(state, dict(state.slots[self.name]), start)
             return state, metrics
         slot = dict(state.slots[self.name])
         if context.binding_of(state) is None:  # not a loop's state: update copies (pure)
@@ -273,14 +300,7 @@ class WithSWA(Combinator):
         slot.update(count=count + 1, seen=state.step)
         if self.swa_lrs is not None:
             if slot["lr0"] is None:  # the first SWA epoch ended: anneal from its lr
-                if isinstance(self.swa_lrs, Mapping):
-                    known = current_lrs(state.optimizer, state.opt_state, "with_swa")
-                    unknown = sorted(map(str, set(self.swa_lrs) - set(known)))
-                    if unknown:
-                        raise ConfigError(f"with_swa: swa_lrs names groups {unknown}; this "
-                                          f"optimizer's groups are {sorted(map(str, known))}")
-                lr0 = current_lrs(state.optimizer, state.opt_state, "with_swa")
-                slot["lr0"] = [[label, lr] for label, lr in lr0.items()]
+                slot["lr0"] = self._lr0(state)
             state = self._set_lr(state, slot, epoch + 1)
         state = state.replace(slots={**state.slots, self.name: slot})
         if self.bn_data is not None and last_epoch(state) and _avg.has_batch_norm(state):

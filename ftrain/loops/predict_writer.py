@@ -197,9 +197,9 @@ def read_predictions(folder: str | os.PathLike[str]) -> list[Any]:
                               "the writing processes did not finish, or this is not a "
                               "predictions folder)")
     markers = {r: _read_done(os.path.join(folder, n)) for r, n in dones.items()}
-    for r, m in markers.items():
-        if m["rank"] != r:
-            raise CheckpointError(f"{dones[r]!r} in {folder!r} says rank {m['rank']}")
+    for r, mark in markers.items():
+        if mark["rank"] != r:
+            raise CheckpointError(f"{dones[r]!r} in {folder!r} says rank {mark['rank']}")
     world = markers[min(markers)]["world"]
     ranks = set(markers) | set(parts)
     # sizes read from the files are compared with what is listed before any is used
