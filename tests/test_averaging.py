@@ -346,3 +346,32 @@ def test_swa_errors():
         ft.update_bn(ema_state, make_batches(2), name="ema")
     assert math.isfinite(ft.evaluate(ft.eval_step(swa_loss), ft.averaged(ema_state),
                                      make_batches(2))["loss"])
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_ema_state_left_by_a_failing_outer_layer_resumes_exactly(every):
+    # with_validation fails after with_ema updated its average in place: err.state (the
+    # core's state) must carry the slot as updated, so a resume continues the same average
+    data = make_batches(4)
+    failed = []
+
+    def evaluator(model, batch):
+        if not failed:
+            failed.append(True)
+            raise KeyboardInterrupt
+        return classify(model, batch)[0]
+
+    def stack(ev):
+        return ft.with_validation(ft.with_ema(ft.train_step(classify), 0.5,
+                                              every_n_steps=every),
+                                  ft.eval_step(ev), data[:1], every_n_steps=3,
+                                  sanity_steps=0)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ft.fit(stack(evaluator), fresh(), data, epochs=1, **QUIET)
+    left = info.value.state
+    assert left.step == 3 and left.slots["ema"]["seen"] == 3
+    resumed = ft.fit(stack(evaluator), left, data, epochs=1, **QUIET)
+    whole = ft.fit(stack(evaluator), fresh(), data, epochs=1, **QUIET)
+    assert tensors_equal(resumed.slots["ema"]["params"], whole.slots["ema"]["params"])
+    assert resumed.slots["ema"]["count"] == whole.slots["ema"]["count"]
+

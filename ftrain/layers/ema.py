@@ -109,10 +109,11 @@ class WithEMA(Combinator):
         step = state.step
         new = dict(slot)
         new["seen"] = step
+        binding = context.stepping(state)
         if step >= self.start_step and step % self.every_n_steps == 0:
             # bound (a loop owns this state): update in place; a direct call is pure and
             # updates copies, leaving the caller's slot as it was
-            bound = context.stepping(state) is not None
+            bound = binding is not None
             if not bound:
                 new["params"] = _avg.copy_tree(slot["params"])
                 new["buffers"] = _avg.copy_tree(slot["buffers"])
@@ -123,6 +124,10 @@ class WithEMA(Combinator):
             else:
                 _avg.lerp_(groups, 1.0 - self.decay_at(count))
             new["count"] = count + 1
+        if binding is not None and binding.latest is not None:
+            # the tensors may have changed in place: the state a failing outer layer
+            # leaves (the core's, err.state) must say so, or a resume would not match
+            binding.latest.slots[self.name] = new
         return state.replace(slots={**state.slots, self.name: new}), metrics
 
 
