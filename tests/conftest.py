@@ -6,6 +6,9 @@ import pytest
 import torch
 from helpers import Net
 
+# tests/scripts/ are programs the tests launch (under torchrun): run, never collected
+collect_ignore_glob = ["scripts/*.py"]
+
 
 @pytest.fixture
 def net() -> Net:

@@ -86,7 +86,12 @@ def test_lr_find_plot_when_matplotlib_is_installed():
     result = ft.tune.lr_find(ft.train_step(mse), fresh(), regression(), num_steps=20,
                              min_lr=1e-4, max_lr=1.0)
     fig = result.plot()
-    assert fig.axes[0].get_xscale() == "log"
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    curve, mark = ax.lines[0], ax.lines[1]  # the sweep, then the suggestion's marker
+    assert list(curve.get_xdata()) == list(result.lrs)
+    assert list(curve.get_ydata()) == list(result.losses)
+    assert list(mark.get_xdata()) == [result.suggestion]
 
 
 def test_lr_find_errors():
