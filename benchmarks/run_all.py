@@ -51,9 +51,11 @@ SCRIPTS: dict[str, Script] = {
     "compile.py": Script(),
     "population.py": Script(),
     "ddp.py": Script(),
+    "fsdp.py": Script(),
     "checkpoint.py": Script(),
     "import_time.py": Script(quick=("--runs", "2")),  # no --quick: fewer interpreters
     "profile_step.py": Script(),
+    "activation_checkpointing.py": Script(),
     # its own budget (8 minutes by default); --max-minutes bounds the quick run
     "gpu.py": Script(quick=("--rounds", "1", "--max-minutes", "3"), quick_timeout=240.0,
                      full_timeout=600.0, cuda=True),

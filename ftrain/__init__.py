@@ -69,6 +69,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "checkpoints": ("ftrain.checkpointing.manager", "checkpoints"),
     "cli": ("ftrain.cli", None),
     "compile": ("ftrain.compiling.step", "compile"),
+    "consolidate": ("ftrain.checkpointing.consolidate", "consolidate"),
     "export": ("ftrain.export", None),
     "load": ("ftrain.checkpointing.file", "load"),
     "load_hparams": ("ftrain.checkpointing.file", "load_hparams"),
@@ -84,18 +85,23 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "tune": ("ftrain.tune", None),
     "update_bn": ("ftrain.layers.swa", "update_bn"),
     "vmap": ("ftrain.populations.population", "vmap"),
+    "with_activation_checkpointing": ("ftrain.core.activation_checkpointing",
+                                      "with_activation_checkpointing"),
     "with_checkpointing": ("ftrain.checkpointing.manager", "with_checkpointing"),
     "with_ddp": ("ftrain.parallel.ddp", "with_ddp"),
     "with_ema": ("ftrain.layers.ema", "with_ema"),
+    "with_fsdp": ("ftrain.parallel.fsdp", "with_fsdp"),
     "with_profiling": ("ftrain.layers.profile", "with_profiling"),
     "with_swa": ("ftrain.layers.swa", "with_swa"),
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names directly
     from ftrain import cli, export, tune
+    from ftrain.checkpointing.consolidate import consolidate
     from ftrain.checkpointing.file import load, load_hparams, save
     from ftrain.checkpointing.manager import checkpoints, with_checkpointing
     from ftrain.compiling.step import compile
+    from ftrain.core.activation_checkpointing import with_activation_checkpointing
     from ftrain.export import ExportError, bind
     from ftrain.layers.averaging import averaged
     from ftrain.layers.ema import with_ema
@@ -105,6 +111,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
     from ftrain.loops.predict_writer import read_predictions
     from ftrain.loops.summary import summary
     from ftrain.parallel.ddp import with_ddp
+    from ftrain.parallel.fsdp import with_fsdp
     from ftrain.populations.population import (
         member,
         population,
@@ -157,6 +164,7 @@ __all__ = [
     "cli",
     "combinators",
     "compile",
+    "consolidate",
     "early_stop",
     "eval_step",
     "evaluate",
@@ -191,10 +199,12 @@ __all__ = [
     "update_bn",
     "vmap",
     "with_accumulation",
+    "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
     "with_ddp",
     "with_ema",
+    "with_fsdp",
     "with_logging",
     "with_max_time",
     "with_profiling",

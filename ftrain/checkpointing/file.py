@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.atomic import atomic_write, fsync_dir
 from ftrain.checkpointing.diagnostics import (
@@ -48,8 +49,12 @@ TMP_PREFIX = _folders.TMP_PREFIX
 
 
 def save(path: str | os.PathLike[str], state: TrainState,
-         hparams: Mapping[str, Any] | None = None) -> str:
+         hparams: Mapping[str, Any] | None = None, *, save_async: bool = False) -> str:
     """Write the whole state (and `hparams`) to `path` atomically; return the path.
+
+    A sharded state (DTensors, under `with_fsdp`) is written as a checkpoint folder with
+    torch.distributed.checkpoint, every rank its own shards (all ranks call `save`);
+    `save_async=True` then writes in the background (docs: "Sharded checkpoints").
 
     Examples:
         >>> import os, tempfile, torch, ftrain as ft
@@ -60,10 +65,20 @@ def save(path: str | os.PathLike[str], state: TrainState,
     """
     if not isinstance(state, TrainState):
         raise ConfigError(f"ft.save expects a TrainState, got {type(state).__name__}")
+    if _ckptdir.holds_dtensor(state):  # a folder, written by every rank (DCP)
+        from ftrain.checkpointing.sharded import save_dir
+
+        save_dir(path, state, hparams, async_save=save_async)
+        return os.fspath(path)
     data = payload(state, hparams)
     path = os.fspath(path)
     atomic_write(path, lambda f: torch.save(data, f))
     return path
+
+
+def _sharded_dir(path: str) -> bool:
+    """A checkpoint folder (`ftrain.checkpointing.sharded`) rather than a file."""
+    return os.path.isdir(path)
 
 
 def read(path: str | os.PathLike[str], map_location: Any = None, *,
@@ -89,6 +104,12 @@ def read(path: str | os.PathLike[str], map_location: Any = None, *,
         not a checkpoint: text starting 'hello' (ft.save writes torch's zip format)
     """
     path = os.fspath(path)
+    if _sharded_dir(path):  # tensors stay markers: read_meta checks what the folder holds
+        from ftrain.checkpointing.sharded import pending_path, read_meta, wait
+
+        if pending_path() == os.path.abspath(path):  # this process's save in flight: every
+            wait()                                   # rank reads it, so every rank waits
+        return read_meta(path, read)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file at {path!r}")
     problem = device_problem(map_location)
@@ -219,6 +240,10 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
                               f"{like_models}")
     if "slots" not in whole:  # the run's freeze/unfreeze/optimizer changes, redone first
         like = _trainable.restore(like, data["slots"].get(_trainable.SLOT), os.fspath(path))
+    if _sharded_dir(os.fspath(path)):  # the tensors, read into `like`'s layout (resharded)
+        from ftrain.checkpointing.sharded import fill
+
+        data = fill(os.fspath(path), data, like, map_location)
     params: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
     opt_state: dict[str, Any] = {}

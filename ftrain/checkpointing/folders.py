@@ -261,3 +261,7 @@ def remove_stale_temporaries(folder: str) -> None:
             if path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            else:  # an unfinished sharded save's folder: only the files such a save writes
+                from ftrain.checkpointing.ckptdir import remove
+
+                remove(os.path.join(folder, entry))

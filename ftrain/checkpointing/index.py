@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.file import read
 from ftrain.checkpointing.folders import SUFFIX, TMP_PREFIX
@@ -177,12 +178,12 @@ def latest_valid(dirpath: str) -> str | None:
         problems[INDEX] = str(err)
         index = None
     if index is not None and index["last"] is not None:
-        last = _folders.own_file(dirpath, index["last"])
+        last = _own(dirpath, index["last"])
         if last is not None and loads(last):
             return last
     candidates = sorted(
         (_mtime(path), path) for path in (
-            _folders.own_file(dirpath, e) for e in os.listdir(dirpath)
+            _own(dirpath, e) for e in os.listdir(dirpath)
             if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
         if path is not None)
     for _, path in reversed(candidates):
@@ -195,6 +196,11 @@ def latest_valid(dirpath: str) -> str | None:
             f"cannot continue from them (nothing was overwritten):\n{shown}\nMove them "
             "away to start fresh, or resume from a readable file with resume=<path>")
     return None
+
+
+def _own(folder: str, name: str) -> str | None:
+    """A checkpoint file, or a sharded checkpoint's folder, of `folder` (never a link)."""
+    return _folders.own_file(folder, name) or _ckptdir.own_dir(folder, name)
 
 
 def _mtime(path: str) -> float:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing import naming, ranking
 from ftrain.checkpointing.file import atomic_write, fsync_dir, payload
@@ -64,8 +66,8 @@ class WithCheckpointing(Combinator):
                  every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  monitor: str | None = None, mode: Mode = "min", save_top_k: int = 1,
                  save_last: bool = True, filename: str = "{epoch}-{step}",
-                 hparams: Mapping[str, Any] | None = None, name: str = "checkpointing"
-                 ) -> None:
+                 hparams: Mapping[str, Any] | None = None, name: str = "checkpointing",
+                 save_async: bool = False) -> None:
         super().__init__(inner, name)
         self.name = name
         self.trigger = Trigger(every_n_steps, every_n_epochs, on_last=True)
@@ -92,6 +94,7 @@ class WithCheckpointing(Combinator):
         self.save_last = save_last
         self.filename = filename
         self.hparams = dict(hparams) if hparams is not None else None
+        self.save_async = bool(save_async)  # sharded states only (DCP async_save)
         self._lock: _folders.FolderLock | None = None
         self._owned: set[str] = set()  # files this layer may delete: its own saves
         self._checked()
@@ -198,6 +201,10 @@ class WithCheckpointing(Combinator):
             self._lock = None
 
     def at_close(self, state: TrainState) -> None:
+        if "ftrain.checkpointing.sharded" in sys.modules:  # the last async save lands
+            from ftrain.checkpointing.sharded import wait  # before the run ends
+
+            wait()
         self._release()  # the folder is free for the next run that continues it
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
@@ -281,9 +288,17 @@ class WithCheckpointing(Combinator):
         health.check_finite(state)
         slot = {**self._slot(state), "last": LAST, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: slot})
+        if _ckptdir.holds_dtensor(state):  # every rank writes its shards (collective)
+            from ftrain.checkpointing.sharded import save_dir
+
+            folder = self._ready() if _rng.rank() == 0 else self.dirpath or ""
+            save_dir(os.path.join(folder, LAST), state, self._hparams_to_save(),
+                              then=lambda: self._write_index(slot))
+            return state
         if _rng.rank() == 0:
             folder = self._ready()
             data = payload(state, self._hparams_to_save())
+            _ckptdir.make_way(os.path.join(folder, LAST))
             atomic_write(os.path.join(folder, LAST), lambda f: torch.save(data, f))
             self._write_index(slot)
         return state
@@ -306,6 +321,12 @@ class WithCheckpointing(Combinator):
         assert self.dirpath is not None
         taken = {e["file"] for e in slot["saved"]} | {LAST}
         name = naming.unique_name(name, taken, self.dirpath, self.filename)
+        sharded = _ckptdir.holds_dtensor(state)
+        run = run_info(state)
+        if sharded and run is not None and run.world > 1:  # one name: rank 0's
+            agreed = [name]
+            dist.broadcast_object_list(agreed, src=0)
+            name = agreed[0]
         entry = {"file": name, "score": score, "step": state.step, "epoch": epoch}
         kept, dropped = ranking.top_k([dict(e) for e in slot["saved"]], entry,
                                       self.save_top_k, self.monitor, self.mode)
@@ -314,7 +335,9 @@ class WithCheckpointing(Combinator):
                     "best_score": best["score"] if best else None,
                     "last": LAST if self.save_last else None, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: new_slot})
-        if _rng.rank() == 0:  # files from rank 0 only; no collective in here
+        if sharded:  # every rank writes its shards; rank 0 the rest, once they are in place
+            self._write_sharded(state, name, entry in kept, new_slot, dropped)
+        elif _rng.rank() == 0:  # files from rank 0 only; no collective in here
             binding = _bind.binding_of(state)
             prof = binding.profiler if binding is not None else None
             t0 = time.perf_counter()
@@ -327,12 +350,38 @@ class WithCheckpointing(Combinator):
         data = index_json(slot, self.monitor, self.mode)
         atomic_write(os.path.join(self._ready(), INDEX), lambda f: f.write(data))
 
+    def _write_sharded(self, state: TrainState, name: str, keep: bool,
+                       slot: Mapping[str, Any], dropped: list[dict[str, Any]]) -> None:
+        """A checkpoint folder by DCP (`ftrain.checkpointing.sharded`); `last.ckpt`, the
+        index and the deletions follow on rank 0 once it is in place (for an async save,
+        when it is waited for: at the next save or at the end)."""
+        folder = self._ready() if _rng.rank() == 0 else self.dirpath
+        assert folder is not None
+        target = os.path.join(folder, name if keep else LAST)
+        if keep:
+            self._owned.add(name)
+
+        def then() -> None:
+            if keep and self.save_last:
+                _ckptdir.link_copy(target, os.path.join(folder, LAST))
+            self._write_index(slot)
+            for entry in dropped:
+                self._delete(entry["file"])
+
+        if keep or self.save_last:
+            from ftrain.checkpointing.sharded import save_dir
+
+            save_dir(target, state, self._hparams_to_save(),
+                              async_save=self.save_async, then=then)
+
     def _write(self, state: TrainState, name: str, keep: bool, slot: Mapping[str, Any],
                dropped: list[dict[str, Any]]) -> None:
         folder = self._ready()
         data = payload(state, self._hparams_to_save())
         target = os.path.join(folder, name)
         last = os.path.join(folder, LAST)
+        if self.save_last:  # a checkpoint folder there from a sharded run goes first
+            _ckptdir.make_way(last)
         if keep:
             atomic_write(target, lambda f: torch.save(data, f))
             self._owned.add(name)
@@ -350,10 +399,13 @@ class WithCheckpointing(Combinator):
         if name not in self._owned or name == LAST:
             return
         self._owned.discard(name)
-        path = _folders.own_file(self._ready(), _folders.bare_name(name, "a file", "top k"))
+        bare = _folders.bare_name(name, "a file", "top k")
+        path = _folders.own_file(self._ready(), bare)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        elif (folder := _ckptdir.own_dir(self._ready(), bare)) is not None:
+            _ckptdir.remove(folder)  # only the plain files a sharded save writes
 
 
 def _runs_root(root_dir: str | None) -> str:
@@ -382,7 +434,8 @@ def with_checkpointing(step: Any, dirpath: str | os.PathLike[str] | None = None,
                        monitor: str | None = None, mode: Mode = "min", save_top_k: int = 1,
                        save_last: bool = True, filename: str = "{epoch}-{step}",
                        hparams: Mapping[str, Any] | None = None,
-                       name: str = "checkpointing") -> WithCheckpointing:
+                       name: str = "checkpointing", save_async: bool = False
+                       ) -> WithCheckpointing:
     """Save checkpoints every `every_n_epochs` epochs and/or `every_n_steps` steps.
 
     `dirpath` defaults to `<root_dir>/checkpoints`. `filename` is a format string over
@@ -390,7 +443,9 @@ def with_checkpointing(step: Any, dirpath: str | os.PathLike[str] | None = None,
     `/` never makes folders). With `monitor`, the `save_top_k` best by `mode` are kept
     (-1: all); without, the newest. `last.ckpt` is always the most recent save. The index
     `checkpoints.json` names best and last (`ft.checkpoints(dirpath)`). Its bookkeeping
-    lives in the `"checkpointing"` slot, so a resumed run keeps its top k.
+    lives in the `"checkpointing"` slot, so a resumed run keeps its top k. A sharded state
+    (with_fsdp) is saved as checkpoint folders by every rank; `save_async=True` writes them
+    in the background, one at a time (docs: "Sharded checkpoints").
 
     Examples:
         >>> import tempfile, torch, ftrain as ft
@@ -402,4 +457,4 @@ def with_checkpointing(step: Any, dirpath: str | os.PathLike[str] | None = None,
                              every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
                              monitor=monitor, mode=mode, save_top_k=save_top_k,
                              save_last=save_last, filename=filename, hparams=hparams,
-                             name=name)
+                             name=name, save_async=save_async)

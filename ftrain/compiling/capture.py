@@ -165,6 +165,8 @@ def _reason(err: BaseException) -> str:
     text = str(err).strip()
     lines = [ln.strip() for ln in text.splitlines()]
     head = next((ln for ln in lines if ln), type(err).__name__)
+    if head.endswith("raised:"):  # a backend's failure: its own message is on the next line
+        head = next((ln for ln in lines[lines.index(head) + 1:] if ln), head)
     explanation = next((ln[len("Explanation:"):].strip() for ln in lines
                         if ln.startswith("Explanation:")), "")
     dependent = re.search(r"Could not guard on data-dependent expression (.+?)"

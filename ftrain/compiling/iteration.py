@@ -92,10 +92,32 @@ def _swap_back(slots: list[Slot], old: list[Any]) -> None:
         (owner._parameters if is_param else owner._buffers)[attr] = tensor
 
 
+def _autograd_grad_and_value(fn: Callable[..., Any], has_aux: bool = True
+                             ) -> Callable[..., Any]:
+    """`torch.func.grad_and_value(fn, has_aux=True)` by `torch.autograd.grad` (argument 0
+    differentiated; an unused one gets zeros, aux is detached), for checkpointed forwards:
+    torch.func's transforms refuse the saved-tensor hooks that checkpoint uses, while
+    dynamo (`trace_autograd_ops`) traces autograd.grad with checkpoint regions."""
+    def wrapped(train: dict[str, torch.Tensor], *args: Any) -> Any:
+        leaves = {n: t.detach().requires_grad_(True) for n, t in train.items()}
+        with torch.enable_grad():
+            value, aux = fn(leaves, *args)
+            found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        grads = {n: torch.zeros_like(t) if g is None else g
+                 for (n, t), g in zip(leaves.items(), found)}
+        aux = torch.utils._pytree.tree_map(
+            lambda v: v.detach() if isinstance(v, torch.Tensor) else v, aux)
+        return grads, (value.detach(), aux)
+    return wrapped
+
+
 def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
                device: torch.device, amp: Any, acc: Any, *, want_grad_norm: bool,
-               skip_nonfinite: bool) -> Callable[..., Metrics]:
-    """The function torch.compile traces: one whole iteration, in place on its inputs."""
+               skip_nonfinite: bool, checkpointed: bool = False) -> Callable[..., Metrics]:
+    """The function torch.compile traces: one whole iteration, in place on its inputs.
+    `checkpointed`: the model's forwards run checkpoint regions, so gradients come from
+    `torch.autograd.grad` instead of `torch.func` (see `_autograd_grad_and_value`)."""
+    grad_and_value = _autograd_grad_and_value if checkpointed else torch.func.grad_and_value
     apply = model.apply
     layout = model.layout
     slots = model.slots
@@ -133,7 +155,7 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
         grads: dict[str, torch.Tensor] = {}
         metrics: Metrics = {}
         for i, (mb, w) in enumerate(zip(micro, weights)):
-            g, (_, (m, changed)) = torch.func.grad_and_value(forward, has_aux=True)(
+            g, (_, (m, changed)) = grad_and_value(forward, has_aux=True)(
                 train, buffers, mb, w)
             for name, value in changed.items():
                 buffers[name].copy_(value)
@@ -171,4 +193,4 @@ def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor
 # The closure variables of `iteration` above: ftrain's own, immutable for a compiled
 # variant, so not guarded on each call (`capture._guard_filter`).
 _OWN_CLOSURE = frozenset(("apply", "layout", "optimizers", "acc", "dtype", "want_grad_norm",
-                          "skip_nonfinite", "device", "slots"))
+                          "skip_nonfinite", "device", "slots", "grad_and_value"))

@@ -29,6 +29,7 @@ and on-disk caches in `options`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -38,6 +39,7 @@ import torch
 
 from ftrain.compiling.capture import _Compiled, _equivalent, _NotCapturable, _reason, _same
 from ftrain.compiling.iteration import Metrics, _iteration, _Model
+from ftrain.core import activation_checkpointing as _ac
 from ftrain.core import bind as _bind
 from ftrain.core import phases as _phases
 from ftrain.core import rng as _rng
@@ -171,9 +173,12 @@ class CompiledStep(TrainStep):
         bound = binding is not None
         world = self.phases.world
         if world > 1:
-            return self._give_up(f"with_ddp across {world} processes: DistributedDataParallel "
-                                 "syncs gradients during an eager backward", None, state,
-                                 batch, bound)
+            why = (f"with_fsdp across {world} processes: FSDP2 gathers and reduce-scatters "
+                   "the shards in hooks around an eager forward and backward"
+                   if self.phases.fsdp is not None else
+                   f"with_ddp across {world} processes: DistributedDataParallel syncs "
+                   "gradients during an eager backward")
+            return self._give_up(why, None, state, batch, bound)
         try:
             if bound:
                 return self._run_bound(state, binding, batch)
@@ -289,10 +294,13 @@ class CompiledStep(TrainStep):
             torch.compiler.cudagraph_mark_step_begin()
         # Seed from (seed, step, rank) as the eager step does; skipped when no compiled
         # graph of this iteration draws random numbers (checked at compile time).
-        if compiled.random or compiled.graphs == 0:
-            with _rng.step_seeded(generator, state.seed, state.step, rank):
-                metrics = fn(*args, batch, scale)
-        else:
+        with contextlib.ExitStack() as stack:
+            if isinstance(self.loss_fn, _ac._CheckpointedLoss):
+                # dynamo traces the checkpointed forward's autograd.grad only with this on
+                # (read when it traces; calls through the cached graph do not look)
+                stack.enter_context(torch._dynamo.config.patch(trace_autograd_ops=True))
+            if compiled.random or compiled.graphs == 0:
+                stack.enter_context(_rng.step_seeded(generator, state.seed, state.step, rank))
             metrics = fn(*args, batch, scale)
         if graphs:  # a CUDA graph's outputs are overwritten by its next replay
             metrics = {k: v.clone() for k, v in metrics.items()}
@@ -306,7 +314,21 @@ class CompiledStep(TrainStep):
         if entry is not None and entry[0] is state.model:
             return entry[1]
         model = next((m for _, m in self._models.values()
-                      if _equivalent(m.template, state.model)), None) or _Model(state)
+                      if _equivalent(m.template, state.model)), None)
+        if model is None:
+            model = _Model(state)
+            if isinstance(self.loss_fn, _ac._CheckpointedLoss):  # on the private copy
+                apply = model.apply
+                targets = _ac.install(dict(apply.model.named_children()) if apply.multi
+                                      else apply.model, self.loss_fn.specs)
+                drops = [m for t in targets for m in t.modules()
+                         if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+                if drops:  # inductor refuses random ops in a rematerialized region
+                    raise _NotCapturable(
+                        f"with_activation_checkpointing: {drops[0]!r} is inside a "
+                        "checkpointed submodule, and torch.compile cannot recompute random "
+                        "numbers there yet; checkpoint submodules without dropout, or run "
+                        "the checkpointed step eagerly")
         self._models[id(state.model)] = (state.model, model)
         return model
 
@@ -372,10 +394,18 @@ class CompiledStep(TrainStep):
                self.check_finite_every_step)
         entry = self._fns.get(key)
         if entry is None:
-            iteration = _iteration(self.loss_fn, model, optimizers, device, amp, acc,
+            loss_fn: Any = self.loss_fn
+            checkpointed = isinstance(loss_fn, _ac._CheckpointedLoss)
+            if checkpointed:  # the model copy's forwards checkpoint: the plain loss
+                if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+                    raise _NotCapturable("with_activation_checkpointing needs a torch whose "
+                                         "dynamo traces torch.autograd.grad (trace_autograd_ops)")
+                loss_fn = loss_fn.loss_fn
+            iteration = _iteration(loss_fn, model, optimizers, device, amp, acc,
                                    want_grad_norm=want_grad_norm,
                                    skip_nonfinite=self.on_nonfinite == "skip"
-                                   or self.check_finite_every_step)
+                                   or self.check_finite_every_step,
+                                   checkpointed=checkpointed)
             compiled = _Compiled(self, key)
             entry = self._fns[key] = (compiled.compile(
                 iteration, mode, self.fullgraph, self.dynamic, direct=not graphs,

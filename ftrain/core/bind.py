@@ -126,6 +126,7 @@ class Binding:
         self.buffer_copy: list[torch.Tensor] | None = None
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
         self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
+        self.fsdp: Any = None  # the root module under FSDP2's fully_shard (with_fsdp)
         self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
         # each model part's optimizer update prepared for these tensors (phases.apply_update)
         self.prepared: dict[str | None, Any] = {}
@@ -144,7 +145,7 @@ class Binding:
         old.deferred, old.pending, old.pending_steps = [], [], []
         self.set_mode(bool(old.training))
         old.end()
-        old.ddp = None  # frees its reducer; the new modules get their own wrapper
+        old.ddp = old.fsdp = None  # frees its reducer; the new modules get their own
         old.prepared, old.modules, old.trainable, old.leaves = {}, {}, {}, []
         old.model_arg = None
 
@@ -210,7 +211,7 @@ class Binding:
         self.model_arg = None
         self.trainable = {}
         self.leaves = []
-        self.ddp = None  # frees DDP's reducer and its hold on the process group
+        self.ddp = self.fsdp = None  # frees DDP's reducer and its hold on the group
         self.prepared = {}
         return state
 

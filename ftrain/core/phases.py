@@ -38,22 +38,42 @@ class Phases:
 
     `amp`: `ftrain.core.amp.Amp` (autocast dtype, loss scaler); `accumulation`:
     `ftrain.core.accumulation.Accumulation` (micro-batches); `ddp`:
-    `ftrain.parallel.ddp.DDP` (process group, DistributedDataParallel options).
+    `ftrain.parallel.ddp.DDP` (process group, DistributedDataParallel options); `fsdp`:
+    `ftrain.parallel.fsdp.FSDP` (process group, sharding policy).
     """
 
     amp: Any = None
     accumulation: Any = None
     ddp: Any = None
+    fsdp: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.ddp is not None and self.fsdp is not None:
+            raise ConfigError("with_ddp and with_fsdp cannot both wrap one step: with_fsdp "
+                              "is data-parallel too (it also shards the model); use one")
+        if self.fsdp is not None and self.amp is not None and self.amp.scaling:
+            raise ConfigError("with_fsdp with with_amp(torch.float16) is not supported (its "
+                              "loss scaler would read sharded gradients); use "
+                              "with_amp(torch.bfloat16)")
+
+    @property
+    def parallel(self) -> Any:
+        """The data-parallel option (ddp or fsdp), or None."""
+        return self.ddp if self.ddp is not None else self.fsdp
 
     @property
     def world(self) -> int:
-        return self.ddp.world if self.ddp is not None else 1
+        parallel = self.parallel
+        return parallel.world if parallel is not None else 1
 
     def init(self, state: Any) -> Any:
-        """What the options need before the first step: join the process group (ddp),
-        create or check the loss scaler's slot (float16)."""
+        """What the options need before the first step: join the process group (ddp,
+        fsdp: which also shards the bound modules), create or check the loss scaler's
+        slot (float16)."""
         if self.ddp is not None:
             state = self.ddp.init(state)
+        if self.fsdp is not None:
+            state = self.fsdp.init(state, self.amp)
         if self.amp is not None:
             state = self.amp.init(state)
         return state

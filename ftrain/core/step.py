@@ -83,7 +83,7 @@ class TrainStep(_Value):
     """The core training step built by `train_step`."""
 
     inner = None
-    options = ("amp", "accumulation", "ddp")
+    options = ("amp", "accumulation", "ddp", "fsdp")
     _fixed = ("loss_fn", "on_nonfinite", "check_finite_every_step", "phases", "metrics")
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
@@ -207,15 +207,16 @@ class TrainStep(_Value):
                ) -> tuple[TrainState, Metrics]:
         prof = self._begin(binding)
         scale = _phases.scaler(self.phases, state)
-        ddp = self.phases.ddp
-        module = ddp.module_for(binding) if ddp is not None else None
+        ddp, fsdp = self.phases.ddp, self.phases.fsdp
+        module = ddp.module_for(binding) if ddp is not None else \
+            fsdp.module_for(binding, state, self.phases.amp) if fsdp is not None else None
         if module is None:
             loss_fn, model = self.loss_fn, binding.model_arg
 
             def call(mb: Any) -> Any:
                 return loss_fn(model, mb)
             no_sync = None
-        else:  # DistributedDataParallel sees the forward and syncs during backward
+        else:  # DDP / FSDP see the forward and sync (reduce-scatter) during backward
             def call(mb: Any) -> Any:
                 return module(self.loss_fn, mb)
             no_sync = module.no_sync
@@ -238,6 +239,8 @@ class TrainStep(_Value):
 
     def _pure(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         require_optimizer(state)
+        if self.phases.fsdp is not None:
+            self.phases.fsdp.check_pure(state)
         params: dict[Any, Any] = {}
         buffers: dict[Any, Any] = {}
         trainable: list[tuple[Any, Any, dict[str, torch.Tensor]]] = []
@@ -349,7 +352,8 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = _phases.grads(params)
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    return torch.nn.utils.get_total_norm(grads).detach()
+    total = torch.nn.utils.get_total_norm(grads).detach()  # with_fsdp: a global DTensor
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
@@ -414,7 +418,8 @@ class EvalStep:
         with torch.no_grad():
             if binding is not None:
                 binding.set_mode(False)
-                out = self.fn(binding.model_arg, batch)
+                out = self.fn(binding.model_arg, batch) if binding.fsdp is None else \
+                    binding.fsdp(self.fn, batch)  # with_fsdp: via the sharded root
             else:  # nothing is copied: eval mode under no_grad changes no tensor
                 out = _bind.pure_call(state, self.fn, batch, state.params, state.buffers,
                                       False)

@@ -34,11 +34,19 @@ def _check_state(state: Any, where: str) -> None:
 
 # -- evaluation and prediction -----------------------------------------------------------
 
-def _eval_state(state: TrainState) -> tuple[TrainState, _bind.Binding | None]:
-    """`state` bound for evaluation: the loop's binding, else a temporary read-only one."""
+def _eval_state(state: TrainState, gather: bool = False
+                ) -> tuple[TrainState, _bind.Binding | None]:
+    """`state` bound for evaluation: the loop's binding, else a temporary read-only one.
+    `gather`: a with_fsdp loop's state is gathered into a temporary binding too (its
+    sharded modules need every rank in every forward; ft.predict's ranks run unequal
+    numbers of batches)."""
     _check_state(state, "evaluation")
-    if _bind.binding_of(state) is not None:
+    loop = _bind.binding_of(state)
+    if loop is not None and not (gather and loop.fsdp is not None):
         return state, None
+    from ftrain.parallel.fsdp import is_sharded, unshard
+    if is_sharded(state):  # a with_fsdp run's result: every rank gathers the weights
+        state = unshard(state)
     return state, _bind.Binding(state, training=False)
 
 
@@ -107,6 +115,13 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         rank, world = rank_world()
     if world > 1:
         data = _data.shard_eval(data, rank, world)
+        loop = _bind.binding_of(state) if own is None else None
+        if loop is not None and loop.fsdp is not None:  # sharded forwards are collective:
+            from ftrain.parallel.fsdp import same_count  # unequal shares use full weights
+            n = _data.num_batches(data)
+            if not same_count(n if limit_batches is None or n is None
+                              else min(n, limit_batches)):
+                state, own = _eval_state(state, gather=True)
     device = state.device
     # an eval_step with metrics=: this evaluation's own fresh copies
     start = getattr(evaluator, "start_evaluation", None)
@@ -271,7 +286,8 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         [(4, 2), (2, 2)]
     """
     data = resolve(data, "predict")
-    state, own = _eval_state(state)
+    run_state = state  # a with_fsdp loop's: its run (rank, world), read below
+    state, own = _eval_state(state, gather=True)
     binding = _bind.binding_of(state)
     binding.set_mode(False)
     target = binding.model_arg
@@ -291,7 +307,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
     outputs: list[Any] = []
     rank, world = 0, 1
     if distributed is None:
-        run = run_info(state)
+        run = run_info(run_state)
         rank, world = (run.rank, run.world) if run is not None else (0, 1)
     elif distributed:  # under torchrun: the process group, joined here if need be
         from ftrain.parallel import dist as _pd

@@ -41,6 +41,11 @@ def _homogeneous(tensors: list[torch.Tensor]) -> bool:
                for t in tensors)
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of DTensors (views: updated in place), plain tensors as they are."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 def _lr(setting: Any) -> Callable[[torch.Tensor], Any]:
     """The learning rate per update: a number once, a schedule at each count (as the
     general path's `resolve_lr`)."""
@@ -130,8 +135,9 @@ def prepare_sgd(t: Any, names: list[str], params: list[torch.Tensor],
             found_inf: torch.Tensor | None) -> None:
         for at, ps, bs, lr, kw in calls:
             gs = [grads[i].contiguous() for i in at]
-            torch._fused_sgd_(ps, gs, bs, lr=lr(count), grad_scale=None, found_inf=found_inf,
-                              **kw)
+            # with_fsdp: DTensor has no sharding rule for fused SGD; its local shards do
+            torch._fused_sgd_(_local(ps), _local(gs), _local(bs), lr=lr(count),
+                              grad_scale=None, found_inf=found_inf, **kw)
     return run
 
 
