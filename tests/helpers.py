@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,3 +66,16 @@ class CountHostReads(TorchFunctionMode):
         if getattr(func, "__name__", "") in self.READS:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment for processes a test launches (torchrun, scripts): one thread each
+    (2 cores), no inherited WORLD_SIZE, and the ftrain these tests import on PYTHONPATH
+    (not whatever is installed)."""
+    import ftrain
+    root = str(Path(ftrain.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("WORLD_SIZE", None)
+    return env
+

@@ -3,7 +3,6 @@ process, rank-0-only files, resume, failing ranks (one agent and two), two "node
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 pytestmark = [pytest.mark.slow,  # real torchrun processes
@@ -19,11 +19,6 @@ pytestmark = [pytest.mark.slow,  # real torchrun processes
                                  reason="torch.distributed is not available")]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _torchrun(out: Path, mode: str, *args: str, nproc: int = 2) -> list[str]:
@@ -32,7 +27,8 @@ def _torchrun(out: Path, mode: str, *args: str, nproc: int = 2) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=torchrun_env())
 
 
 def _node_cmd(out: Path, mode: str, port: int, node: int, *args: str) -> list[str]:
@@ -54,7 +50,7 @@ def _two_nodes(out: Path, mode: str, *args: str, timeout: float = 120
     port = _free_port()
     start = time.monotonic()
     procs = [subprocess.Popen(_node_cmd(out, mode, port, n, *args), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=_env())
+                              stderr=subprocess.STDOUT, text=True, env=torchrun_env())
              for n in (0, 1)]
     results = []
     for p in procs:

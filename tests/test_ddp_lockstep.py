@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_lockstep.py"
 pytestmark = [pytest.mark.slow,  # real torchrun processes
@@ -25,11 +26,6 @@ def _cmd(out: Path, mode: str, *args: str) -> list[str]:
             "--nproc_per_node=2", str(SCRIPT), str(out), mode, *args]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _steps(out: Path, rank: int) -> list[int]:
@@ -41,14 +37,14 @@ def _run(out: Path, mode: str, *args: str, timeout: float = 120
          ) -> subprocess.CompletedProcess[str]:
     out.mkdir(exist_ok=True)
     return subprocess.run(_cmd(out, mode, *args), capture_output=True, text=True,
-                          timeout=timeout, env=_env())
+                          timeout=timeout, env=torchrun_env())
 
 
 def test_sigterm_on_one_rank_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     proc = subprocess.Popen(_cmd(run, "preempt", "0.05"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env())
+                            stderr=subprocess.STDOUT, text=True, env=torchrun_env())
     deadline = time.monotonic() + 60
     while len(_steps(run, 1)) < 5 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Net, classify, make_batches
+from helpers import Net, classify, make_batches, torchrun_env
 from torch import nn
 
 import ftrain as ft
@@ -138,19 +137,13 @@ def test_with_max_time_inside_iterate_and_a_damaged_slot():
         ft.with_max_time(ft.with_max_time(ft.train_step(classify), 5), 5)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 @pytest.mark.slow
 def test_ranks_with_different_budgets_stop_after_the_same_step(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(SCRIPT), str(tmp_path), "max_time"],
-                          capture_output=True, text=True, timeout=180, env=_env())
+                          capture_output=True, text=True, timeout=180, env=torchrun_env())
     assert done.returncode == 0, done.stdout + done.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] < 100 * 13  # stopped early, together

@@ -4,14 +4,13 @@ at construction."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tensors_equal
+from helpers import tensors_equal, torchrun_env
 from torch import nn
 
 import ftrain as ft
@@ -91,12 +90,6 @@ def test_manual_step_is_refused() -> None:
         ft.with_fsdp(ft.manual_step(lambda m, b: {}))
 
 
-def _env() -> dict[str, str]:
-    root = str(Path(ft.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _run(mode: str, out: Path, ranks: int) -> list[dict]:
@@ -104,7 +97,7 @@ def _run(mode: str, out: Path, ranks: int) -> list[dict]:
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={ranks}", *cmd[1:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=torchrun_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(ranks)]
 

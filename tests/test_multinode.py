@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import ftrain as ft
+from helpers import torchrun_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "multinode_train.py"
 pytestmark = [pytest.mark.slow,  # real torchrun agents and processes
@@ -24,13 +23,6 @@ pytestmark = [pytest.mark.slow,  # real torchrun agents and processes
                                  reason="torch.distributed is not available")]
 
 
-def _env() -> dict[str, str]:
-    # the processes import the ftrain this test imports (not whatever is installed)
-    root = str(Path(ft.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _free_port() -> int:
@@ -48,7 +40,7 @@ def _two_agents(out: Path, layer: str, mode: str, timeout: float = 90
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
          "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
          f"--rdzv-id=ftrain-multinode-{port}", str(SCRIPT), str(out), layer, mode],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env(),
         start_new_session=True)  # a process group each: a hung agent goes with its worker
         for node in (0, 1)]
     results: dict[int, tuple[int, float, str]] = {}

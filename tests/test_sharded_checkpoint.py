@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_env
 from torch import nn
 
 import ftrain as ft
@@ -19,18 +20,12 @@ from ftrain.checkpointing import ckptdir, folders, index, sharded
 SCRIPT = Path(__file__).parent / "scripts" / "dcp_ckpt.py"
 
 
-def _env() -> dict[str, str]:
-    root = str(Path(ft.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _torchrun(n: int, mode: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={n}", str(SCRIPT), mode, str(out)],
-                          capture_output=True, text=True, timeout=120, env=_env())
+                          capture_output=True, text=True, timeout=120, env=torchrun_env())
 
 
 def _state(width: int = 4) -> ft.TrainState:
@@ -62,7 +57,7 @@ def test_save_on_two_load_on_one_and_two(tmp_path: Path) -> None:
              if idx.fqn == '["params", "0.weight"]'}
     assert files == {"__0_0.distcp", "__1_0.distcp"}
     done = subprocess.run([sys.executable, str(SCRIPT), "plain", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=_env())
+                          capture_output=True, text=True, timeout=120, env=torchrun_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "m.onnx").stat().st_size > 0
     onnxruntime = pytest.importorskip("onnxruntime")

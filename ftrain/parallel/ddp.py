@@ -20,16 +20,14 @@ import datetime
 from typing import Any
 
 import attrs
-import torch
-from torch.utils import _pytree as pytree
 
 from ftrain.core.bind import _Apply
 from ftrain.core.layer import Step
 from ftrain.core.phases import with_option
-from ftrain.core.run import run_info
-from ftrain.core.state import LOOP_SLOT, TrainState
+from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError
 from ftrain.parallel import dist as _dist
+from ftrain.parallel.join import join
 
 
 @attrs.frozen(eq=False)
@@ -56,20 +54,9 @@ class DDP:
         return _dist.rank_world()[1]
 
     def init(self, state: TrainState) -> TrainState:
-        """Join the process group; every rank starts where rank 0 does, with its tensors."""
-        rank, world = _dist.setup(self.backend, self.timeout)
-        run = run_info(state)
-        if run is not None:
-            run.rank, run.world = rank, world
-            run.on_error = _dist.fail
-        if world > 1:
-            pos = state.slots.get(LOOP_SLOT) or {}
-            _dist.check_same((state.step, int(pos.get("epoch", 0)), int(pos.get("batch", 0))),
-                             "the starting (step, epoch, batch)")
-            tensors = [t for t in pytree.tree_leaves((state.params, state.buffers,
-                                                      state.opt_state))
-                       if isinstance(t, torch.Tensor)]
-            _dist.broadcast(tensors)  # in place: a loop's bound module sees rank 0's values
+        """Join the process group; every rank starts where rank 0 does, with its tensors
+        (copied in place: a loop's bound module sees rank 0's values)."""
+        join(state, self.backend, self.timeout)
         return state
 
     def module_for(self, binding: Any) -> Any:

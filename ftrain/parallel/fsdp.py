@@ -33,10 +33,10 @@ from torch.utils import _pytree as pytree
 from ftrain.core.bind import _Apply, binding_of
 from ftrain.core.layer import Step
 from ftrain.core.phases import with_option
-from ftrain.core.run import run_info
-from ftrain.core.state import LOOP_SLOT, TrainState, parts
+from ftrain.core.state import TrainState, parts
 from ftrain.errors import ConfigError
 from ftrain.parallel import dist as _dist
+from ftrain.parallel.join import join
 
 ShardSpec = Sequence["type[nn.Module] | str"]
 
@@ -179,20 +179,8 @@ class FSDP:
         """Join the process group, start from rank 0's state, shard the bound modules
         (`amp`: the core's `with_amp` option, for the mixed-precision policy)."""
         self.targets(_Apply(state.model).model)  # a bad policy fails on one process too
-        rank, world = _dist.setup(self.backend, self.timeout)
-        run = run_info(state)
-        if run is not None:
-            run.rank, run.world = rank, world
-            run.on_error = _dist.fail
-        if world > 1:
-            pos = state.slots.get(LOOP_SLOT) or {}
-            _dist.check_same((state.step, int(pos.get("epoch", 0)), int(pos.get("batch", 0))),
-                             "the starting (step, epoch, batch)")
-            # sharded tensors differ by rank by design; the rest must start equal
-            plain = [t for t in pytree.tree_leaves((state.params, state.buffers,
-                                                    state.opt_state))
-                     if isinstance(t, torch.Tensor) and not _is_dtensor(t)]
-            _dist.broadcast(plain)
+        # sharded tensors differ by rank by design; the rest must start equal
+        if join(state, self.backend, self.timeout, lambda t: not _is_dtensor(t)) > 1:
             binding = binding_of(state)
             if binding is not None:
                 self.module_for(binding, state, amp)
