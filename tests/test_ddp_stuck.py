@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import _env
+from helpers import torchrun_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_stuck.py"
 pytestmark = [pytest.mark.slow,  # real torchrun processes
@@ -27,7 +27,7 @@ def _stall(tmp_path: Path, mode: str) -> tuple[float, str, str, str]:
            "--nproc_per_node=2", f"--log-dir={logs}", "--tee=3", str(SCRIPT), mode,
            str(TIMEOUT_S)]
     start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=torchrun_env())
     seconds = time.monotonic() - start
     assert done.returncode != 0, done.stderr[-3000:]
     ranks = []
