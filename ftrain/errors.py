@@ -61,3 +61,18 @@ def check_int(name: str, value: object, minimum: int) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < minimum):
         raise ConfigError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+
+
+def described(value: object) -> str:
+    """What an error says it found: "a tensor of shape (2, 3)", else "a <type>".
+
+    Examples:
+        >>> import torch
+        >>> described(torch.zeros(2, 3)), described([1])
+        ('a tensor of shape (2, 3)', 'a list')
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and type(value).__module__.startswith("torch"):
+        return f"a tensor of shape {tuple(shape)}"
+    return f"a {type(value).__name__}"
+

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ftrain.errors import ConfigError, LossError
+from ftrain.errors import ConfigError, LossError, described
 
 SLOT = "train_metrics"
 _UPDATES = "__updates__"  # a leaf's update count in its slot entry (torchmetrics needs it)
@@ -249,9 +249,7 @@ def require_numbers(values: Mapping[str, Any]) -> None:
     """Refuse results that are not numbers where they join a run's metrics."""
     for name, value in values.items():
         if not isinstance(value, float):
-            shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(
-                value, torch.Tensor) else f"a {type(value).__name__}"
-            raise ConfigError(f"metric {name!r} computed {shape}, not a number; results "
+            raise ConfigError(f"metric {name!r} computed {described(value)}, not a number; results "
                               f"that join a run's metrics (with_validation) must be numbers: "
                               f"evaluate it with ft.evaluate, which returns it as it is, or "
                               f"return its entries as separate metrics")

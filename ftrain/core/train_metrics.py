@@ -24,7 +24,7 @@ import torch
 
 from ftrain.core import epoch_metrics as _em
 from ftrain.core.state import LOOP_SLOT, TrainState
-from ftrain.errors import ConfigError
+from ftrain.errors import ConfigError, described
 
 SLOT = "train_metrics"
 _UPDATES = "__updates__"
@@ -203,10 +203,8 @@ def epoch_end(step: Any, state: TrainState) -> tuple[TrainState, dict[str, torch
             _em.configure_sync(worker, 1)
         for key, value in values.items():
             if not (isinstance(value, torch.Tensor) and value.dim() == 0):
-                shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(
-                    value, torch.Tensor) else f"a {type(value).__name__}"
-                raise ConfigError(f"train_step metric {key!r} computed {shape} at the epoch "
-                                  f"end; an epoch metric must be one number (evaluate "
+                raise ConfigError(f"train_step metric {key!r} computed {described(value)} at "
+                                  f"the epoch end; an epoch metric must be one number (evaluate "
                                   f"non-scalar metrics such as a confusion matrix with "
                                   f"ft.evaluate, which returns them as tensors)")
             out[f"{key}_epoch"] = value.detach() if value.is_floating_point() else \

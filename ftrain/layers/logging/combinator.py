@@ -28,7 +28,7 @@ from ftrain.core.run import run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.core.trigger import Trigger
 from ftrain.data.batches import batch_size
-from ftrain.errors import ConfigError, LossError
+from ftrain.errors import ConfigError, LossError, described
 from ftrain.layers.logging import accumulate
 from ftrain.layers.logging.loggers import TensorBoard, check_logger
 from ftrain.layers.logging.progress import ProgressBar
@@ -56,10 +56,8 @@ def _check_metrics(metrics: Any, step: int) -> None:
         if not isinstance(name, str):
             raise LossError(f"step {step}: metric names must be strings, got {name!r}")
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(
-                value, torch.Tensor) else f"a {type(value).__name__}"
             raise LossError(f"step {step}: logged metric {name!r} must be a 0-d tensor, got "
-                            f"{shape}")
+                            f"{described(value)}")
 
 
 class WithLogging(Combinator):
