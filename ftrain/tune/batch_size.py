@@ -192,6 +192,7 @@ def batch_size(step: Any, state: TrainState, data: Callable[[int], Any], *, init
         return True
 
     best = search(fits, init, max_trials, mode, max_size)
+    gc.collect()  # a failed trial's generator and tensors sit in a cycle with its exception
     if best == 0:
         raise ConfigError(f"batch_size: no batch size fits, from {init} down"
                         + ("" if cuda else f" (memory_limit={memory_limit} bytes of peak "
