@@ -232,7 +232,11 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
     exclude = list(exclude)
     whole = {p for p in exclude if p in ("opt_state", "slots", "step")}
     names = [p for p in exclude if p not in whole]
-    data = read(path, map_location=map_location if map_location is not None else like.device)
+    onto = map_location if map_location is not None else like.device
+    if isinstance(onto, torch.device) and onto.type == "meta":  # a meta-device model's
+        from ftrain.parallel.dist import local_device  # state: this process's device
+        onto = local_device()
+    data = read(path, map_location=onto)
     saved_models = data.get("models")
     like_models = sorted(like.model) if like.multi else None
     if saved_models != like_models:

@@ -6,9 +6,12 @@ import logging
 import os
 from typing import Any
 
+import torch
+from torch.utils import _pytree as pytree
+
 from ftrain.checkpointing.file import load, read
 from ftrain.checkpointing.index import latest_valid
-from ftrain.core.layer import layers
+from ftrain.core.layer import core, layers
 from ftrain.core.state import TrainState, donate
 from ftrain.errors import ConfigError
 
@@ -26,11 +29,22 @@ def resume_from(step: Any, state: TrainState, resume: Any, root_dir: str | None,
             return state, None
     else:
         path = os.fspath(resume)
+    _join_for_shards(step, state)
     loaded = load(path, like=state)
     log.warning("resuming from %s at step %d", path, loaded.step)
     if donate_input:
         donate(state, "ft.fit (resumed from a checkpoint)")
     return loaded, folder
+
+
+def _join_for_shards(step: Any, state: TrainState) -> None:
+    """A meta-device model's state under with_fsdp joins the process group before
+    reading, so each rank reads only its shards of a sharded checkpoint."""
+    first = next(iter(pytree.tree_leaves(state.params)), None)
+    fsdp = getattr(getattr(core(step), "phases", None), "fsdp", None)
+    if isinstance(first, torch.Tensor) and first.is_meta and fsdp is not None:
+        from ftrain.parallel import dist as _dist
+        _dist.setup(fsdp.backend, fsdp.timeout)
 
 
 def _find_own(step: Any, state: TrainState, root_dir: str | None, hparams: Any,

@@ -294,6 +294,41 @@ def _at(tree: Any, path: list[Any]) -> Any:
     return tree
 
 
+class _Shards:
+    """Where a meta-device state (a model built on the meta device, for `with_fsdp`) is
+    read on several processes: parameters and the optimizer state shaped like them, as
+    FSDP lays them out (`Shard(0)`), so each rank reads only its part."""
+
+    def __init__(self, shapes: dict[str, torch.Size], world: int) -> None:
+        self.shapes, self.world = shapes, world
+
+    def wants(self, where: list[Any], shape: torch.Size) -> bool:
+        if len(shape) == 0 or where[0] == "buffers":
+            return False
+        return where[0] == "params" or self.shapes.get(str(where[-1])) == shape
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Any:
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor import empty as dempty
+
+        from ftrain.parallel.fsdp import mesh_for
+        return dempty(shape, dtype=dtype, device_mesh=mesh_for(device.type, self.world),
+                      placements=[Shard(0)])
+
+
+def _shard_maker(found: dict[str, list[Any]], md: Metadata, like: TrainState | None
+                 ) -> _Shards | None:
+    world = _world()[1]
+    if like is None or world <= 1:
+        return None
+    shapes = {}
+    for key, where in found.items():
+        saved = md.state_dict_metadata[key]
+        if where[0] == "params" and isinstance(saved, TensorStorageMetadata):
+            shapes[str(where[-1])] = torch.Size(saved.size)
+    return _Shards(shapes, world)
+
+
 def fill(path: str, data: dict[str, Any], like: TrainState | None, map_location: Any = None
          ) -> dict[str, Any]:
     """`data` (from `read_meta`) with its markers replaced by tensors read from the folder:
@@ -310,6 +345,10 @@ def fill(path: str, data: dict[str, Any], like: TrainState | None, map_location:
         _markers(data.get(field), [field], found)
     device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) \
         else like.device if like is not None else torch.device("cpu")
+    if device.type == "meta":  # a meta-device model's state (with_fsdp makes it real)
+        from ftrain.parallel.dist import local_device
+        device = local_device()
+    shard = _shard_maker(found, md, like)
     targets: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
     for key, where in found.items():
@@ -323,6 +362,8 @@ def fill(path: str, data: dict[str, Any], like: TrainState | None, map_location:
         if isinstance(ref, torch.Tensor) and ref.shape == shape and ref.dtype == dtype:
             if isinstance(ref, DTensor):
                 targets[key] = torch.empty_like(ref)
+            elif ref.is_meta and shard is not None and shard.wants(where, shape):
+                targets[key] = shard.empty(shape, dtype, device)  # this rank's part only
             else:
                 targets[key] = torch.empty(shape, dtype=dtype,
                                            device=device if map_location else ref.device)

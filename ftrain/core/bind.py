@@ -22,7 +22,7 @@ from ftrain.core import context, health
 from ftrain.core import rng as _rng
 from ftrain.core.context import binding_of as binding_of
 from ftrain.core.context import stepping as stepping
-from ftrain.core.state import TrainState, parts
+from ftrain.core.state import TrainState, check_real, parts
 from ftrain.errors import ConfigError
 
 
@@ -253,6 +253,7 @@ def pure_call(state: TrainState, fn: Any, batch: Any, params: Any, buffers: Any,
     With `update_buffers`, buffers the forward reassigned (rather than updated in place)
     are written back into `buffers`, as a loop's bound module keeps them.
     """
+    check_real(state, "a direct (pure) call of a step")
     apply = _Apply(state.model)
     apply.train(training)
     tensors: dict[str, torch.Tensor] = {}

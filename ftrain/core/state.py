@@ -121,6 +121,8 @@ class TrainState:
             skeletons = {}
             for name, module in model.items():
                 _check_module(module, name)
+            _check_module(nn.ModuleDict(model), "models")  # all meta, or none
+            for name, module in model.items():
                 skeletons[name] = _skeleton(module)
                 all_params[name], all_buffers[name] = _copy_tensors(module)
                 opt = optimizers.get(name)
@@ -339,13 +341,29 @@ def _check_layout(state: TrainState) -> None:
                 "or state.set_hparams(lr=...) to change settings")
 
 
+def check_real(state: TrainState, where: str) -> None:
+    """Refuse a deferred state (a model built on the meta device: `TrainState.create`
+    keeps only meta tensors then, all or none) where real tensors are needed."""
+    first = next((t for t in pytree.tree_leaves((state.params, state.buffers))
+                  if isinstance(t, torch.Tensor)), None)
+    if first is not None and first.is_meta:
+        raise ConfigError(f"{where} got a state whose tensors are on the meta device (the "
+                          "model was built under torch.device('meta')): ft.with_fsdp makes "
+                          "them real when a loop starts; otherwise build the model on a "
+                          "real device")
+
+
 def _check_module(module: Any, name: str) -> None:
+    """A module, with real tensors or (a deferred state, for `with_fsdp`) only meta ones."""
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
-    for pname, p in module.named_parameters():
-        if p.device.type == "meta":
-            raise ConfigError(f"{name}.{pname} is on the meta device; a state needs real "
-                              "weights (materialize the module first)")
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta and len(meta) < len(tensors):
+        raise ConfigError(f"{name}.{meta[0]} is on the meta device and "
+                          f"{name}.{next(n for n, t in tensors if not t.is_meta)} is not: "
+                          "a state holds real tensors, or (for ft.with_fsdp to make real "
+                          "at the start of a run) only meta ones")
 
 
 # -- pytree: flatten to the data fields; step, seed and the static fields are context ----

@@ -14,7 +14,7 @@ from ftrain.core import bind as _bind
 from ftrain.core import epoch_metrics as _em
 from ftrain.core import step as _step
 from ftrain.core.run import run_info
-from ftrain.core.state import TrainState, is_donated
+from ftrain.core.state import TrainState, check_real, is_donated
 from ftrain.data import batches as _data
 from ftrain.data.module import resolve
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
@@ -41,6 +41,7 @@ def _eval_state(state: TrainState, gather: bool = False
     sharded modules need every rank in every forward; ft.predict's ranks run unequal
     numbers of batches)."""
     _check_state(state, "evaluation")
+    check_real(state, "evaluation")
     loop = _bind.binding_of(state)
     if loop is not None and not (gather and loop.fsdp is not None):
         return state, None
@@ -57,6 +58,15 @@ def _batches(data: Any, limit: int | None, what: str) -> Any:
                         f"{type(data).__name__}")
     it = iter(data)
     return it if limit is None else (b for _, b in zip(range(limit), it))
+
+
+def _even(batches: Iterable[Any], pad: list[int | None] | None) -> Iterable[Any]:
+    """(batch, real) pairs; with `pad` (every rank's count), the shorter ranks' extra
+    forwards on a repeated batch (real=False), so every rank runs as many."""
+    if pad is None:
+        return ((b, True) for b in batches)
+    from ftrain.parallel.even import padded
+    return padded(batches, pad)
 
 
 def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState, data: Any,
@@ -113,15 +123,19 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
     elif distributed:
         from ftrain.parallel.dist import rank_world
         rank, world = rank_world()
+    pad: list[int | None] | None = None  # every rank's batch count, to even them out
     if world > 1:
         data = _data.shard_eval(data, rank, world)
         loop = _bind.binding_of(state) if own is None else None
         if loop is not None and loop.fsdp is not None:  # sharded forwards are collective:
-            from ftrain.parallel.fsdp import same_count  # unequal shares use full weights
+            from ftrain.parallel.even import counts  # as many on every rank
             n = _data.num_batches(data)
-            if not same_count(n if limit_batches is None or n is None
-                              else min(n, limit_batches)):
+            pad = counts(n if limit_batches is None or n is None else min(n, limit_batches))
+            if None in pad:  # lengths unknown: this evaluation on full weights
                 state, own = _eval_state(state, gather=True)
+                pad = None
+            elif len(set(pad)) == 1:
+                pad = None
     device = state.device
     # an eval_step with metrics=: this evaluation's own fresh copies
     start = getattr(evaluator, "start_evaluation", None)
@@ -137,8 +151,12 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
             total = limit_batches if total is None else min(total, limit_batches)
         bar = eval_bar(total, desc, progress == "always" or _stderr_is_terminal())
     try:
-        for index, batch in enumerate(_batches(data, limit_batches, "evaluate")):
+        for index, (batch, real) in enumerate(_even(_batches(data, limit_batches, "evaluate"),
+                                                    pad)):
             batch = _data.to_device(batch, device)
+            if not real:  # a forward the other ranks' sharded modules need: discarded
+                evaluator(state, batch)
+                continue
             n, unsized = _size(batch, batch_size, index)
             if bar is not None:
                 bar.update(1)
@@ -286,8 +304,25 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         [(4, 2), (2, 2)]
     """
     data = resolve(data, "predict")
-    run_state = state  # a with_fsdp loop's: its run (rank, world), read below
-    state, own = _eval_state(state, gather=True)
+    rank, world = 0, 1
+    if distributed is None:
+        run = run_info(state)
+        rank, world = (run.rank, run.world) if run is not None else (0, 1)
+    elif distributed:  # under torchrun: the process group, joined here if need be
+        from ftrain.parallel import dist as _pd
+        rank, world = _pd.rank_world()
+        if world == 1:
+            rank, world = _pd.setup(None, _pd.DEFAULT_TIMEOUT)
+    check_int("predict limit_batches", limit_batches, 1)
+    _check_state(state, "evaluation")
+    pad: list[int | None] | None = None  # in a with_fsdp loop: each rank's batch count
+    loop = _bind.binding_of(state)
+    if world > 1 and loop is not None and loop.fsdp is not None:
+        total = _data.num_batches(data)
+        if total is not None:  # else: this prediction on full weights
+            total = total if limit_batches is None else min(total, limit_batches)
+            pad = [len(range(r, total, world)) for r in range(world)]  # dealt i % world
+    state, own = _eval_state(state, gather=pad is None)
     binding = _bind.binding_of(state)
     binding.set_mode(False)
     target = binding.model_arg
@@ -303,30 +338,29 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
     elif model is not None:
         raise ConfigError("model= selects one of several models; this state holds one")
     call = fn or _default_predict
+    if pad is not None:  # through the sharded root, which gathers the root's own params
+        chosen, given = model, call
+
+        def call(_target: Any, batch: Any) -> Any:
+            return binding.fsdp(lambda m, b: given(m[chosen] if chosen else m, b), batch)
     device = state.device
     outputs: list[Any] = []
-    rank, world = 0, 1
-    if distributed is None:
-        run = run_info(run_state)
-        rank, world = (run.rank, run.world) if run is not None else (0, 1)
-    elif distributed:  # under torchrun: the process group, joined here if need be
-        from ftrain.parallel import dist as _pd
-        rank, world = _pd.rank_world()
-        if world == 1:
-            rank, world = _pd.setup(None, _pd.DEFAULT_TIMEOUT)
     if world > 1 and write_to is None:
         raise ConfigError("ft.predict on several processes writes its share: give "
                           "write_to=<folder shared by the ranks>, then "
                           "ft.read_predictions(folder)")
     writer = None if write_to is None else _pw.PredictionWriter(write_to, rank, world,
                                                                  batches_per_file)
-    check_int("predict limit_batches", limit_batches, 1)
     if not isinstance(data, Iterable):
         raise DataError(f"predict data must be a DataLoader or an iterable of batches, "
                         f"got {type(data).__name__}")
     try:
         with torch.no_grad():
-            for index, batch in _pw.shard_batches(data, rank, world, limit_batches):
+            for (index, batch), real in _even(_pw.shard_batches(data, rank, world,
+                                                                limit_batches), pad):
+                if not real:  # a forward the other ranks' sharded modules need: discarded
+                    call(target, _data.to_device(batch, device))
+                    continue
                 try:
                     out = call(target, _data.to_device(batch, device))
                 except Exception as err:

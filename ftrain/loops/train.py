@@ -28,7 +28,14 @@ from ftrain.core import layer as _layer
 from ftrain.core import step as _step
 from ftrain.core.layer import request
 from ftrain.core.run import RunInfo
-from ftrain.core.state import LOOP_SLOT, STOP_SLOT, TrainState, donate, is_donated
+from ftrain.core.state import (
+    LOOP_SLOT,
+    STOP_SLOT,
+    TrainState,
+    check_real,
+    donate,
+    is_donated,
+)
 from ftrain.data import batches as _data
 from ftrain.data.module import Data
 from ftrain.data.prefetch import DevicePrefetcher
@@ -135,6 +142,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
             log.info("clearing an earlier stop request (%s)", state.slots[STOP_SLOT])
             state.slots.pop(STOP_SLOT)
         state, binding = _adopt(_layer.init(step, state), pos, run, owner, binding)
+        check_real(state, caller)  # a meta-device model that no with_fsdp made real
         if donate_input:  # only now: a failing init leaves the caller's state intact
             donate(source, caller)
         if bundle is not None:

@@ -11,8 +11,10 @@ reduce-scatters the gradients during backward (averaged over ranks), so the expl
 gradient all-reduce of a pure call does not run; the optimizer's kernels then update the
 local shards. Clipping and the `grad_norm` metric read DTensor norms, which are global.
 
-A state that already holds DTensors (a sharded checkpoint, or the result of an earlier
-run) is gathered once per binding (parameter by parameter) and sharded again by FSDP.
+FSDP shards meta placeholders, so no rank ever holds the whole model: each allocates its
+shards and copies in its chunk of a plain state, its local part of a sharded one (a
+sharded checkpoint, an earlier run), or, for a model built on the meta device, the values
+its modules' initializers give (`ftrain.parallel.materialize`).
 
 Run as one process the layer does nothing, as `with_ddp`.
 """
@@ -37,6 +39,7 @@ from ftrain.core.state import TrainState, parts
 from ftrain.errors import ConfigError
 from ftrain.parallel import dist as _dist
 from ftrain.parallel.join import join
+from ftrain.parallel.materialize import InitFn, holds_meta
 
 ShardSpec = Sequence["type[nn.Module] | str"]
 
@@ -79,16 +82,6 @@ def unshard(state: TrainState) -> TrainState:
                          buffers=pytree.tree_map(full, state.buffers))
 
 
-def same_count(n: int | None) -> bool:
-    """Whether every rank passes the same known number (a rank's evaluation batches):
-    the sharded modules' forwards are collective, so ranks must run equally many. One
-    all_gather of a Python int (host sync); every rank calls it."""
-    import torch.distributed as dist
-    counts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, n)
-    return None not in counts and len(set(counts)) == 1
-
-
 _MESH: dict[tuple[str, int], Any] = {}
 
 
@@ -123,6 +116,7 @@ class FSDP:
     shard: tuple[Any, ...] | None
     reshard_after_forward: bool
     offload: bool
+    init_fn: InitFn | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.backend not in (None, "gloo", "nccl", "mpi", "xccl"):
@@ -136,6 +130,9 @@ class FSDP:
                                               and issubclass(item, nn.Module))):
                 raise ConfigError(f"with_fsdp: shard= takes module classes and name patterns "
                                   f"(fnmatch), got {item!r}")
+        if self.init_fn is not None and not callable(self.init_fn):
+            raise ConfigError(f"with_fsdp: init must be a function init(module) or None, got "
+                              f"{self.init_fn!r}")
         for flag in ("reshard_after_forward", "offload"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"with_fsdp: {flag} must be True or False, got "
@@ -180,13 +177,16 @@ class FSDP:
         (`amp`: the core's `with_amp` option, for the mixed-precision policy)."""
         self.targets(_Apply(state.model).model)  # a bad policy fails on one process too
         # sharded tensors differ by rank by design; the rest must start equal
-        if join(state, self.backend, self.timeout, lambda t: not _is_dtensor(t)) > 1:
-            binding = binding_of(state)
-            if binding is not None:
-                self.module_for(binding, state, amp)
+        world = join(state, self.backend, self.timeout,
+                     lambda t: not _is_dtensor(t) and not t.is_meta)
+        binding = binding_of(state)
+        if binding is not None and (world > 1 or holds_meta(_tensors(state))):
+            self.module_for(binding, state, amp)
         return state
 
     def check_pure(self, state: TrainState) -> None:
+        if holds_meta(_tensors(state)):
+            raise ConfigError(_DEFERRED_PURE)
         if is_sharded(state):
             raise ConfigError("a direct (pure) call of a with_fsdp step on a sharded state is "
                               "not supported: run it in a loop (ft.fit / ft.iterate), which "
@@ -194,21 +194,32 @@ class FSDP:
 
     def module_for(self, binding: Any, state: TrainState, amp: Any = None) -> Any:
         """The root FSDP module of the binding (built once per binding: the state's params
-        and optimizer state become sharded, in place), or None on one process."""
+        and optimizer state become sharded, in place), or None on one process (where a
+        meta-device state is made real, whole)."""
         world = self.world
-        if world <= 1:
-            return None
         if binding.fsdp is not None:
             return binding.fsdp
+        device = _device_of(binding)
+        if world <= 1:
+            if holds_meta(_tensors(state)):
+                sources = _sources(binding)
+                for module in binding.modules.values():
+                    module.to_empty(device=device)
+                _make_real(binding, sources, state.seed, self.init_fn)
+                _adopt(binding, state, None, device)
+            return None
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
             OffloadPolicy,
             fully_shard,
         )
-        device = binding.leaves[0].device if binding.leaves else state.device
         mesh = mesh_for(device.type, world)
-        _gather_sharded(binding)
+        # FSDP shards meta placeholders (no memory), each rank allocates its shards, then
+        # gets their values: its chunk of a plain tensor, its local part of a sharded one
+        # (a sharded checkpoint), an initializer's values for a meta one: never whole
+        sources = _sources(binding)
+        _to_placeholders(binding)
         root = _Root(binding.model_arg)
         kw: dict[str, Any] = dict(
             mesh=mesh, reshard_after_forward=self.reshard_after_forward,
@@ -220,34 +231,95 @@ class FSDP:
         for target in self.targets(root.model):
             fully_shard(target, **kw)
         fully_shard(root, **kw)
+        root.to_empty(device=device)
+        _make_real(binding, sources, state.seed, self.init_fn)
         root._get_fsdp_state()._lazy_init()  # type: ignore[operator]  # pads shards now
-        _adopt_shards(binding, state, mesh)
+        _adopt(binding, state, mesh, device)
         binding.fsdp = root
         return root
 
 
-def _gather_sharded(binding: Any) -> None:
-    """Replace DTensor parameters (a sharded state bound again) by full plain ones, so
-    FSDP shards them afresh (one all-gather per parameter)."""
+_DEFERRED_PURE = ("a direct (pure) call of a with_fsdp step on a meta-device state is not "
+                  "supported: run it in a loop (ft.fit / ft.iterate), which makes the "
+                  "tensors real when it starts")
+
+
+def _tensors(state: TrainState) -> Any:
+    return (state.params, state.buffers, state.opt_state)
+
+
+def _device_of(binding: Any) -> torch.device:
+    """Where the shards live: the bound tensors' device, or this process's device for a
+    meta-device model."""
+    for module in binding.modules.values():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if not t.is_meta:
+                return t.device
+    return _dist.local_device()
+
+
+def _sources(binding: Any) -> dict[Any, dict[str, torch.Tensor]]:
+    """Every bound tensor by part and name (tied ones under each name), before FSDP."""
+    # detached: to_empty may swap a Parameter's data in place, these keep the old tensors
+    return {part: {n: t.detach() for n, t in [*m.named_parameters(remove_duplicate=False),
+                                              *m.named_buffers(remove_duplicate=False)]}
+            for part, m in binding.modules.items()}
+
+
+def _to_placeholders(binding: Any) -> None:
+    """Replace the bound modules' parameters by meta ones of the same shape (tied ones
+    stay tied), for FSDP to shard without memory; buffers are reallocated by to_empty."""
     for module in binding.modules.values():
         made: dict[int, nn.Parameter] = {}
         for name, p in list(module.named_parameters(remove_duplicate=False)):
-            if not _is_dtensor(p):
-                continue
             new = made.get(id(p))
             if new is None:
-                new = made[id(p)] = nn.Parameter(p.full_tensor().detach(),  # type: ignore
-                                                 requires_grad=p.requires_grad)
+                new = made[id(p)] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                    requires_grad=p.requires_grad)
             path, _, leaf = name.rpartition(".")
             owner = module.get_submodule(path) if path else module
             owner._parameters[leaf] = new
 
 
-def _adopt_shards(binding: Any, state: TrainState, mesh: Any) -> None:
-    """Make the state's params FSDP's sharded parameters (detached views, sharing their
-    storage) and shard its parameter-shaped optimizer state alike; the binding updates
-    the sharded parameters from now on."""
-    for part, _, _, params, _, opt_state in parts(state):
+def _layout(t: Any) -> tuple[Any, ...]:
+    return tuple(t.placements), t.device_mesh, t.shape
+
+
+def _make_real(binding: Any, sources: dict[Any, dict[str, torch.Tensor]], seed: int,
+               init: InitFn | None) -> None:
+    """Give the bound modules' freshly allocated tensors their values from `sources`
+    (whole, or this rank's chunk), and initialize those whose source was meta."""
+    from ftrain.parallel.materialize import initialize, write
+    for part, module in binding.modules.items():
+        pending: set[int] = set()
+        names: dict[int, str] = {}
+        done: set[int] = set()
+        for name, t in [*module.named_parameters(remove_duplicate=False),
+                        *module.named_buffers(remove_duplicate=False)]:
+            if id(t) in done:
+                continue
+            done.add(id(t))
+            src = sources[part][name]
+            if src.is_meta:
+                pending.add(id(t))
+                names[id(t)] = name if part is None else f"{part}.{name}"
+            elif _is_dtensor(src) and _is_dtensor(t) and _layout(src) == _layout(t):
+                with torch.no_grad():  # a sharded checkpoint's shard: this rank's already
+                    t.to_local().copy_(src.to_local())  # type: ignore[attr-defined]
+            else:
+                write(t, src.full_tensor() if _is_dtensor(src) else src)  # type: ignore
+        if pending:
+            initialize(module, pending, names, seed, init)
+
+
+def _adopt(binding: Any, state: TrainState, mesh: Any, device: torch.device) -> None:
+    """Make the state's params the modules' (now FSDP's sharded) parameters (detached
+    views, sharing their storage) and its buffers the modules' buffers; shard its
+    parameter-shaped optimizer state alike, or create it afresh where it was meta; the
+    binding updates these parameters from now on."""
+    from ftrain.core import rng as _rng
+    for part, _, optimizer, params, buffers, opt_state in parts(state):
         module = binding.modules[part]
         shapes = {}
         trainable = {}
@@ -256,11 +328,19 @@ def _adopt_shards(binding: Any, state: TrainState, mesh: Any) -> None:
             params[name] = p.detach()
             if p.requires_grad:
                 trainable[name] = p
+        for name, b in module.named_buffers():
+            buffers[name] = b
         binding.trainable[part] = trainable
-        _shard_tree(opt_state, shapes, mesh)
+        if holds_meta(opt_state):  # a meta-device start: the optimizer's fresh state
+            fresh = optimizer.init({n: p.detach() for n, p in trainable.items()})
+            opt_state.clear()
+            opt_state.update(fresh)
+        elif mesh is not None:
+            _shard_tree(opt_state, shapes, mesh)
     binding.leaves = [p for ps in binding.trainable.values() for p in ps.values()]
     binding.prepared = {}
     binding._tracked = None
+    binding.generator = _rng.generator_for(device)
 
 
 def _shard_tree(node: Any, shapes: dict[str, torch.Size], mesh: Any) -> None:
@@ -290,7 +370,7 @@ def shard_like_fsdp(t: torch.Tensor, mesh: Any) -> Any:
 
 def with_fsdp(step: Any, *, shard: ShardSpec | None = None,
               reshard_after_forward: bool = True, offload: bool = False,
-              backend: str | None = None,
+              init: InitFn | None = None, backend: str | None = None,
               timeout: datetime.timedelta = _dist.DEFAULT_TIMEOUT) -> Step:
     """Train on every process `torchrun` starts, each holding 1/world of the model.
 
@@ -305,7 +385,11 @@ def with_fsdp(step: Any, *, shard: ShardSpec | None = None,
     shards and the optimizer update on the CPU (`CPUOffloadPolicy`). With
     `ft.with_amp(dtype=torch.bfloat16)` the forward runs in bfloat16 on bfloat16 copies
     of the float32 shards (`MixedPrecisionPolicy`; gradients are reduced in float32);
-    float16 is refused. The data is sharded by rank and metrics reduced as under
+    float16 is refused. A model built on the meta device (`with torch.device("meta"):`)
+    never exists whole: each rank allocates its shards and fills them module by module
+    from `reset_parameters()`, or `init(module)` when given (values as the CPU build's
+    after the same seed; see `ftrain.parallel.materialize`). The data is sharded by rank
+    and metrics reduced as under
     `with_ddp`, whose `backend` and `timeout` these are. On one process the layer does
     nothing; a direct call on a plain state is the unsharded step.
 
@@ -321,6 +405,6 @@ def with_fsdp(step: Any, *, shard: ShardSpec | None = None,
         raise ConfigError(f"with_fsdp: shard= must be a list of module classes and name "
                           f"patterns, got {shard!r}")
     option = FSDP(backend, timeout, tuple(shard) if shard is not None else None,
-                  reshard_after_forward, offload)
+                  reshard_after_forward, offload, init)
     return with_option(step, "fsdp", option, "with_fsdp",
                        " (with_fsdp supports ft.train_step cores)")

@@ -4,14 +4,15 @@ samples whatever the world (8 // world per rank), one epoch of 96 samples (12 st
 Every call of the loss function appends the sample ids it trained on.
 
 usage: fsdp_resume.py OUT TAG DIR [--plain] [--resume auto|PATH] [--async]
-                      [--kill-rank R --kill-call K] [--sharded-again]
+                      [--kill-rank R --kill-call K] [--sharded-again] [--meta]
 
 `--plain`: no with_fsdp (one process reads the sharded checkpoint whole); `--async`:
 save_async=True; `--kill-rank/--kill-call`: that rank SIGKILLs itself in its K-th loss
 call (the save of step 6 is then in flight); `--sharded-again`: after the fit, fit again
 from the returned (sharded) state and from `ft.load(like=<that state>)` for 0 steps more,
-checking the binding of an already-sharded state. Rank 0 writes OUT/TAG.pt (the full
-parameters and the final step).
+checking the binding of an already-sharded state; `--meta`: the model is built on the meta
+device, so the resumed state is read straight into each rank's shards. Rank 0 writes
+OUT/TAG.pt (the full parameters and the final step).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--kill-call", type=int, default=0)
     parser.add_argument("--sharded-again", action="store_true")
     parser.add_argument("--extras", action="store_true")
+    parser.add_argument("--meta", action="store_true")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +63,8 @@ def main() -> None:
 
     def fresh() -> ft.TrainState:
         torch.manual_seed(0)  # the last layer's 2 rows: uneven (empty) shards on 4 ranks
-        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+        with torch.device("meta" if args.meta else "cpu"):
+            model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
         opt = ft.optim.chain(ft.optim.clip_grad_norm(1.0), ft.optim.adamw(1e-2))
         return ft.TrainState.create(model, opt, seed=3)
 
@@ -95,9 +98,9 @@ def main() -> None:
 
 def extras(out: str, tag: str, rank: int, world: int) -> None:
     """A two-model state under with_fsdp (epoch order: no shuffle), saved at the end to
-    OUT/TAG-models.ckpt; inside the loop at
-    step 6, ft.predict (3 batches: 2 on rank 0, 1 on rank 1) and ft.evaluate on 3 and on
-    4 batches; ft.compile(fallback=False) of a with_fsdp step on several processes."""
+    OUT/TAG-models.ckpt; inside the loop at step 6, ft.predict (3 batches: 2 on rank 0,
+    1 on rank 1; 1 batch: none on rank 1) and ft.evaluate on 1, 3 and 4 batches;
+    ft.compile(fallback=False) of a with_fsdp step on several processes."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(96, 5, generator=g), torch.randn(96, 2, generator=g)
     data = DataLoader(TensorDataset(x, y), batch_size=8 // world)
@@ -114,12 +117,21 @@ def extras(out: str, tag: str, rank: int, world: int) -> None:
 
     ev = ft.eval_step(loss_fn)
     result: dict = {}
+    import ftrain.parallel.fsdp as fsdp
+    gathered = []  # a spy on the full-weights fallback: unequal shares must not use it
+    unshard = fsdp.unshard
+    fsdp.unshard = lambda s: (gathered.append(1), unshard(s))[1]
     for state, _ in ft.iterate(ft.with_fsdp(ft.train_step(loss_fn)), state, data, epochs=1):
         if state.step == 6:
             folder = ft.predict(state, val[:3], forward, write_to=f"{out}/{tag}-pred")
             result["pred"] = torch.cat(ft.read_predictions(folder))
+            folder = ft.predict(state, val[:1], forward, write_to=f"{out}/{tag}-pred1")
+            result["pred1"] = torch.cat(ft.read_predictions(folder))
+            result["eval1"] = ft.evaluate(ev, state, val[:1])["loss"]
             result["eval3"] = ft.evaluate(ev, state, val[:3])["loss"]
             result["eval4"] = ft.evaluate(ev, state, val)["loss"]
+    fsdp.unshard = unshard
+    result["gathered"] = len(gathered)
     from ftrain.parallel.fsdp import is_sharded
 
     result["sharded"] = is_sharded(state)

@@ -1,9 +1,10 @@
 """Train under `ft.with_fsdp` (torchrun, 2 processes) or as the unsharded reference (one
 process): tests/test_fsdp.py compares the two.
 
-    python fsdp_train.py MODE OUT     MODE: adamw | torch | validate | bf16
+    python fsdp_train.py MODE OUT     MODE: adamw | meta | torch | validate | bf16
 
 `adamw`: AdamW with a schedule, clipping and accumulation (2 micro-batches), 20 steps;
+`meta`: `adamw` with the model built on the meta device (with_fsdp makes it real);
 `torch`: the same with `ft.optim.from_torch(torch.optim.AdamW)` and activation
 checkpointing of two Linear blocks (under FSDP2's hooks); `validate`:
 with_validation, logging (grad norm) and early_stop; `bf16`: `adamw` under
@@ -22,11 +23,14 @@ import ftrain as ft
 from ftrain.parallel.fsdp import is_sharded
 
 mode, out = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
-                      nn.Linear(32, 3))
-X = torch.randn(320, 8)
-Y = torch.randn(320, 3)
+meta, mode = mode == "meta", "adamw" if mode == "meta" else mode
+torch.manual_seed(3)  # the state's seed: a meta-device model gets the same initial values
+with torch.device("meta" if meta else "cpu"):
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                          nn.Linear(32, 3))
+g = torch.Generator().manual_seed(0)
+X = torch.randn(320, 8, generator=g)
+Y = torch.randn(320, 3, generator=g)
 train = torch.utils.data.TensorDataset(X, Y)
 
 
