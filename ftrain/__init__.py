@@ -64,6 +64,7 @@ __version__ = "0.1.0"
 # for each the first time it names it (`ft.fit` loads checkpointing when it adds it).
 _LAZY: dict[str, tuple[str, str | None]] = {
     "ExportError": ("ftrain.export", "ExportError"),
+    "apply": ("ftrain.unrolling", "apply"),
     "averaged": ("ftrain.layers.averaging", "averaged"),
     "bind": ("ftrain.export", "bind"),
     "checkpoints": ("ftrain.checkpointing.manager", "checkpoints"),
@@ -83,6 +84,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "split_members": ("ftrain.populations.population", "split_members"),
     "summary": ("ftrain.loops.summary", "summary"),
     "tune": ("ftrain.tune", None),
+    "unroll": ("ftrain.unrolling", "unroll"),
     "update_bn": ("ftrain.layers.swa", "update_bn"),
     "vmap": ("ftrain.populations.population", "vmap"),
     "with_activation_checkpointing": ("ftrain.core.activation_checkpointing",
@@ -120,6 +122,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
         split_members,
         vmap,
     )
+    from ftrain.unrolling import apply, unroll
 
 
 def __getattr__(name: str) -> Any:
@@ -157,6 +160,7 @@ __all__ = [
     "StepError",
     "TrainState",
     "TrainStep",
+    "apply",
     "averaged",
     "bind",
     "check_finite",
@@ -196,6 +200,7 @@ __all__ = [
     "summary",
     "train_step",
     "tune",
+    "unroll",
     "update_bn",
     "vmap",
     "with_accumulation",
