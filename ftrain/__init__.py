@@ -79,6 +79,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "population_eval_step": ("ftrain.populations.population", "population_eval_step"),
     "population_step": ("ftrain.populations.population", "population_step"),
     "read_predictions": ("ftrain.loops.predict_writer", "read_predictions"),
+    "replay": ("ftrain.repro", "replay"),
     "reduce_lr_on_plateau": ("ftrain.layers.plateau", "reduce_lr_on_plateau"),
     "save": ("ftrain.checkpointing.file", "save"),
     "split_members": ("ftrain.populations.population", "split_members"),
@@ -122,6 +123,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
         split_members,
         vmap,
     )
+    from ftrain.repro import replay
     from ftrain.unrolling import apply, unroll
 
 
@@ -191,6 +193,7 @@ __all__ = [
     "predict",
     "read_predictions",
     "reduce_lr_on_plateau",
+    "replay",
     "request_stop",
     "run_info",
     "sample_seed",

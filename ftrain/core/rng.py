@@ -60,9 +60,34 @@ class step_seeded:
         self.generator.set_state(self.saved)
 
 
+_AS_RANK: list[int] = []  # ft.replay: a step of rank r run again in one process
+
+
 def rank() -> int:
+    if _AS_RANK:
+        return _AS_RANK[-1]
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class as_rank:
+    """Within the block, steps draw their randomness as rank `r` does (`ft.replay`).
+
+    Examples:
+        >>> from ftrain.core.rng import as_rank, rank
+        >>> with as_rank(3):
+        ...     rank()
+        3
+    """
+
+    def __init__(self, r: int) -> None:
+        self.r = r
+
+    def __enter__(self) -> None:
+        _AS_RANK.append(self.r)
+
+    def __exit__(self, *exc: object) -> None:
+        _AS_RANK.pop()
 
 
 # Salts keep the streams of different uses apart.

@@ -227,6 +227,8 @@ class TrainStep(_Value):
         entry = _tm.updated(self, state, feed) if self.metrics else None
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
+        if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
+            _check_gradients(trainable, f"step {state.step}")
         binding.changed = True  # from here on a failure cannot be rolled back
         self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
                      explicit_sync=module is None, prepared=binding.prepared)
@@ -272,11 +274,28 @@ class TrainStep(_Value):
                                   _rng.rank(), leaves, None, scale)
         if self.metrics:
             slots[_tm.SLOT] = _tm.updated(self, state, feed)
+        if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
+            _check_gradients(trainable, f"step {state.step}")
         self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
         for t in leaves:
             t.requires_grad_(False)
         return pure_result(state, metrics, params, buffers, opt_state, slots,
                            self.on_nonfinite), metrics
+
+def _check_gradients(trainable: list[tuple[Any, Any, dict[str, Any]]], where: str) -> None:
+    """check_finite_every_step: refuse non-finite gradients before the update (one fused
+    norm and one host read; under float16 scaling an overflow is the scaler's to skip,
+    so this runs only where no scaler sits in between)."""
+    named = [(n if part is None else f"{part}.{n}", p.grad) for part, _, ps in trainable
+             for n, p in ps.items() if p.grad is not None]
+    if not named:
+        return
+    norms = torch._foreach_norm([g for _, g in named])
+    if bool(torch.isfinite(torch.stack(norms)).all()):  # host sync (opt-in)
+        return
+    bad = next(n for (n, _), v in zip(named, norms) if not bool(torch.isfinite(v)))
+    raise health.NonFiniteLossError(f"the gradient of {bad!r} was not finite at {where}")
+
 
 def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
     """Micro-batch metrics into the batch's: each weighted by its share of the samples."""
@@ -367,7 +386,8 @@ def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
 
     A NaN or infinite loss is an error by default, raised at the next point where the
     host reads values anyway (epoch end, logging, validation) and naming the step;
-    `check_finite_every_step=True` checks each step (a host sync per step);
+    `check_finite_every_step=True` checks each step's loss and gradients before its
+    update (a host sync per step);
     `on_nonfinite="skip"` skips such updates on the device; `"ignore"` does nothing.
 
     `metrics` (torchmetrics objects by name, as in `eval_step`) are epoch-level training

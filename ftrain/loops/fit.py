@@ -24,13 +24,31 @@ log = logging.getLogger("ftrain")
 Metrics = dict[str, torch.Tensor]
 
 
+def _capture(setting: Any, root: str | None, writes: bool) -> tuple[str, int | None] | None:
+    """Where `capture_failures` puts repro bundles, and their size limit (or None: off).
+    "auto": `<root_dir>/repro`, bundles up to 256 MiB, when the run writes files anyway
+    (a logger or checkpoints); a folder: there, any size; False: never."""
+    if setting is False or setting is None:
+        return None
+    if setting == "auto":
+        from ftrain.repro import AUTO_LIMIT
+        return (os.path.join(root or os.getcwd(), "repro"), AUTO_LIMIT) if writes else None
+    if setting is True:
+        return os.path.join(root or os.getcwd(), "repro"), None
+    if isinstance(setting, (str, os.PathLike)):
+        return os.fspath(setting), None
+    raise ConfigError(f"capture_failures must be 'auto', a folder, True or False, got "
+                      f"{setting!r}")
+
+
 def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         max_steps: int | None = None, logger: Any = True, checkpoint: Any = True,
         progress: bool = True, root_dir: str | None = None, hparams: Any = None,
         donate: bool = True, limit_train_batches: int | float | None = None,
         fast_dev_run: bool | int = False, resume: str | os.PathLike[str] | None = None,
         resume_hparams: str = "match", handle_sigterm: bool = True, max_time: Any = None,
-        summary: bool = True) -> TrainState:
+        summary: bool = True,
+        capture_failures: str | os.PathLike[str] | bool = "auto") -> TrainState:
     """Train for `epochs` (or until `max_steps`) and return the final state.
 
     `epochs` and `max_steps` are totals counted from a fresh state (as Lightning's), so a
@@ -60,6 +78,11 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     `err.state`, from which `fit` continues exactly (a failed step is rolled back: its
     batch is not consumed, buffers its forward changed are restored; only a failure inside
     the optimizer update itself leaves no state to continue from, and says so).
+    `capture_failures`: a step that fails before its update also leaves a repro bundle
+    (the state before it, the batch, the seed, step and rank: `ftrain.repro`), which
+    `ft.replay` runs again alone; the error's `repro` attribute names it. "auto" writes
+    bundles of up to 256 MiB to `<root_dir>/repro` when the run writes logs or
+    checkpoints; a folder writes there, any size; False never.
 
     `max_time` (seconds, a `datetime.timedelta`, `{"hours": 2}` or "DD:HH:MM:SS", as
     Lightning's) stops training once that much wall-clock time is spent, saving
@@ -113,7 +136,9 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
                caller="ft.fit", progress=progress, root_dir=root,
                hparams=dict(hparams) if hparams is not None else None, signals=signals,
-               checkpoint_dir=folder)
+               checkpoint_dir=folder,
+               capture=_capture(capture_failures, root, writes=bool(
+                   logger or checkpoint) and not fast_dev_run))
     previous = _install_handlers(signals) if handle_sigterm else {}
     try:
         while True:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Generator
 from typing import Any
@@ -100,7 +101,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
          max_steps: int | None, donate_input: bool, limit_train_batches: int | float | None,
          fast_dev_run: bool | int, caller: str, progress: bool | str = False,
          root_dir: str | None = None, hparams: Any = None, signals: list[str] | None = None,
-         checkpoint_dir: str | None = None
+         checkpoint_dir: str | None = None, capture: tuple[str, int | None] | None = None
          ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     _check_state(state, caller)
     if not callable(step):
@@ -216,10 +217,18 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
                     resumable = _pos.roll_back(binding, pos, index, step_no)
+                    repro = _bundle(capture, binding, before, batch, err, epoch, index,
+                                     run) if resumable and isinstance(err, Exception) \
+                        else None
                     if isinstance(err, FTrainError) or not isinstance(err, Exception):
+                        if repro is not None:
+                            err.repro = repro  # type: ignore[attr-defined]
                         raise
-                    raise StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
-                                    f"failed: {type(err).__name__}: {err}") from err
+                    wrapped = StepError(f"step {step_no} (epoch {epoch}, batch {index}) "
+                                        f"failed: {type(err).__name__}: {err}"
+                                        + (f" (repro bundle: {repro})" if repro else ""))
+                    wrapped.repro = repro  # type: ignore[attr-defined]
+                    raise wrapped from err
                 finally:
                     binding.in_step = False
                 if type(state) is not TrainState or not isinstance(metrics, dict):
@@ -336,6 +345,24 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     return state
 
 
+def _bundle(capture: tuple[str, int | None] | None, binding: Any, before: TrainState,
+            batch: Any, err: BaseException, epoch: int, index: int, run: RunInfo
+            ) -> str | None:
+    """The repro bundle of a step that raised before its update began (`ftrain.repro`):
+    `before` is then intact. Writing it must not hide the step's own error."""
+    latest = binding.latest
+    if capture is None or (latest is not None and latest.step > before.step):
+        return None  # off, or the core step finished and an outer layer failed
+    from ftrain.repro import capture as write
+    try:
+        return write(capture[0], before, batch, err, epoch=epoch, index=index,
+                     rank=run.rank, world=run.world, limit=capture[1])
+    except Exception as failed:
+        log.error("step %d failed; writing its repro bundle failed too: %s", before.step,
+                  failed)
+        return None
+
+
 def _latest_state(state: Any) -> TrainState | None:
     """The newest readable state: `state`, or what the core produced if an outer layer
     failed after the core had donated its input."""
@@ -386,7 +413,8 @@ def _latest_binding(state: Any) -> Any:
 def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
             max_steps: int | None = None, donate: bool = True,
             limit_train_batches: int | float | None = None,
-            fast_dev_run: bool | int = False
+            fast_dev_run: bool | int = False,
+            capture_failures: str | os.PathLike[str] | None = None
             ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     """Train, yielding `(state, metrics)` after every step; nothing else is added.
 
@@ -395,6 +423,8 @@ def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = Non
     data position, so giving it to `iterate` or `fit` again continues at the next batch.
     `gen.send(changed_state)` continues the loop from a changed state. On the last batch of
     an epoch the metrics include what the step's `epoch_end` returned (e.g. validation).
+    `capture_failures=<folder>` writes a repro bundle there when a step fails before its
+    update (`ftrain.repro`; `ft.replay` runs it again); `iterate` writes nothing else.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -409,6 +439,7 @@ def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = Non
     """
     return _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                 limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
-                caller="ft.iterate")
+                caller="ft.iterate", capture=None if capture_failures is None
+                else (os.fspath(capture_failures), None))
 
 
