@@ -154,8 +154,9 @@ def replay(bundle: str | os.PathLike[str], step: Any, like: TrainState, *,
         >>> import os, tempfile, torch, ftrain as ft
         >>> from ftrain.repro import capture
         >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.optim.sgd(0.1))
-        >>> step = ft.train_step(lambda m, b: m(b).log().sum(), check_finite_every_step=True)
-        >>> batch = -torch.ones(3, 2)
+        >>> step = ft.train_step(lambda m, b: (m(b) - 10).log().sum(),  # log(< 0): nan
+        ...                      check_finite_every_step=True)
+        >>> batch = torch.zeros(3, 2)
         >>> try:
         ...     step(state, batch)
         ... except ft.NonFiniteLossError as err:

@@ -162,3 +162,76 @@ def test_a_checkpoint_loads_into_a_deferred_state(tmp_path) -> None:
     loaded = ft.load(path, like=deferred())
     assert loaded.step == 3 and tensors_equal(loaded.params, real.params)
     assert loaded.device.type == "cpu"
+
+
+class Parent(nn.Module):
+    """A parent whose reset_parameters sets its children again (after theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.b = nn.LayerNorm(2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.a.bias)
+        nn.init.ones_(self.b.weight)
+
+
+@pytest.mark.parametrize("make", [Parent, lambda: nn.Transformer(8, 2, 1, 1, 16)],
+                         ids=["parent-reset", "nn.Transformer"])
+def test_parent_initializers_run_after_their_children_as_on_the_cpu(make) -> None:
+    """nn.Transformer's _reset_parameters (xavier over every matrix) and a parent's
+    reset_parameters run after their children's, as in construction."""
+    from ftrain.parallel.materialize import initialize
+    torch.manual_seed(0)
+    ref = make()
+    with torch.device("meta"):
+        model = make()
+    model = model.to_empty(device="cpu")
+    tensors = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    initialize(model, set(tensors), tensors, seed=0)
+    for name, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_an_integer_buffer_nothing_sets_is_named_and_cuda_generators_are_left_alone() -> None:
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 2)
+            self.register_buffer("pos", torch.arange(5))
+
+        def reset_parameters(self) -> None:
+            nn.init.normal_(self.emb.weight)  # forgets pos
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.emb(self.pos)[x]
+
+    step = ft.with_fsdp(ft.train_step(lambda m, b: m(b).sum()))
+    with pytest.raises(ft.ConfigError, match=r"\['pos'\] of the meta-device model"):
+        ft.fit(step, deferred(Positions), [torch.tensor([0, 1])], epochs=1, logger=False,
+               checkpoint=False, progress=False)
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, Positions):
+            module.pos.copy_(torch.arange(5))
+        elif isinstance(module, nn.Embedding):
+            module.weight.fill_(1.0)
+
+    state = ft.fit(ft.with_fsdp(ft.train_step(lambda m, b: m(b).sum()), init=init),
+                   deferred(Positions, opt=ft.optim.sgd(0.0)), [torch.tensor([0, 1])],
+                   epochs=1, logger=False, checkpoint=False, progress=False)
+    assert torch.equal(state.buffers["pos"], torch.arange(5))
+
+
+def test_a_sharded_folder_loads_into_a_deferred_state_on_one_process(tmp_path) -> None:
+    """ft.load(folder, like=<meta-device state>) with no process group: real tensors."""
+    from ftrain.checkpointing.sharded import save_dir
+    torch.manual_seed(5)
+    real = ft.TrainState.create(build(), ft.optim.adamw(1e-2), seed=5)
+    save_dir(str(tmp_path / "s.ckpt"), real, None)
+    loaded = ft.load(tmp_path / "s.ckpt", like=deferred())
+    assert loaded.device.type == "cpu" and not loaded.params["3.weight"].is_meta
+    assert tensors_equal(loaded.params, real.params)
+    assert tensors_equal(loaded.buffers, real.buffers)

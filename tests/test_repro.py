@@ -137,3 +137,16 @@ def test_bad_bundles_are_refused(tmp_path) -> None:
         ft.replay(folder, step, like=state)
     with pytest.raises(ft.CheckpointError, match="is not a repro bundle"):
         ft.replay(tmp_path / "nothing", step, like=state)
+
+
+def test_iterate_capture_failures_takes_a_folder_or_nothing(tmp_path) -> None:
+    state = ft.TrainState.create(nn.Linear(3, 1), ft.optim.sgd(0.1))
+    step = ft.train_step(lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    batches = [(torch.randn(4, 3), torch.randn(4, 1))]
+    for _ in ft.iterate(step, state, batches, epochs=1,
+                        capture_failures=False):
+        pass
+    with pytest.raises(ft.ConfigError, match="capture_failures must be a folder or None"):
+        for _ in ft.iterate(step, state, batches, epochs=2,
+                            capture_failures=3):
+            pass

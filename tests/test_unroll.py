@@ -187,3 +187,18 @@ def test_unrolled_values_are_the_loop_steps(opt) -> None:
         plain, _ = ft.train_step(loss_fn)(plain, batch)
     torch.testing.assert_close({k: v.detach() for k, v in new.params.items()}, plain.params,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_float16_adam_matches_torch() -> None:
+    """The root's clamp is taken in float32 for float16 (its own smallest normal, 6e-5,
+    would have a root far over eps and shrink small updates)."""
+    from ftrain.optim.differentiable import update
+    p = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float16)
+    g = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float16)
+    opt = ft.optim.adam(1e-3)
+    new, _ = update(opt, {"p": p}, {"p": g}, opt.init({"p": p}))
+    ref = p.clone().requires_grad_()
+    ref.grad = g.clone()
+    torch.optim.Adam([ref], lr=1e-3).step()
+    torch.testing.assert_close(new["p"], ref.detach(), rtol=1e-3, atol=1e-4)
+

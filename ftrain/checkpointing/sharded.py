@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
@@ -364,9 +365,9 @@ def fill(path: str, data: dict[str, Any], like: TrainState | None, map_location:
                 targets[key] = torch.empty_like(ref)
             elif ref.is_meta and shard is not None and shard.wants(where, shape):
                 targets[key] = shard.empty(shape, dtype, device)  # this rank's part only
-            else:
-                targets[key] = torch.empty(shape, dtype=dtype,
-                                           device=device if map_location else ref.device)
+            else:  # a meta `like` (a model built on the meta device): this device
+                targets[key] = torch.empty(shape, dtype=dtype, device=device if (
+                    map_location or ref.is_meta) else ref.device)
         elif where[0] in _STATE_FIELDS:
             values[key] = torch.empty(shape, dtype=dtype, device="meta")  # never read
         else:
@@ -375,7 +376,7 @@ def fill(path: str, data: dict[str, Any], like: TrainState | None, map_location:
         with warnings.catch_warnings():  # DCP warns that one process reads alone: intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(targets, storage_reader=_SafeReader(path), no_dist=_world()[1] == 1)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
         raise CheckpointError(f"{path!r}: reading the shards failed (truncated or damaged "
                               f"files?): {err}") from err
     values.update(targets)

@@ -24,8 +24,8 @@ import torch
 from ftrain.core import bind as _bind
 from ftrain.core import layer as _layer
 from ftrain.core import phases as _phases
+from ftrain.core.outputs import add_weighted, split_loss
 from ftrain.core.state import TrainState, parts
-from ftrain.core.step import _add_weighted, split_loss
 
 _WHERE = "compiled step"
 
@@ -163,7 +163,7 @@ def _iteration(loss_fn: Any, model: _Model, optimizers: tuple[Any, ...],
             if len(micro) == 1:
                 metrics = m
             else:
-                _add_weighted(metrics, m, w, _WHERE)
+                add_weighted(metrics, m, w, _WHERE)
         found_inf = None
         if skip_nonfinite:
             found_inf = (~torch.isfinite(metrics["loss"])).to(torch.float32)

@@ -118,3 +118,27 @@ def clear(state: Any) -> None:
         old = state.slots[SLOT]
         state.slots[SLOT] = {**old, "step": torch.full_like(old["step"], -1),
                              "loss": torch.zeros_like(old["loss"])}
+
+
+def check_gradients(trainable: list[tuple[Any, Any, dict[str, Any]]], where: str) -> None:
+    """check_finite_every_step: refuse non-finite gradients before the update (one fused
+    norm and one host read; under float16 scaling an overflow is the scaler's to skip,
+    so the step calls this only where no scaler sits in between).
+
+    Examples:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([1.0, float("inf")])
+        >>> check_gradients([(None, None, {"w": p})], "step 3")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ftrain.errors.NonFiniteLossError: the gradient of 'w' was not finite at step 3
+    """
+    named = [(n if part is None else f"{part}.{n}", p.grad) for part, _, ps in trainable
+             for n, p in ps.items() if p.grad is not None]
+    if not named:
+        return
+    norms = torch._foreach_norm([g for _, g in named])
+    if bool(torch.isfinite(torch.stack(norms)).all()):  # host sync (opt-in)
+        return
+    bad = next(n for (n, _), v in zip(named, norms) if not bool(torch.isfinite(v)))
+    raise NonFiniteLossError(f"the gradient of {bad!r} was not finite at {where}")

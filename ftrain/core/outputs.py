@@ -77,3 +77,22 @@ def eval_metrics(out: Any, where: str, device: torch.device) -> Metrics:
         return metrics
     raise LossError(f"{where}: an evaluation function must return a 0-d tensor, "
                     f"(loss, {{name: metric}}) or {{name: metric}}, got {_describe(out)}")
+
+
+def add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
+    """Micro-batch metrics into the batch's: each weighted by its share of the samples.
+
+    Examples:
+        >>> import torch
+        >>> total = {}
+        >>> add_weighted(total, {"loss": torch.tensor(2.0)}, 0.25, "step 0")
+        >>> add_weighted(total, {"loss": torch.tensor(4.0)}, 0.75, "step 0")
+        >>> float(total["loss"])
+        3.5
+    """
+    if total and total.keys() != metrics.keys():
+        raise LossError(f"{where}: the loss function returned metrics {sorted(metrics)}, "
+                        f"earlier micro-batches {sorted(total)}")
+    for k, v in metrics.items():
+        part = v.float() * weight
+        total[k] = part if k not in total else total[k] + part

@@ -29,6 +29,7 @@ from ftrain.core import train_metrics as _tm
 from ftrain.core.outputs import (  # noqa: F401  (re-exported for the other step kinds)
     _describe,
     _metric,
+    add_weighted,
     eval_metrics,
     split_loss,
 )
@@ -147,7 +148,7 @@ class TrainStep(_Value):
                         m = self._micro(state, mb, w, where, call, inputs, scale, prof)
                 else:
                     m = self._micro(state, mb, w, where, call, inputs, scale, prof)
-                _add_weighted(metrics, m, w, where)
+                add_weighted(metrics, m, w, where)
             return metrics
 
     def _micro(self, state: TrainState, batch: Any, weight: float, where: str,
@@ -228,7 +229,7 @@ class TrainStep(_Value):
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
         if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
-            _check_gradients(trainable, f"step {state.step}")
+            health.check_gradients(trainable, f"step {state.step}")
         binding.changed = True  # from here on a failure cannot be rolled back
         self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
                      explicit_sync=module is None, prepared=binding.prepared)
@@ -275,37 +276,12 @@ class TrainStep(_Value):
         if self.metrics:
             slots[_tm.SLOT] = _tm.updated(self, state, feed)
         if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
-            _check_gradients(trainable, f"step {state.step}")
+            health.check_gradients(trainable, f"step {state.step}")
         self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
         for t in leaves:
             t.requires_grad_(False)
         return pure_result(state, metrics, params, buffers, opt_state, slots,
                            self.on_nonfinite), metrics
-
-def _check_gradients(trainable: list[tuple[Any, Any, dict[str, Any]]], where: str) -> None:
-    """check_finite_every_step: refuse non-finite gradients before the update (one fused
-    norm and one host read; under float16 scaling an overflow is the scaler's to skip,
-    so this runs only where no scaler sits in between)."""
-    named = [(n if part is None else f"{part}.{n}", p.grad) for part, _, ps in trainable
-             for n, p in ps.items() if p.grad is not None]
-    if not named:
-        return
-    norms = torch._foreach_norm([g for _, g in named])
-    if bool(torch.isfinite(torch.stack(norms)).all()):  # host sync (opt-in)
-        return
-    bad = next(n for (n, _), v in zip(named, norms) if not bool(torch.isfinite(v)))
-    raise health.NonFiniteLossError(f"the gradient of {bad!r} was not finite at {where}")
-
-
-def _add_weighted(total: Metrics, metrics: Metrics, weight: float, where: str) -> None:
-    """Micro-batch metrics into the batch's: each weighted by its share of the samples."""
-    if total and total.keys() != metrics.keys():
-        raise LossError(f"{where}: the loss function returned metrics {sorted(metrics)}, "
-                        f"earlier micro-batches {sorted(total)}")
-    for k, v in metrics.items():
-        part = v.float() * weight
-        total[k] = part if k not in total else total[k] + part
-
 
 def advance(state: TrainState, binding: Any, losses: list[torch.Tensor], on_nonfinite: str,
             what: str = "a training step") -> TrainState:

@@ -124,11 +124,13 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
         from ftrain.parallel.dist import rank_world
         rank, world = rank_world()
     pad: list[int | None] | None = None  # every rank's batch count, to even them out
+    collective = False  # with_fsdp in the loop: every forward needs every rank
     if world > 1:
         data = _data.shard_eval(data, rank, world)
         loop = _bind.binding_of(state) if own is None else None
         if loop is not None and loop.fsdp is not None:  # sharded forwards are collective:
             from ftrain.parallel.even import counts  # as many on every rank
+            collective = True
             n = _data.num_batches(data)
             pad = counts(n if limit_batches is None or n is None else min(n, limit_batches))
             if None in pad:  # lengths unknown: this evaluation on full weights
@@ -161,6 +163,10 @@ def evaluate(evaluator: Callable[[TrainState, Any], Metrics], state: TrainState,
             if bar is not None:
                 bar.update(1)
             if n == 0:
+                if collective and own is None:  # skipped, it would leave the others waiting
+                    raise DataError(f"evaluation batch {index} has no samples; under "
+                                    "with_fsdp every rank runs every forward: keep "
+                                    "evaluation batches non-empty")
                 continue  # no samples: nothing to weigh (its mean would be nan)
             try:
                 out = call(state, batch) if session is None else \

@@ -26,8 +26,8 @@ Metrics = dict[str, torch.Tensor]
 
 def _capture(setting: Any, root: str | None, writes: bool) -> tuple[str, int | None] | None:
     """Where `capture_failures` puts repro bundles, and their size limit (or None: off).
-    "auto": `<root_dir>/repro`, bundles up to 256 MiB, when the run writes files anyway
-    (a logger or checkpoints); a folder: there, any size; False: never."""
+    "auto": `<root_dir>/repro`, bundles up to 256 MiB, when the run writes files there
+    anyway; a folder: there, any size; True: `<root_dir>/repro`, any size; False: never."""
     if setting is False or setting is None:
         return None
     if setting == "auto":
@@ -81,8 +81,9 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     `capture_failures`: a step that fails before its update also leaves a repro bundle
     (the state before it, the batch, the seed, step and rank: `ftrain.repro`), which
     `ft.replay` runs again alone; the error's `repro` attribute names it. "auto" writes
-    bundles of up to 256 MiB to `<root_dir>/repro` when the run writes logs or
-    checkpoints; a folder writes there, any size; False never.
+    bundles of up to 256 MiB to `<root_dir>/repro` when fit writes there anyway (a
+    `root_dir` given, or its default logs or checkpoints); a folder writes there, any
+    size; False never.
 
     `max_time` (seconds, a `datetime.timedelta`, `{"hours": 2}` or "DD:HH:MM:SS", as
     Lightning's) stops training once that much wall-clock time is spent, saving
@@ -113,6 +114,10 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
         raise ConfigError(f"resume_hparams must be 'match' or 'ignore', got "
                           f"{resume_hparams!r}")
     root = os.fspath(root_dir) if root_dir is not None else None
+    # capture_failures="auto" writes where fit itself writes: a root_dir given, or the
+    # TensorBoard logs / checkpoints it adds under the working directory
+    writes = root is not None or (logger is True and not provides(step, "logging")) or (
+        checkpoint is True and not provides(step, "checkpointing"))
     step = default_stack(step, logger=logger, checkpoint=checkpoint, progress=progress)
     if max_time is not None:  # outermost: its save request reaches every layer
         from ftrain.layers.max_time import with_max_time
@@ -137,8 +142,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
                caller="ft.fit", progress=progress, root_dir=root,
                hparams=dict(hparams) if hparams is not None else None, signals=signals,
                checkpoint_dir=folder,
-               capture=_capture(capture_failures, root, writes=bool(
-                   logger or checkpoint) and not fast_dev_run))
+               capture=_capture(capture_failures, root, writes=writes and not fast_dev_run))
     previous = _install_handlers(signals) if handle_sigterm else {}
     try:
         while True:

@@ -218,8 +218,8 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     # Any failure, Ctrl-C included: err.state must continue exactly.
                     resumable = _pos.roll_back(binding, pos, index, step_no)
                     repro = _bundle(capture, binding, before, batch, err, epoch, index,
-                                     run) if resumable and isinstance(err, Exception) \
-                        else None
+                                    run, step_no) \
+                        if resumable and isinstance(err, Exception) else None
                     if isinstance(err, FTrainError) or not isinstance(err, Exception):
                         if repro is not None:
                             err.repro = repro  # type: ignore[attr-defined]
@@ -345,14 +345,29 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     return state
 
 
+def _capture_folder(setting: Any) -> tuple[str, int | None] | None:
+    """`iterate(capture_failures=)`: a folder, or None / False for none."""
+    if setting is None or setting is False:
+        return None
+    if not isinstance(setting, (str, os.PathLike)):
+        raise ConfigError(f"ft.iterate: capture_failures must be a folder or None, got "
+                          f"{setting!r}")
+    return os.fspath(setting), None
+
+
 def _bundle(capture: tuple[str, int | None] | None, binding: Any, before: TrainState,
-            batch: Any, err: BaseException, epoch: int, index: int, run: RunInfo
-            ) -> str | None:
+            batch: Any, err: BaseException, epoch: int, index: int, run: RunInfo,
+            step_no: int) -> str | None:
     """The repro bundle of a step that raised before its update began (`ftrain.repro`):
     `before` is then intact. Writing it must not hide the step's own error."""
     latest = binding.latest
-    if capture is None or (latest is not None and latest.step > before.step):
+    if capture is None or is_donated(before) or (
+            latest is not None and latest.step > step_no):
         return None  # off, or the core step finished and an outer layer failed
+    if run.world > 1:
+        from ftrain.parallel.dist import _collective_error
+        if _collective_error(err) is not None:
+            return None  # a peer went down: nothing this step could replay alone
     from ftrain.repro import capture as write
     try:
         return write(capture[0], before, batch, err, epoch=epoch, index=index,
@@ -414,7 +429,7 @@ def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = Non
             max_steps: int | None = None, donate: bool = True,
             limit_train_batches: int | float | None = None,
             fast_dev_run: bool | int = False,
-            capture_failures: str | os.PathLike[str] | None = None
+            capture_failures: str | os.PathLike[str] | bool | None = None
             ) -> Generator[tuple[TrainState, Metrics], TrainState | None, TrainState]:
     """Train, yielding `(state, metrics)` after every step; nothing else is added.
 
@@ -439,7 +454,6 @@ def iterate(step: Any, state: TrainState, data: Any, *, epochs: int | None = Non
     """
     return _run(step, state, data, epochs=epochs, max_steps=max_steps, donate_input=donate,
                 limit_train_batches=limit_train_batches, fast_dev_run=fast_dev_run,
-                caller="ft.iterate", capture=None if capture_failures is None
-                else (os.fspath(capture_failures), None))
+                caller="ft.iterate", capture=_capture_folder(capture_failures))
 
 

@@ -179,10 +179,17 @@ def _adam(ps: Ts, gs: Ts, state: dict[str, Any],
         bias1, bias2_sqrt = 1 - beta1 ** k, math.sqrt(1 - beta2 ** k)
         # sqrt at 0 has an infinite derivative: an entry whose gradients were all exactly
         # 0 (a dead ReLU) would give NaN meta-gradients. Clamped to the smallest normal
-        # float, every value stays as it was in float32 (its sqrt, ~1e-19, is far under eps)
-        vk = torch._foreach_clamp_min([v[i] for i in idx], torch.finfo(v[idx[0]].dtype).tiny)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(vk), bias2_sqrt),
-                                   eps)
+        # float (float32's for float16), every value stays as it was (its root is far
+        # under eps)
+        vk = [v[i] for i in idx]
+        roots: Ts
+        if vk[0].dtype == torch.float16:  # its smallest normal's root (8e-3) is not small
+            roots = [r.to(torch.float16) for r in torch._foreach_sqrt(torch._foreach_clamp_min(
+                [x.float() for x in vk], torch.finfo(torch.float32).tiny))]
+        else:
+            roots = torch._foreach_sqrt(torch._foreach_clamp_min(
+                vk, torch.finfo(vk[0].dtype).tiny))
+        denom = torch._foreach_add(torch._foreach_div(roots, bias2_sqrt), eps)
         step = _scaled(torch._foreach_div([m[i] for i in idx], denom),
                        [rate[i] for i in idx] if isinstance(rate, list) else rate,
                        1 / bias1)

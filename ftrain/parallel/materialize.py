@@ -14,7 +14,8 @@ The initializer is the module's `reset_parameters()` (torch's layers; `_reset_pa
 for `nn.MultiheadAttention`), which sees its whole subtree full (MultiheadAttention sets
 its `out_proj.bias`), or `init(module)` given to `with_fsdp`, called for each module that
 holds tensors to make, with its own tensors full. A tensor no initializer wrote (it still
-holds the NaN it was filled with) is a `ConfigError` naming it.
+holds the NaN it was filled with; an integer or bool tensor nothing wrote to) is a
+`ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def initialize(model: nn.Module, pending: set[int], names: dict[int, str], seed:
     """
     todo = set(pending)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU one only: CUDA's stay as they are
         for module in _post_order(model):
-            own = any(id(t) in todo for _, _, t in _slots(module, recurse=False))
-            below = any(id(t) in todo for _, _, t in _slots(module, recurse=True))
+            # a parent's initializer runs whenever its subtree had tensors to make, even
+            # when its children made them all: it may set them again (torch's Transformer,
+            # a parent's reset_parameters), as after construction on the CPU
+            own = any(id(t) in pending for _, _, t in _slots(module, recurse=False))
+            below = any(id(t) in pending for _, _, t in _slots(module, recurse=True))
             if not (own if init is not None else below):
                 continue
             fn = _initializer(module, init)
@@ -123,8 +127,8 @@ def initialize(model: nn.Module, pending: set[int], names: dict[int, str], seed:
             scope = _slots(module, recurse=init is None)
             fulls = []
             for _, _, t in scope:  # host sync: a one-time copy per tensor
-                if id(t) in todo:
-                    f = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                if id(t) in todo:  # NaN, or zeros for integers (set: see the versions)
+                    f = torch.zeros(t.shape, dtype=t.dtype, device="cpu")
                     if f.is_floating_point() or f.is_complex():
                         f.fill_(float("nan"))
                     fulls.append(f)
@@ -133,6 +137,8 @@ def initialize(model: nn.Module, pending: set[int], names: dict[int, str], seed:
             for (table, leaf, t), f in zip(scope, fulls):
                 table[leaf] = nn.Parameter(f, requires_grad=t.requires_grad) \
                     if isinstance(t, nn.Parameter) else f
+            placed = [table[leaf] for table, leaf, _ in scope]
+            versions = [x._version for x in placed]
             try:
                 with torch.no_grad():
                     fn()
@@ -140,10 +146,15 @@ def initialize(model: nn.Module, pending: set[int], names: dict[int, str], seed:
                 made = [table[leaf] for table, leaf, _ in scope]
                 for table, leaf, t in scope:
                     table[leaf] = t
-            for (_, _, t), f in zip(scope, made):
+            for (_, _, t), f, before, v in zip(scope, made, placed, versions):
                 write(t, f.detach())
-                if id(t) in todo and not (
-                        (f.is_floating_point() or f.is_complex()) and bool(f.isnan().any())):
+                if id(t) not in todo:
+                    continue
+                if f.is_floating_point() or f.is_complex():
+                    done = not bool(f.isnan().any())  # every entry written
+                else:  # integers and bools: written in place, or replaced
+                    done = f is not before or f._version != v
+                if done:
                     todo.discard(id(t))
     if todo:
         missing = sorted(names.get(i, "?") for i in todo)
