@@ -28,6 +28,16 @@ def data(dtype: torch.dtype = torch.float32, n: int = 4) -> list[tuple[torch.Ten
              torch.randn(6, 1, generator=g, dtype=dtype)) for _ in range(n)]
 
 
+def assert_unroll_is_the_loop(state: ft.TrainState, n: int, rtol: float) -> None:
+    """n unrolled steps give the params of n plain (torch-kernel) steps."""
+    new = ft.unroll(ft.train_step(loss_fn), state, data(n=n))
+    plain = state
+    for batch in data(n=n):
+        plain, _ = ft.train_step(loss_fn)(plain, batch)
+    torch.testing.assert_close({k: v.detach() for k, v in new.params.items()}, plain.params,
+                               rtol=rtol, atol=1e-6)
+
+
 def leaves(state: ft.TrainState) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().requires_grad_() for k, v in state.params.items()}
 
@@ -122,12 +132,7 @@ def test_unroll_leaves_the_state_and_the_rng_as_they_were_and_draws_as_the_loop(
     model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1))
     state = ft.TrainState.create(model, ft.optim.sgd(0.1), seed=4)
     before = state.copy()
-    new = ft.unroll(ft.train_step(loss_fn), state, data(n=2))
-    plain = state
-    for batch in data(n=2):
-        plain, _ = ft.train_step(loss_fn)(plain, batch)
-    torch.testing.assert_close({k: v.detach() for k, v in new.params.items()}, plain.params,
-                               rtol=1e-6, atol=1e-6)
+    assert_unroll_is_the_loop(state, 2, rtol=1e-6)
     assert tensors_equal(state.params, before.params) and state.step == 0
 
 
@@ -180,13 +185,7 @@ def test_refusals_name_what_is_wrong() -> None:
 ], ids=["sgd-nesterov", "adam-amsgrad-l2-maximize", "adamw-schedule", "clip-sgd"])
 def test_unrolled_values_are_the_loop_steps(opt) -> None:
     """The differentiable forms give torch's kernels' numbers, option by option."""
-    state = ft.TrainState.create(net(), opt(), seed=1)
-    new = ft.unroll(ft.train_step(loss_fn), state, data(n=4))
-    plain = state
-    for batch in data(n=4):
-        plain, _ = ft.train_step(loss_fn)(plain, batch)
-    torch.testing.assert_close({k: v.detach() for k, v in new.params.items()}, plain.params,
-                               rtol=1e-5, atol=1e-6)
+    assert_unroll_is_the_loop(ft.TrainState.create(net(), opt(), seed=1), 4, rtol=1e-5)
 
 
 def test_float16_adam_matches_torch() -> None:
