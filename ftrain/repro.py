@@ -82,7 +82,10 @@ def capture(folder: str, state: TrainState, batch: Any, err: BaseException, *, e
     if why is not None:
         log.warning("step %d failed; no repro bundle written: %s", state.step, why)
         return None
-    final = os.path.join(folder, f"step-{state.step}-rank{rank}")
+    base = os.path.join(folder, f"step-{state.step}-rank{rank}")
+    final, n = base, 1
+    while os.path.lexists(final):  # an earlier bundle of this step (a rerun): kept
+        final, n = f"{base}-{n}", n + 1
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".repro-", dir=folder)
     try:
@@ -93,8 +96,6 @@ def capture(folder: str, state: TrainState, batch: Any, err: BaseException, *, e
                 "error_type": type(err).__name__, "error_message": str(err)}
         with open(os.path.join(tmp, "info.json"), "w") as f:
             json.dump(info, f, indent=1)
-        if os.path.exists(final):  # an earlier bundle of the same step: this one wins
-            shutil.rmtree(final)
         os.rename(tmp, final)  # whole or absent
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

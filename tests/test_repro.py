@@ -123,6 +123,9 @@ def test_bad_bundles_are_refused(tmp_path) -> None:
     state = ft.TrainState.create(nn.Linear(3, 1), ft.optim.sgd(0.1))
     folder = capture(str(tmp_path), state, (torch.ones(2, 3),), ValueError("x"), epoch=0,
                      index=0, rank=0, world=1, limit=None)
+    again = capture(str(tmp_path), state, (torch.ones(2, 3),), ValueError("y"), epoch=0,
+                    index=0, rank=0, world=1, limit=None)
+    assert again == folder + "-1" and Path(folder, "info.json").is_file()  # both kept
     step = ft.train_step(lambda m, b: m(b[0]).sum())
     info_path = Path(folder) / "info.json"
     info = json.loads(info_path.read_text())
