@@ -148,9 +148,6 @@ def test_two_agents_a_rank_that_catches_its_error_still_brings_the_peer_down(tmp
     results = _two_nodes(tmp_path, "fail-caught", "4", "8", timeout=90)
     for rc, seconds, _ in results:
         assert rc != 0 and seconds < 60, (rc, seconds)
-    (_, alive, _), = [r for r in results if "staying alive" in r[2]]
-    (_, peer, _), = [r for r in results if "staying alive" not in r[2]]
-    assert peer < alive - 4, (peer, alive)  # down while the failed rank still sleeps (30 s)
     text = "".join(t for _, _, t in results)
     assert "ValueError: boom on rank 1 at step 3" in text
     assert "staying alive" in text  # the failing program did catch it
