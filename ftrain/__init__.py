@@ -39,6 +39,7 @@ from ftrain.errors import (
     LossError,
     MonitorError,
     NonFiniteLossError,
+    RollbackError,
     StepError,
 )
 from ftrain.layers.early_stop import early_stop
@@ -71,6 +72,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "cli": ("ftrain.cli", None),
     "compile": ("ftrain.compiling.step", "compile"),
     "consolidate": ("ftrain.checkpointing.consolidate", "consolidate"),
+    "divergence": ("ftrain.layers.divergence", None),
     "export": ("ftrain.export", None),
     "load": ("ftrain.checkpointing.file", "load"),
     "load_hparams": ("ftrain.checkpointing.file", "load_hparams"),
@@ -95,6 +97,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "with_ema": ("ftrain.layers.ema", "with_ema"),
     "with_fsdp": ("ftrain.parallel.fsdp", "with_fsdp"),
     "with_profiling": ("ftrain.layers.profile", "with_profiling"),
+    "with_rollback": ("ftrain.layers.rollback", "with_rollback"),
     "with_swa": ("ftrain.layers.swa", "with_swa"),
 }
 
@@ -106,10 +109,12 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
     from ftrain.compiling.step import compile
     from ftrain.core.activation_checkpointing import with_activation_checkpointing
     from ftrain.export import ExportError, bind
+    from ftrain.layers import divergence
     from ftrain.layers.averaging import averaged
     from ftrain.layers.ema import with_ema
     from ftrain.layers.plateau import reduce_lr_on_plateau
     from ftrain.layers.profile import with_profiling
+    from ftrain.layers.rollback import with_rollback
     from ftrain.layers.swa import update_bn, with_swa
     from ftrain.loops.predict_writer import read_predictions
     from ftrain.loops.summary import summary
@@ -158,6 +163,7 @@ __all__ = [
     "MonitorError",
     "NonFiniteLossError",
     "PeerFailedError",
+    "RollbackError",
     "RunInfo",
     "StepError",
     "TrainState",
@@ -171,6 +177,7 @@ __all__ = [
     "combinators",
     "compile",
     "consolidate",
+    "divergence",
     "early_stop",
     "eval_step",
     "evaluate",
@@ -216,6 +223,7 @@ __all__ = [
     "with_logging",
     "with_max_time",
     "with_profiling",
+    "with_rollback",
     "with_swa",
     "with_validation",
 ]

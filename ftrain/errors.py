@@ -76,3 +76,8 @@ def described(value: object) -> str:
         return f"a tensor of shape {tuple(shape)}"
     return f"a {type(value).__name__}"
 
+
+
+class RollbackError(FTrainError):
+    """`with_rollback` gave up: its detector fired too many times in a row, or the state
+    cannot be rolled back (its structure changed since the last good snapshot)."""

@@ -44,7 +44,7 @@ from ftrain.core import bind as _bind
 from ftrain.core import health
 from ftrain.core import rng as _rng
 from ftrain.core.host import to_host
-from ftrain.core.layer import Combinator, Metrics
+from ftrain.core.layer import Combinator, Metrics, request
 from ftrain.core.run import RunInfo, run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.core.trigger import Trigger, ended_epoch
@@ -239,6 +239,9 @@ class WithCheckpointing(Combinator):
         run = run_info(state)
         if run is not None and run.fast_dev_run:
             return state  # a quick check writes nothing
+        state, rolled_back = request(self.inner, state, "verify")
+        if rolled_back:  # a layer inside (with_rollback) found this state bad: no save now
+            return state
         slot = state.slots.get(self.name) or self._empty_slot()
         if slot.get("last_step") == state.step:
             return state  # saved at this step already (e.g. every_n_steps and epoch end)
@@ -280,6 +283,7 @@ class WithCheckpointing(Combinator):
         """The loop's requests: "save" writes `last.ckpt` now (a signal stops the run)."""
         if what != "save":
             return state, None
+        state, _ = request(self.inner, state, "verify")  # never save an unverified state
         state = self.save_last_now(state)
         return state, os.path.join(self.dirpath or "", LAST)
 

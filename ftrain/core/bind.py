@@ -130,6 +130,8 @@ class Binding:
         self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
         # each model part's optimizer update prepared for these tensors (phases.apply_update)
         self.prepared: dict[str | None, Any] = {}
+        # what a layer keeps for this run only, by slot name (with_rollback's good states)
+        self.layer_runs: dict[str, Any] = {}
 
     def take_over(self, old: Binding) -> None:
         """Continue `old`'s run with this binding's tensors (a state whose params dict
@@ -139,6 +141,7 @@ class Binding:
         registers the parameters that require grad when it is built)."""
         self.run, self.owner, self.profiler = old.run, old.owner, old.profiler
         self.rank, self.nonfinite_policy = old.rank, old.nonfinite_policy
+        self.layer_runs = {**old.layer_runs, **self.layer_runs}
         self.deferred = [*old.deferred, *self.deferred]
         self.pending = [*old.pending, *self.pending]
         self.pending_steps = [*old.pending_steps, *self.pending_steps]

@@ -36,6 +36,8 @@ class RunInfo:
         # The epoch the loop is in (set at each epoch start): what `per_epoch` schedules
         # follow, so skipped updates and a resume on another world size keep it exact.
         self.epoch: int | None = None
+        # Where the loop writes repro bundles of failing steps: (folder, size limit), or None.
+        self.capture: tuple[str, int | None] | None = None
 
     @property
     def epoch_length(self) -> int | None:

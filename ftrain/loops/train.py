@@ -131,6 +131,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     run = RunInfo(epochs, max_steps, limit, dev_run, per_epoch, progress=progress,
                   root_dir=root_dir, hparams=hparams, signals=signals,
                   checkpoint_dir=checkpoint_dir)
+    run.capture = capture
     owner = object()
     lock: Lockstep | None = None
     resumable = True

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ftrain.core.context import binding_of
 from ftrain.core.run import run_info
 from ftrain.core.state import LOOP_SLOT, TrainState
 from ftrain.parallel import dist as _dist
@@ -34,6 +35,9 @@ def join(state: TrainState, backend: str | None, timeout: datetime.timedelta,
     if run is not None:
         run.rank, run.world = rank, world
         run.on_error = _dist.fail
+    binding = binding_of(state)
+    if binding is not None:  # made before the group existed: its dropout stream is rank 0's
+        binding.rank = rank
     if world > 1:
         pos: Any = state.slots.get(LOOP_SLOT) or {}
         _dist.check_same((state.step, int(pos.get("epoch", 0)), int(pos.get("batch", 0))),
