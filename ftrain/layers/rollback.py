@@ -25,6 +25,7 @@ batches when the loop writes repro bundles (`capture_failures`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -273,7 +274,7 @@ class WithRollback(Combinator):
         for i, value in enumerate(values):
             reason = self._judge(value, history)
             if reason is not None:
-                return self._roll_back(state, run, binding, slot, i, reason)
+                return self._roll_back(state, run, binding, slot, i, reason, value)
             self._remember(history, value)
         slot.update(history=history, in_a_row=0)
         state = state.replace(slots={**state.slots, self.name: slot})
@@ -282,7 +283,7 @@ class WithRollback(Combinator):
         return state
 
     def _roll_back(self, state: TrainState, run: _Run, binding: Any, slot: dict[str, Any],
-                   bad: int, reason: str) -> TrainState:
+                   bad: int, reason: str, value: float) -> TrainState:
         in_a_row = slot["in_a_row"] + 1
         at = run.ring[-1].step + bad  # the step that fired (its number before it ran)
         # the i-th rollback in a row goes i snapshots back, as far as the ring reaches
@@ -290,10 +291,11 @@ class WithRollback(Combinator):
         snapshot = run.ring[keep]
         bundle = None
         if in_a_row > self.give_up_after:
-            bundle = self._bundle(run, binding, state, bad, reason, at)
+            bundle = self._bundle(run, binding, state, bad, reason, value, at)
+        # skipped: the window; going further back, also what was trained since that state
+        first = [*run.window[0][1]] if keep == len(run.ring) - 1 else [*snapshot.where]
         del run.ring[keep + 1:]
         _snap.restore(snapshot, state)
-        first = [*snapshot.where]
         last = [*run.window[-1][1]]
         skipped = {"step": snapshot.step, "at": at, "first": first, "last": last,
                    "reason": reason}
@@ -330,7 +332,7 @@ class WithRollback(Combinator):
         return new
 
     def _bundle(self, run: _Run, binding: Any, state: TrainState, bad: int, reason: str,
-                at: int) -> str | None:
+                value: float, at: int) -> str | None:
         """The repro bundle of the step that fired: the newest good state run forward
         (directly, pure) over the window's good batches, and the failing batch."""
         info = binding.run
@@ -342,7 +344,10 @@ class WithRollback(Combinator):
             for _, _, batch in run.window[:bad]:
                 before, _ = self.inner(before, batch)
             _, (epoch, index), batch = run.window[bad]
-            err = NonFiniteLossError(f"with_rollback: {reason} at step {at}")
+            # worded as train_step(check_finite_every_step=True) raises it, so ft.replay
+            # with that step reproduces it
+            err = NonFiniteLossError(f"the loss was {value} at step {at}") \
+                if not math.isfinite(value) else RollbackError(f"{reason} at step {at}")
             return capture(info.capture[0], before, batch, err, epoch=epoch, index=index,
                            rank=info.rank, world=info.world, limit=info.capture[1])
         except Exception as failed:  # the run's own error must not be hidden by this
