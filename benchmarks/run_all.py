@@ -57,6 +57,7 @@ SCRIPTS: dict[str, Script] = {
     "profile_step.py": Script(),
     "activation_checkpointing.py": Script(),
     "unroll.py": Script(),
+    "dp.py": Script(),
     # its own budget (8 minutes by default); --max-minutes bounds the quick run
     "gpu.py": Script(quick=("--rounds", "1", "--max-minutes", "3"), quick_timeout=240.0,
                      full_timeout=600.0, cuda=True),

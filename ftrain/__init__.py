@@ -80,6 +80,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "population": ("ftrain.populations.population", "population"),
     "population_eval_step": ("ftrain.populations.population", "population_eval_step"),
     "population_step": ("ftrain.populations.population", "population_step"),
+    "privacy": ("ftrain.privacy", None),
     "read_predictions": ("ftrain.loops.predict_writer", "read_predictions"),
     "replay": ("ftrain.repro", "replay"),
     "reduce_lr_on_plateau": ("ftrain.layers.plateau", "reduce_lr_on_plateau"),
@@ -94,6 +95,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
                                       "with_activation_checkpointing"),
     "with_checkpointing": ("ftrain.checkpointing.manager", "with_checkpointing"),
     "with_ddp": ("ftrain.parallel.ddp", "with_ddp"),
+    "with_dp": ("ftrain.privacy.dp", "with_dp"),
     "with_ema": ("ftrain.layers.ema", "with_ema"),
     "with_fsdp": ("ftrain.parallel.fsdp", "with_fsdp"),
     "with_profiling": ("ftrain.layers.profile", "with_profiling"),
@@ -102,7 +104,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names directly
-    from ftrain import cli, export, tune
+    from ftrain import cli, export, privacy, tune
     from ftrain.checkpointing.consolidate import consolidate
     from ftrain.checkpointing.file import load, load_hparams, save
     from ftrain.checkpointing.manager import checkpoints, with_checkpointing
@@ -128,6 +130,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
         split_members,
         vmap,
     )
+    from ftrain.privacy.dp import with_dp
     from ftrain.repro import replay
     from ftrain.unrolling import apply, unroll
 
@@ -198,6 +201,7 @@ __all__ = [
     "population_eval_step",
     "population_step",
     "predict",
+    "privacy",
     "read_predictions",
     "reduce_lr_on_plateau",
     "replay",
@@ -218,6 +222,7 @@ __all__ = [
     "with_amp",
     "with_checkpointing",
     "with_ddp",
+    "with_dp",
     "with_ema",
     "with_fsdp",
     "with_logging",

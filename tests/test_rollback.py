@@ -120,6 +120,17 @@ def test_the_learning_rate_is_scaled_for_a_while_after_a_rollback():
     assert tensors_equal(state.params, ref.params)
 
 
+def test_privacy_spent_in_dropped_steps_stays_counted():
+    data = poisoned(6, n=12)
+    core = ft.with_dp(ft.train_step(run.loss_fn), max_grad_norm=1.0, noise_multiplier=1.0,
+                      sample_rate=0.1)
+    state = ft.fit(ft.with_rollback(core, every_n_steps=4), run.fresh(), data, epochs=1,
+                   **OFF)
+    assert state.slots["rollback"]["rollbacks"] == 1 and state.step == 8
+    # four steps were dropped, but their noisy gradients saw the data: 12 are spent
+    assert state.slots["dp"]["steps"] == 12
+
+
 def test_a_direct_call_is_pure_and_skips_the_bad_batch():
     step = ft.with_rollback(ft.train_step(run.loss_fn), give_up_after=1)
     state = run.fresh()

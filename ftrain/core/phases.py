@@ -39,13 +39,15 @@ class Phases:
     `amp`: `ftrain.core.amp.Amp` (autocast dtype, loss scaler); `accumulation`:
     `ftrain.core.accumulation.Accumulation` (micro-batches); `ddp`:
     `ftrain.parallel.ddp.DDP` (process group, DistributedDataParallel options); `fsdp`:
-    `ftrain.parallel.fsdp.FSDP` (process group, sharding policy).
+    `ftrain.parallel.fsdp.FSDP` (process group, sharding policy); `dp`:
+    `ftrain.privacy.dp.DP` (per-sample clipping and noise replace forward and backward).
     """
 
     amp: Any = None
     accumulation: Any = None
     ddp: Any = None
     fsdp: Any = None
+    dp: Any = None
 
     def __attrs_post_init__(self) -> None:
         if self.ddp is not None and self.fsdp is not None:
@@ -55,6 +57,10 @@ class Phases:
             raise ConfigError("with_fsdp with with_amp(torch.float16) is not supported (its "
                               "loss scaler would read sharded gradients); use "
                               "with_amp(torch.bfloat16)")
+        if self.dp is not None and (self.fsdp is not None or (
+                self.amp is not None and self.amp.scaling)):
+            raise ConfigError("with_dp works with with_ddp and with_amp(torch.bfloat16), "
+                              "not with with_fsdp or float16 loss scaling")
 
     @property
     def parallel(self) -> Any:
@@ -76,11 +82,20 @@ class Phases:
             state = self.fsdp.init(state, self.amp)
         if self.amp is not None:
             state = self.amp.init(state)
+        if self.dp is not None:
+            state = self.dp.init(state)
         return state
 
     @property
     def slot_names(self) -> tuple[str, ...]:
-        return (self.amp.name,) if self.amp is not None and self.amp.scaling else ()
+        names = (self.amp.name,) if self.amp is not None and self.amp.scaling else ()
+        return names + ((self.dp.name,) if self.dp is not None else ())
+
+    @property
+    def spent_slots(self) -> tuple[str, ...]:
+        """Slots that only ever grow: privacy spent cannot be taken back, so with_rollback
+        leaves the dp slot's count of noisy steps as it is when it goes back."""
+        return (self.dp.name,) if self.dp is not None else ()
 
 
 def with_option(step: Any, kind: str, value: Any, what: str, unsupported: str = "") -> Any:
@@ -128,6 +143,15 @@ def scaler(phases: Phases, state: Any, slots: dict[str, Any] | None = None
 
 def grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global norm of the params' gradients (0 without any), a 0-d device tensor."""
+    gradients = grads(params)
+    if not gradients:
+        return torch.zeros((), device=params[0].device if params else None)
+    total = torch.nn.utils.get_total_norm(gradients).detach()  # with_fsdp: global DTensor
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:

@@ -33,6 +33,7 @@ from ftrain.core.outputs import (  # noqa: F401  (re-exported for the other step
     eval_metrics,
     split_loss,
 )
+from ftrain.core.phases import grad_norm as _grad_norm
 from ftrain.core.state import STOP_SLOT, TrainState, clone_tree, donate, parts
 from ftrain.errors import ConfigError, LossError
 
@@ -84,7 +85,7 @@ class TrainStep(_Value):
     """The core training step built by `train_step`."""
 
     inner = None
-    options = ("amp", "accumulation", "ddp", "fsdp")
+    options = ("amp", "accumulation", "ddp", "fsdp", "dp")
     _fixed = ("loss_fn", "on_nonfinite", "check_finite_every_step", "phases", "metrics")
 
     def __init__(self, loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",
@@ -111,6 +112,8 @@ class TrainStep(_Value):
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
         state, metrics = _nonfinite_epoch_end(state, self.on_nonfinite)
+        if self.phases.dp is not None:  # dp_epsilon (ftrain.privacy)
+            metrics = {**metrics, **self.phases.dp.epoch_metrics(state)}
         return _tm.epoch_end(self, state) if self.metrics else (state, metrics)
 
     def __repr__(self) -> str:
@@ -208,10 +211,12 @@ class TrainStep(_Value):
                ) -> tuple[TrainState, Metrics]:
         prof = self._begin(binding)
         scale = _phases.scaler(self.phases, state)
-        ddp, fsdp = self.phases.ddp, self.phases.fsdp
-        module = ddp.module_for(binding) if ddp is not None else \
+        ddp, fsdp, dp = self.phases.ddp, self.phases.fsdp, self.phases.dp
+        module = ddp.module_for(binding) if ddp is not None and dp is None else \
             fsdp.module_for(binding, state, self.phases.amp) if fsdp is not None else None
-        if module is None:
+        if dp is not None:  # per-sample gradients, clipped and noised (ftrain.privacy)
+            metrics = dp.bound_gradients(state, batch, self.loss_fn, binding, self.phases)
+        elif module is None:
             loss_fn, model = self.loss_fn, binding.model_arg
 
             def call(mb: Any) -> Any:
@@ -223,8 +228,9 @@ class TrainStep(_Value):
             no_sync = module.no_sync
         if self.metrics:
             call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
-        metrics = self._gradients(state, batch, call, binding.generator, binding.rank, None,
-                                  no_sync, scale, prof)
+        if dp is None:
+            metrics = self._gradients(state, batch, call, binding.generator, binding.rank,
+                                      None, no_sync, scale, prof)
         entry = _tm.updated(self, state, feed) if self.metrics else None
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
@@ -236,6 +242,8 @@ class TrainStep(_Value):
         if prof is not None:
             prof.lap("optimizer")
         new = advance(state, binding, [metrics["loss"]], self.on_nonfinite)
+        if dp is not None:
+            dp.account(state, new.slots)  # the loop's slots: in place
         if entry is not None:
             new.slots[_tm.SLOT] = entry  # the loop's slots: in place, as other layers do
         return new, metrics
@@ -271,8 +279,12 @@ class TrainStep(_Value):
                                    update_buffers=True)
         if self.metrics:
             call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
-        metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
-                                  _rng.rank(), leaves, None, scale)
+        if self.phases.dp is not None:  # per-sample gradients, counted (ftrain.privacy)
+            metrics = self.phases.dp.pure_gradients(state, batch, self.loss_fn, params,
+                                                    buffers, trainable, self.phases, slots)
+        else:
+            metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
+                                      _rng.rank(), leaves, None, scale)
         if self.metrics:
             slots[_tm.SLOT] = _tm.updated(self, state, feed)
         if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
@@ -341,14 +353,6 @@ def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
                                "step %d", bad)
             health.clear(state)
     return state, {}
-
-
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = _phases.grads(params)
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
-    total = torch.nn.utils.get_total_norm(grads).detach()  # with_fsdp: a global DTensor
-    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",

@@ -129,8 +129,11 @@ class WithRollback(Combinator):
         self.give_up_after, self.lr_factor, self.lr_steps = give_up_after, lr_factor, lr_steps
         self.monitor = monitor
         # the slots a rollback puts back: those of the layers inside, and the loss record
-        self.restored_slots = sorted({n for layer in _layer.layers(inner)
-                                      for n in _layer.claims(layer)} | {health.SLOT})
+        # (not those that only grow: with_dp's privacy spent counts the dropped steps too)
+        spent = getattr(getattr(_layer.core(inner), "phases", None), "spent_slots", ())
+        self.restored_slots = sorted(({n for layer in _layer.layers(inner)
+                                       for n in _layer.claims(layer)} | {health.SLOT})
+                                     - set(spent))
         self._checked()
 
     def __repr__(self) -> str:
