@@ -76,6 +76,17 @@ def test_a_nan_window_is_skipped_and_the_result_is_a_run_without_it():
     assert ft.check_finite(state) is None  # the NaN left no record behind
 
 
+def test_a_nan_already_folded_into_the_record_is_forgotten(monkeypatch):
+    from ftrain.core import health
+    monkeypatch.setattr(health, "FOLD_EVERY", 2)  # pending losses folded every 2 steps
+    data = poisoned(9, n=20)
+    step = ft.with_rollback(ft.train_step(run.loss_fn), every_n_steps=6)
+    state = ft.fit(step, run.fresh(), data, epochs=1, **OFF)  # no NonFiniteLossError
+    assert state.slots["rollback"]["rollbacks"] == 1 and ft.check_finite(state) is None
+    expected = reference(data[:6] + data[12:])
+    assert tensors_equal(state.params, expected.params)
+
+
 def test_two_bad_windows_in_a_row_go_two_good_states_back():
     data = poisoned(9, 12, n=24)
     step = ft.with_rollback(ft.train_step(run.loss_fn), every_n_steps=3, keep=2)

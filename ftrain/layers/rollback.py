@@ -77,6 +77,7 @@ class _Run:
         self.count: torch.Tensor | None = None  # the "rollbacks" metric, made once per change
         self.unscaled: Any = None  # the optimizer before a cooldown scaled its lr
         self.gave_up: RollbackError | None = None
+        self.flat = _snap.Flat()  # the live tensors, flattened once per run
 
 
 def _where(state: TrainState) -> tuple[int, int]:
@@ -128,12 +129,11 @@ class WithRollback(Combinator):
         self.keep, self.every_n_steps, self.placement = keep, every_n_steps, where
         self.give_up_after, self.lr_factor, self.lr_steps = give_up_after, lr_factor, lr_steps
         self.monitor = monitor
-        # the slots a rollback puts back: those of the layers inside, and the loss record
+        # the slots a rollback puts back: those of the layers inside
         # (not those that only grow: with_dp's privacy spent counts the dropped steps too)
         spent = getattr(getattr(_layer.core(inner), "phases", None), "spent_slots", ())
-        self.restored_slots = sorted(({n for layer in _layer.layers(inner)
-                                       for n in _layer.claims(layer)} | {health.SLOT})
-                                     - set(spent))
+        self.restored_slots = sorted({n for layer in _layer.layers(inner)
+                                      for n in _layer.claims(layer)} - set(spent))
         self._checked()
 
     def __repr__(self) -> str:
@@ -217,10 +217,10 @@ class WithRollback(Combinator):
         return run  # type: ignore[no-any-return]
 
     def _push(self, run: _Run, state: TrainState, where: tuple[int, int]) -> None:
-        health.pending_record(state)  # fold pending losses in: the record is snapshotted
         reuse = run.ring.pop(0) if len(run.ring) >= self.keep else None
         run.ring.append(_snap.take(state, where, self.restored_slots,
-                                   self._slot(state)["history"], self.placement, reuse))
+                                   self._slot(state)["history"], self.placement, reuse,
+                                   run.flat))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         binding = context.stepping(state)
@@ -306,10 +306,7 @@ class WithRollback(Combinator):
                     history=list(snapshot.history), skipped=[*slot["skipped"], skipped])
         if self.lr_factor is not None:
             slot["cooldown_until"] = snapshot.step + self.lr_steps
-        # the steps being dropped may still have losses waiting for the non-finite check
-        keep_losses = [i for i, s in enumerate(binding.pending_steps) if s < snapshot.step]
-        binding.pending = [binding.pending[i] for i in keep_losses]
-        binding.pending_steps = [binding.pending_steps[i] for i in keep_losses]
+        self._forget_losses(state, binding, snapshot.step)
         slots = {**state.slots, **clone_tree(snapshot.slots), self.name: slot}
         new = state.replace(step=snapshot.step, slots=slots)
         context.at_step = snapshot.step
@@ -333,6 +330,18 @@ class WithRollback(Combinator):
             run.gave_up = error  # raised at the epoch end the stop below leads to
             new = request_stop(new, "with_rollback gave up")
         return new
+
+    @staticmethod
+    def _forget_losses(state: TrainState, binding: Any, step: int) -> None:
+        """The dropped steps' losses must not fail the core's deferred non-finite check:
+        those still pending are dropped; a record already folded (every FOLD_EVERY steps)
+        whose first bad step is a dropped one is cleared (host read: rollbacks only)."""
+        keep = [i for i, s in enumerate(binding.pending_steps) if s < step]
+        binding.pending = [binding.pending[i] for i in keep]
+        binding.pending_steps = [binding.pending_steps[i] for i in keep]
+        record = state.slots.get(health.SLOT)
+        if record is not None and int(record["step"]) >= step:
+            health.clear(state)  # its first bad step is dropped: none before it
 
     def _bundle(self, run: _Run, binding: Any, state: TrainState, bad: int, reason: str,
                 value: float, at: int) -> str | None:

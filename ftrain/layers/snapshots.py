@@ -64,19 +64,40 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
                 d.copy_(s, non_blocking=True)
 
 
+class Flat:
+    """A state's tensors flattened once per run: a loop updates the same tensors in its
+    same dicts, so while the dicts are the same objects the list is reused (the pytree
+    walk costs more than the copy for a small model)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] = ()
+        self.live: list[torch.Tensor] = []
+        self.others: list[Any] = []
+        self.spec: Any = None
+
+    def of(self, state: TrainState) -> Flat:
+        key = (state.params, state.buffers, state.opt_state)
+        if len(self.key) != 3 or any(a is not b for a, b in zip(self.key, key)):
+            leaves, self.spec = _leaves(state)
+            self.live = [_local(t) for t in leaves if isinstance(t, torch.Tensor)]
+            self.others = [x for x in leaves if not isinstance(x, torch.Tensor)]
+            self.key = key
+        return self
+
+
 def take(state: TrainState, where: tuple[int, int], slot_names: list[str],
-         history: list[float], placement: str, reuse: Snapshot | None) -> Snapshot:
+         history: list[float], placement: str, reuse: Snapshot | None,
+         flat: Flat | None = None) -> Snapshot:
     """A snapshot of `state` (copies), in `reuse`'s storage when the structure matches."""
-    leaves, spec = _leaves(state)
-    live = [_local(t) for t in leaves if isinstance(t, torch.Tensor)]
-    others = [x for x in leaves if not isinstance(x, torch.Tensor)]
+    flat = (flat or Flat()).of(state)
+    live, spec = flat.live, flat.spec
     fits = reuse is not None and reuse.spec == spec and len(reuse.tensors) == len(live) and \
         all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(reuse.tensors, live))
     store = reuse.tensors if fits and reuse is not None else [_storage(t, placement)
                                                                for t in live]
     _copy(store, live)
     slots = {n: clone_tree(state.slots[n]) for n in slot_names if n in state.slots}
-    return Snapshot(state.step, where, spec, store, others, slots, list(history))
+    return Snapshot(state.step, where, spec, store, list(flat.others), slots, list(history))
 
 
 def restore(snapshot: Snapshot, state: TrainState) -> None:
