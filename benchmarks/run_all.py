@@ -58,6 +58,7 @@ SCRIPTS: dict[str, Script] = {
     "activation_checkpointing.py": Script(),
     "unroll.py": Script(),
     "dp.py": Script(),
+    "rollback.py": Script(),
     # its own budget (8 minutes by default); --max-minutes bounds the quick run
     "gpu.py": Script(quick=("--rounds", "1", "--max-minutes", "3"), quick_timeout=240.0,
                      full_timeout=600.0, cuda=True),
