@@ -9,8 +9,9 @@ added to their sum, batches Poisson-sampled (each training image joins each step
 batch with probability 64/1437), the privacy spent accounted by Opacus's RDP accountant
 at delta = 1e-5, and training stopped by `target_epsilon` when that budget is spent.
 Measured on the development CPU (torch 2.13, one thread): with the default budget,
-epsilon = 3.0, the run stops after 739 steps (about 5 s) at test accuracy 0.944; the
-test asserts accuracy >= 0.90 at epsilon <= 3.0.
+epsilon = 3.0, the run stops after 739 steps (about 5 s) at test accuracy 0.91 to 0.95
+(the noise seed is secret, so runs differ; 0.944 with `--noise-seed 0`); the test fixes
+that seed and asserts accuracy >= 0.90 at epsilon <= 3.0.
 
 Nothing is downloaded; the data ships inside scikit-learn.
 """
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clip", type=float, default=1.0, help="max per-sample grad norm")
     parser.add_argument("--lr", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=64, help="expected batch size")
+    parser.add_argument("--noise-seed", type=int, default=None,
+                        help="fix the noise (tests only; by default it is secret)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     train, test = splits()
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     step = with_dp(ft.train_step(loss_fn), max_grad_norm=args.clip,
                    noise_multiplier=args.noise, delta=1e-5, data=loader,
-                   target_epsilon=args.epsilon)
+                   target_epsilon=args.epsilon, noise_seed=args.noise_seed)
     state = ft.TrainState.create(model, ft.optim.sgd(args.lr, momentum=0.5), seed=0)
     state = ft.fit(step, state, loader, epochs=1000, logger=False, checkpoint=False,
                    progress=False)  # target_epsilon stops it earlier

@@ -135,6 +135,10 @@ class CompiledStep(TrainStep):
 
     def __init__(self, eager: TrainStep, mode: str, *, fullgraph: bool, fallback: bool,
                  dynamic: bool | None) -> None:
+        if eager.phases.dp is not None:  # its per-sample phase is not in the graph
+            raise ConfigError("ft.compile does not support with_dp: the compiled iteration "
+                              "would train without per-sample clipping and noise; train "
+                              "the private step eagerly")
         super().__init__(eager.loss_fn, on_nonfinite=eager.on_nonfinite,  # type: ignore[arg-type]
                          check_finite_every_step=eager.check_finite_every_step,
                          phases=eager.phases)

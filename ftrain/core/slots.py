@@ -7,6 +7,8 @@ names the slot, the field, what was expected and what was found.
 
 from __future__ import annotations
 
+import math
+
 import reprlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -60,6 +62,16 @@ def positive(value: Any) -> bool:
 
 def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> bool:
+    """A finite int or float (a huge int from a file does not overflow the check)."""
+    if not number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:

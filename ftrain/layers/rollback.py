@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ftrain.core import context, health
 from ftrain.core import layer as _layer
@@ -52,17 +53,24 @@ from ftrain.parallel.dist import across_ranks
 log = logging.getLogger("ftrain")
 Detector = Callable[[float, Sequence[float]], Any]
 
-_WHERE = _slots.list_of(lambda v: _slots.count(v))
+def _position(value: Any) -> bool:
+    return _slots.list_of(_slots.count)(value) and len(value) == 2
+
+
+_WHERE = _position
 _SKIP = {"step": (_slots.count, "an int >= 0"), "at": (_slots.count, "an int >= 0"),
          "first": (_WHERE, "[epoch, batch] ints >= 0"),
          "last": (_WHERE, "[epoch, batch] ints >= 0"), "reason": (_slots.text, "a string")}
+MAX_RECORDS = 100_000  # history values and skipped windows a restored slot may hold
 _FIELDS = {
     "rollbacks": (_slots.count, "an int >= 0"),
     "in_a_row": (_slots.count, "an int >= 0"),
-    "history": (_slots.list_of(_slots.number), "a list of numbers"),
-    "skipped": (_slots.list_of(lambda v: isinstance(v, dict) and set(v) == set(_SKIP) and all(
-        test(v[k]) for k, (test, _) in _SKIP.items())),
-        "a list of {step, at, first, last, reason} records"),
+    "history": (lambda v: _slots.list_of(_slots.finite)(v) and len(v) <= MAX_RECORDS,
+                f"a list of at most {MAX_RECORDS} finite numbers"),
+    "skipped": (lambda v: _slots.list_of(lambda e: isinstance(e, dict) and set(e) == set(
+        _SKIP) and all(test(e[k]) for k, (test, _) in _SKIP.items()))(v)
+        and len(v) <= MAX_RECORDS,
+        f"a list of at most {MAX_RECORDS} {{step, at, first, last, reason}} records"),
     "cooldown_until": (_slots.count, "an int >= 0"),
 }
 
@@ -75,9 +83,22 @@ class _Run:
         self.ring: list[_snap.Snapshot] = []
         self.window: list[tuple[torch.Tensor, tuple[int, int], Any]] = []
         self.count: torch.Tensor | None = None  # the "rollbacks" metric, made once per change
-        self.unscaled: Any = None  # the optimizer before a cooldown scaled its lr
+        self.scaled: Any = None  # (the run's optimizer, it with the cooldown's lr)
         self.gave_up: RollbackError | None = None
         self.flat = _snap.Flat()  # the live tensors, flattened once per run
+
+
+def _check_finite_params(state: TrainState) -> None:
+    """Refuse to keep a state whose parameters are not finite as the first good one (it
+    left an earlier loop between verifications: a break, an error). One host read per run."""
+    tensors = [t for t in pytree.tree_leaves(state.params)
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if tensors and not bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+        raise RollbackError(
+            f"with_rollback: the state this loop starts from (step {state.step}) has "
+            "non-finite parameters; it left an earlier loop between two verifications "
+            "(a break, an error). Continue from a checkpoint or from err.state of a "
+            "RollbackError, which hold verified states")
 
 
 def _where(state: TrainState) -> tuple[int, int]:
@@ -132,6 +153,7 @@ class WithRollback(Combinator):
         # the slots a rollback puts back: those of the layers inside
         # (not those that only grow: with_dp's privacy spent counts the dropped steps too)
         spent = getattr(getattr(_layer.core(inner), "phases", None), "spent_slots", ())
+        self.spent_slots = tuple(spent)
         self.restored_slots = sorted({n for layer in _layer.layers(inner)
                                       for n in _layer.claims(layer)} - set(spent))
         self._checked()
@@ -159,6 +181,8 @@ class WithRollback(Combinator):
         return state.replace(slots={**state.slots, self.name: slot})
 
     def _judge(self, value: float, history: list[float]) -> str | None:
+        if not math.isfinite(value):  # whatever the detectors: a NaN is never good
+            return f"the loss was {value}"
         for detect in self.detectors:
             reason = detect(value, history)
             if reason:
@@ -196,25 +220,39 @@ class WithRollback(Combinator):
                                 f"{slot['in_a_row']}th time in a row (give_up_after="
                                 f"{self.give_up_after})")
         where = list(_where(state))
+        spent = {n: new.slots[n] for n in self.spent_slots if n in new.slots}
         slot["rollbacks"] += 1
         slot["skipped"] = [*slot["skipped"], {"step": state.step, "at": state.step,
                                               "first": where, "last": where,
                                               "reason": reason}]
         log.warning("with_rollback: %s at step %d; the step is skipped", reason, state.step)
         count = torch.tensor(float(slot["rollbacks"]), device=state.device)
-        return state.replace(slots={**state.slots, self.name: slot}), \
+        return state.replace(slots={**state.slots, **spent, self.name: slot}), \
             {**metrics, "rollbacks": count}
 
     # -- in a loop -----------------------------------------------------------------------
 
-    def _run(self, binding: Any, state: TrainState, at: tuple[int, int]) -> _Run:
+    def _run(self, binding: Any, state: TrainState, at: tuple[int, int]
+             ) -> tuple[_Run, TrainState]:
         run = binding.layer_runs.get(self.name)
         if run is None or not run.ring:
+            _check_finite_params(state)  # the first good state must be good
             run = binding.layer_runs[self.name] = _Run()
-            self._push(run, state, at)  # the state the loop starts from: good
+            self._push(run, state, at)
             run.count = torch.tensor(float(self._slot(state)["rollbacks"]),
                                      device=state.device)
-        return run  # type: ignore[no-any-return]
+            return run, state
+        params, buffers, opt_state = run.ring[-1].source
+        if state.params is not params or state.buffers is not buffers or \
+                state.opt_state is not opt_state:
+            # new tensors (freeze, unfreeze, an optimizer swap): judge the window on the
+            # old ones now, then keep good states of the new structure (every rank makes
+            # the same change at the same step)
+            before = state.step
+            state = self._verify(state, run, binding)
+            if state.step == before and run.ring[-1].source[0] is not state.params:
+                self._push(run, state, at)
+        return run, state
 
     def _push(self, run: _Run, state: TrainState, where: tuple[int, int]) -> None:
         reuse = run.ring.pop(0) if len(run.ring) >= self.keep else None
@@ -228,11 +266,16 @@ class WithRollback(Combinator):
             return self._pure(state, batch)
         epoch, consumed = _where(state)  # the loop counts this batch as consumed already
         at = (epoch, max(consumed - 1, 0))  # (epoch, index) of the batch trained on now
-        run = self._run(binding, state, at)
-        state = self._cooldown(state, run)
-        new, metrics = self.inner(state, batch)
-        capture = binding.run.capture if binding.run is not None else None
-        run.window.append((self._loss(metrics), at, batch if capture else None))
+        run, state = self._run(binding, state, at)
+        given, cooled = state.optimizer, self._cooled(state, run)
+        scaled = cooled.optimizer
+        new, metrics = self.inner(cooled, batch)
+        if scaled is not given and new.optimizer is scaled:
+            new = new.replace(optimizer=given)  # the scaled one stays inside
+        # the window's batches are kept only where a give-up would write a bundle of them
+        keep = binding.run is not None and binding.run.capture is not None and \
+            self._slot(new)["in_a_row"] >= self.give_up_after
+        run.window.append((self._loss(metrics), at, batch if keep else None))
         info = binding.run
         if new.step - run.ring[-1].step >= self.every_n_steps or (
                 info is not None and info.max_steps is not None
@@ -369,17 +412,15 @@ class WithRollback(Combinator):
 
     # -- a lower learning rate for a while after a rollback ------------------------------
 
-    def _cooldown(self, state: TrainState, run: _Run) -> TrainState:
-        if self.lr_factor is None:
+    def _cooled(self, state: TrainState, run: _Run) -> TrainState:
+        """The state the layers inside see: during a cooldown, with the optimizer's
+        learning rates scaled (the scaled optimizer is made once per cooldown; states
+        leaving this layer carry the one the run was given)."""
+        if self.lr_factor is None or state.step >= self._slot(state)["cooldown_until"]:
             return state
-        cooling = state.step < self._slot(state)["cooldown_until"]
-        if cooling and run.unscaled is None:
-            run.unscaled = state.optimizer
-            return state.replace(optimizer=self._scaled(state.optimizer))
-        if not cooling and run.unscaled is not None:
-            original, run.unscaled = run.unscaled, None
-            return state.replace(optimizer=original)
-        return state
+        if run.scaled is None or run.scaled[0] is not state.optimizer:
+            run.scaled = (state.optimizer, self._scaled(state.optimizer))
+        return state.replace(optimizer=run.scaled[1])
 
     def _scaled(self, optimizer: Any) -> Any:
         if isinstance(optimizer, dict):

@@ -42,6 +42,7 @@ class Snapshot:
     others: list[Any]  # non-tensor leaves (names in an optimizer state), compared on restore
     slots: dict[str, Any]
     history: list[float]
+    source: tuple[Any, ...] = ()  # the dicts it was taken from (a new one: a new structure)
 
     @property
     def nbytes(self) -> int:
@@ -76,8 +77,11 @@ class Flat:
         self.spec: Any = None
 
     def of(self, state: TrainState) -> Flat:
-        key = (state.params, state.buffers, state.opt_state)
-        if len(self.key) != 3 or any(a is not b for a, b in zip(self.key, key)):
+        # a module may reassign a buffer (`self.b = f(self.b)`) in the same dict: its
+        # tensors are part of the key (a short walk; buffers are few)
+        key = (state.params, state.opt_state, state.buffers,
+               *pytree.tree_leaves(state.buffers))
+        if len(self.key) != len(key) or any(a is not b for a, b in zip(self.key, key)):
             leaves, self.spec = _leaves(state)
             self.live = [_local(t) for t in leaves if isinstance(t, torch.Tensor)]
             self.others = [x for x in leaves if not isinstance(x, torch.Tensor)]
@@ -97,7 +101,8 @@ def take(state: TrainState, where: tuple[int, int], slot_names: list[str],
                                                                for t in live]
     _copy(store, live)
     slots = {n: clone_tree(state.slots[n]) for n in slot_names if n in state.slots}
-    return Snapshot(state.step, where, spec, store, list(flat.others), slots, list(history))
+    return Snapshot(state.step, where, spec, store, list(flat.others), slots, list(history),
+                    (state.params, state.buffers, state.opt_state))
 
 
 def restore(snapshot: Snapshot, state: TrainState) -> None:

@@ -2,7 +2,7 @@
 
 The slot `with_dp` owns is plain data (a checkpoint carries it, a resume continues it):
 `{"steps": noisy steps taken, "history": [[noise_multiplier, sample_rate, steps], ...],
-"delta", "accountant", "max_steps"}`. `history` is the accountant's own record (one
+"delta", "accountant", "max_steps", "noise_seed"}`. `history` is the accountant's own record (one
 entry per setting used, so a run resumed with other settings is still accounted
 exactly); `max_steps` is the budget `target_epsilon` allows (None: no target), computed
 again at each `init`. Epsilon is computed by Opacus (`RDPAccountant`, or `PRVAccountant`
@@ -101,8 +101,8 @@ def _rdp_steps(target: float, sigma: float, q: float, delta: float,
 def _history(value: Any) -> bool:
     return isinstance(value, list) and len(value) <= MAX_HISTORY and all(
         isinstance(h, (list, tuple)) and len(h) == 3
-        and _slots.number(h[0]) and math.isfinite(h[0]) and h[0] >= 0
-        and _slots.number(h[1]) and 0 < h[1] <= 1 and _slots.count(h[2]) for h in value)
+        and _slots.finite(h[0]) and h[0] >= 0
+        and _slots.finite(h[1]) and 0 < h[1] <= 1 and _slots.count(h[2]) for h in value)
 
 
 _FIELDS: dict[str, Any] = {
@@ -112,7 +112,18 @@ _FIELDS: dict[str, Any] = {
     "delta": (lambda v: _slots.number(v) and 0 < v < 1, "a number in (0, 1)"),
     "accountant": (lambda v: v in ACCOUNTANTS, f"one of {ACCOUNTANTS}"),
     "max_steps": (_slots.optional(_slots.count), "an int >= 0 or None"),
+    "noise_seed": (lambda v: _slots.count(v) and v < 2**63, "an int in [0, 2**63)"),
 }
+
+
+def require() -> None:
+    """Opacus's accountants are there (checked when a private run starts, not after its
+    first epoch)."""
+    try:
+        import opacus.accountants  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("with_dp accounts privacy with Opacus's accountants, which are "
+                          f"not installed ({err}): pip install 'ftrain[dp]'") from err
 
 
 def check_slot(slot: Any, name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ checked when a checkpoint brings it back, turned into epsilon only at epoch ends
 from __future__ import annotations
 
 import math
+import secrets
 import weakref
 from typing import Any
 
@@ -67,6 +68,7 @@ class DP:
     target_epsilon: float | None = None
     data: Any = attrs.field(default=None, repr=False, eq=False)
     name: str = "dp"
+    noise_seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
         _number(self.max_grad_norm, "max_grad_norm", lambda v: v > 0, "a number > 0")
@@ -94,6 +96,11 @@ class DP:
             raise ConfigError("with_dp: give sample_rate= or data=, not both")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"name= must be a non-empty string, got {self.name!r}")
+        if self.noise_seed is not None and (
+                isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)
+                or not 0 <= self.noise_seed < 2**63):
+            raise ConfigError(f"with_dp: noise_seed must be None (secret, drawn once) or an "
+                              f"int in [0, 2**63), got {self.noise_seed!r}")
 
     def __repr__(self) -> str:
         return (f"with_dp(max_grad_norm={self.max_grad_norm}, noise_multiplier="
@@ -113,6 +120,7 @@ class DP:
         """Refuse models DP-SGD cannot train; create the slot, or check the one a
         checkpoint brought; compute the step budget of `target_epsilon`."""
         check_model(state)
+        _acc.require()
         slot = state.slots.get(self.name)
         if slot is None:
             slot = self.fresh_slot()
@@ -129,8 +137,12 @@ class DP:
         return state.replace(slots={**state.slots, self.name: slot})
 
     def fresh_slot(self) -> dict[str, Any]:
+        # the noise must be unknown to whoever sees the model: by default its seed is
+        # drawn from the OS's secret source, once per run, and kept in the slot (a
+        # resume continues the same stream; keep checkpoints private)
+        seed = secrets.randbits(62) if self.noise_seed is None else self.noise_seed
         return {"steps": 0, "history": [], "delta": self.delta,
-                "accountant": self.accountant, "max_steps": None}
+                "accountant": self.accountant, "max_steps": None, "noise_seed": seed}
 
     def budget(self, history: list[Any]) -> int | None:
         """The total number of noisy steps `target_epsilon` allows, or None."""
@@ -176,6 +188,8 @@ class DP:
                         phases: Any) -> dict[str, torch.Tensor]:
         """`gradients` in a loop: on the binding's live module (it holds frozen params and
         buffers) for its trainable parameters."""
+        if self.name not in state.slots:
+            state.slots[self.name] = self.fresh_slot()  # the loop's slots: in place
         return self.gradients(state, batch, loss_fn, binding.model_arg,
                               binding.trainable.get(None, {}), {}, phases,
                               binding.generator, binding.rank)
@@ -186,6 +200,9 @@ class DP:
         """`gradients` in a direct call: the template run on the call's copies (`params`,
         `buffers`; `trainable`'s are differentiated), the step counted in `slots`."""
         check_model(state)
+        if self.name not in slots:  # a direct call without init: the noise seed first
+            slots[self.name] = self.fresh_slot()
+            state = state.replace(slots=slots)
         chosen = trainable[0][2]
         others = {n: t for n, t in params.items() if n not in chosen}
         metrics = self.gradients(state, batch, loss_fn, state.model, chosen,
@@ -289,14 +306,17 @@ class DP:
 
     def add_noise(self, summed: list[torch.Tensor], state: TrainState, rank: int) -> None:
         """Gaussian noise of std noise_multiplier * max_grad_norm, on rank 0 only (the
-        ranks' sums add up to one noisy sum), from a generator of (seed, step)."""
+        ranks' sums add up to one noisy sum), from a generator of the slot's secret
+        `noise_seed` and its count of noisy steps: that count never goes back (a
+        with_rollback does not rewind it), so no noise is ever drawn twice."""
         if self.noise_multiplier == 0 or rank != 0 or not summed:
             return
+        slot = state.slots[self.name]
         device = summed[0].device
         g = _generators.get(device)
         if g is None:
             g = _generators[device] = torch.Generator(device=device)
-        g.manual_seed(_rng.mix(state.seed, state.step, rank, NOISE))
+        g.manual_seed(_rng.mix(slot["noise_seed"], slot["steps"], rank, NOISE))
         std = self.noise_multiplier * self.max_grad_norm
         for s in summed:
             s.add_(torch.normal(0.0, std, size=s.shape, device=device, dtype=s.dtype,
@@ -349,15 +369,19 @@ def check_model(state: TrainState) -> None:
 def with_dp(step: Any, *, max_grad_norm: float, noise_multiplier: float,
             delta: float = 1e-5, sample_rate: float | None = None, data: Any = None,
             expected_batch_size: float | None = None, accountant: str = "rdp",
-            target_epsilon: float | None = None, name: str = "dp") -> Step:
+            target_epsilon: float | None = None, noise_seed: int | None = None,
+            name: str = "dp") -> Step:
     """Differentially private SGD: per-sample clipped gradients plus Gaussian noise.
 
     Each sample's gradient (of `loss_fn` on that sample alone, a batch of 1) is scaled to
     norm at most `max_grad_norm`; the sum over the batch gets Gaussian noise of std
     `noise_multiplier * max_grad_norm` and is divided by the expected batch size: the
     batch's size, `expected_batch_size=`, or, for a `poisson_loader` given as `data=`,
-    `sample_rate * len(dataset)` (as Opacus). The noise comes from a generator seeded from
-    (seed, step), so a resumed run is exact. Works with `with_accumulation` (per-sample
+    `sample_rate * len(dataset)` (as Opacus). The noise comes from a generator seeded
+    from a secret `noise_seed` (drawn from the OS's secret source when the run starts,
+    unless given: give one only for tests) and the count of noisy steps, both kept in the
+    slot: a resumed run is exact, and no noise is drawn twice (not after a
+    `with_rollback` either). The slot, like any checkpoint, must then stay private. Works with `with_accumulation` (per-sample
     gradients add up over micro-batches, noise once per update), `with_ddp` (noise on
     rank 0 only) and `with_amp(torch.bfloat16)`; not with float16 loss scaling,
     `with_fsdp`, `train_step(metrics=)` or BatchNorm (refused, naming the module).
@@ -384,5 +408,5 @@ def with_dp(step: Any, *, max_grad_norm: float, noise_multiplier: float,
         raise ConfigError("with_dp cannot run train_step(metrics=...): their updates would "
                           "see one sample at a time; evaluate them with ft.eval_step")
     option = DP(max_grad_norm, noise_multiplier, delta, sample_rate, expected_batch_size,
-                accountant, target_epsilon, data, name)
+                accountant, target_epsilon, data, name, noise_seed)
     return with_option(step, "dp", option, "with_dp")
