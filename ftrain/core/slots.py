@@ -8,7 +8,6 @@ names the slot, the field, what was expected and what was found.
 from __future__ import annotations
 
 import math
-
 import reprlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any

@@ -381,8 +381,9 @@ def with_dp(step: Any, *, max_grad_norm: float, noise_multiplier: float,
     from a secret `noise_seed` (drawn from the OS's secret source when the run starts,
     unless given: give one only for tests) and the count of noisy steps, both kept in the
     slot: a resumed run is exact, and no noise is drawn twice (not after a
-    `with_rollback` either). The slot, like any checkpoint, must then stay private. Works with `with_accumulation` (per-sample
-    gradients add up over micro-batches, noise once per update), `with_ddp` (noise on
+    `with_rollback` either). The slot, like any checkpoint, must then stay private.
+    Works with `with_accumulation` (per-sample gradients add up over micro-batches,
+    noise once per update), `with_ddp` (noise on
     rank 0 only) and `with_amp(torch.bfloat16)`; not with float16 loss scaling,
     `with_fsdp`, `train_step(metrics=)` or BatchNorm (refused, naming the module).
 
