@@ -28,7 +28,7 @@ def main() -> None:
     state = ft.TrainState.create(model, ft.optim.sgd(0.5), seed=3)
     step = ft.with_ddp(with_dp(ft.train_step(
         lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])),
-        max_grad_norm=1.0, noise_multiplier=1.5, sample_rate=0.1))
+        max_grad_norm=1.0, noise_multiplier=1.5, sample_rate=0.1, noise_seed=5))
     state = ft.fit(step, state, batches, epochs=1, logger=False, checkpoint=False,
                    progress=False)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
