@@ -74,3 +74,12 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (e.g. "VmHWM": peak RSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

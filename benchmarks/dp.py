@@ -32,7 +32,7 @@ import warnings
 from typing import Any
 
 import torch
-from _common import loss_fn
+from _common import loss_fn, status_kb
 from torch import nn
 
 import ftrain as ft
@@ -124,21 +124,13 @@ def timing(rounds: int, steps: int) -> dict[str, list[float]]:
 
 # -- memory: one child process per variant ------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(variant: str, steps: int) -> None:
     data = make_data(4)
     make = ft_runner if variant == "ft" else opacus_runner
     for _ in make(data, 2):  # warm-up: lazy imports and first-call allocations
         pass
     gc.collect()
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -147,7 +139,7 @@ def memory_child(variant: str, steps: int) -> None:
         reset = False
     for _ in make(data, steps):
         pass
-    print(json.dumps({"base_kb": base, "peak_kb": _status_kb("VmHWM"), "reset": reset}))
+    print(json.dumps({"base_kb": base, "peak_kb": status_kb("VmHWM"), "reset": reset}))
 
 
 def memory(steps: int) -> dict[str, float]:

@@ -68,7 +68,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import Batches, loss_fn
+from _common import Batches, loss_fn, status_kb
 from torch import nn
 
 import ftrain as ft
@@ -276,14 +276,6 @@ def throughput(epoch_steps: int, n1: int, n2: int, rounds: int) -> dict[str, Any
 
 # -- part b: peak memory (one child process per variant) --------------------------------
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(variant: str, steps: int) -> None:
     """Train the big MLP for `steps` steps; print JSON with peak RSS above the baseline."""
     # Warm up every code path on a tiny model first: the first torch.optim.Adam imports
@@ -294,7 +286,7 @@ def memory_child(variant: str, steps: int) -> None:
     ft_fit(make_tiny, tiny)
     data = make_data(steps, 64, 2048)
     gc.collect()
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     try:  # reset VmHWM to the current RSS, so start-up peaks do not count
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -305,7 +297,7 @@ def memory_child(variant: str, steps: int) -> None:
         ft_fit(make_big, data)
     else:
         hand_loop(make_big(), data, fused=True if variant == "hand-fused" else None)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     print(json.dumps({"variant": variant, "base_kb": base, "peak_kb": peak,
                       "hwm_reset": reset}))
 

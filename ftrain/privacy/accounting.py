@@ -60,15 +60,7 @@ def steps_for_epsilon(target_epsilon: float, *, noise_multiplier: float,
         return 0
     if accountant == "rdp":
         return _rdp_steps(target_epsilon, noise_multiplier, sample_rate, delta, before)
-    lo, hi = 1, 2
-    while spent(hi) <= target_epsilon:  # eps grows with the steps: bracket, then bisect
-        lo, hi = hi, hi * 2
-        if hi > NO_LIMIT:
-            return NO_LIMIT
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if spent(mid) <= target_epsilon else (lo, mid)
-    return lo
+    return _most_steps(spent, target_epsilon)
 
 
 def _rdp_steps(target: float, sigma: float, q: float, delta: float,
@@ -87,6 +79,12 @@ def _rdp_steps(target: float, sigma: float, q: float, delta: float,
         eps, _ = analysis.get_privacy_spent(orders=orders, rdp=base + one * n, delta=delta)
         return float(eps)
 
+    return _most_steps(spent, target)
+
+
+def _most_steps(spent: Any, target: float) -> int:
+    """The largest n >= 1 with spent(n) <= target (spent(1) is): epsilon grows with the
+    steps, so bracket by doubling, then bisect."""
     lo, hi = 1, 2
     while spent(hi) <= target:
         lo, hi = hi, hi * 2
