@@ -228,3 +228,60 @@ def torchscript(state: TrainState, example: Any, path: str | os.PathLike[str] | 
     if path is not None:
         torch.jit.save(traced, os.fspath(path))
     return traced
+
+
+def safetensors(state: TrainState, folder: str | os.PathLike[str], *,
+                max_shard_size: int | str = "5GB", model: str | None = None,
+                overwrite: bool = False) -> list[str]:
+    """Write the weights of `state`'s model to `folder` as safetensors, in Hugging Face's
+    layout; return the paths written.
+
+    Params and persistent buffers go under their `state_dict` names (a tied weight once)
+    into `model.safetensors`, or, when they exceed `max_shard_size` (bytes, or "5GB",
+    "500MiB"), into `model-00001-of-0000N.safetensors` shards with
+    `model.safetensors.index.json`. A Hugging Face model's `config.json` is written too,
+    so `AutoModel.from_pretrained(folder)` loads the result. Files are written
+    atomically; a folder holding an earlier export is refused unless `overwrite=True`
+    (its files this export does not replace are removed). Needs the `safetensors`
+    package (`pip install 'ftrain[safetensors]'`). `model=` names one model of a
+    multi-model state. `load_safetensors` reads the files back into a state.
+
+    Examples:
+        >>> import tempfile, torch, ftrain as ft
+        >>> from safetensors.torch import load_file
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> folder = tempfile.mkdtemp()
+        >>> [p.rsplit("/", 1)[1] for p in ft.export.safetensors(state, folder)]
+        ['model.safetensors']
+        >>> sorted(load_file(f"{folder}/model.safetensors"))
+        ['bias', 'weight']
+    """
+    from ftrain.weights import save_safetensors
+    return save_safetensors(state, folder, max_shard_size=max_shard_size, model=model,
+                            overwrite=overwrite)
+
+
+def load_safetensors(state: TrainState, path: str | os.PathLike[str], *,
+                     model: str | None = None) -> TrainState:
+    """A new state whose model weights are read from safetensors: a file, or a folder
+    holding `model.safetensors` or a sharded `model.safetensors.index.json` (as
+    `ft.export.safetensors` or Hugging Face's `save_pretrained` write them).
+
+    Strict, as `ft.load`: every param and persistent buffer of the model must be there
+    with its shape and dtype, and a tensor the model does not have is an error (a tied
+    weight's second name is accepted); all are `CheckpointError`s naming the tensor. The
+    optimizer state and slots are kept. The index is untrusted: its file names must be
+    plain names in the folder.
+
+    Examples:
+        >>> import tempfile, torch, ftrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = ft.export.safetensors(state, folder)
+        >>> other = ft.TrainState.create(torch.nn.Linear(3, 2))
+        >>> back = ft.export.load_safetensors(other, folder)
+        >>> torch.equal(back.params["weight"], state.params["weight"])
+        True
+    """
+    from ftrain.weights import load_safetensors as load
+    return load(state, path, model=model)
