@@ -101,6 +101,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "with_profiling": ("ftrain.layers.profile", "with_profiling"),
     "with_rollback": ("ftrain.layers.rollback", "with_rollback"),
     "with_swa": ("ftrain.layers.swa", "with_swa"),
+    "with_throughput": ("ftrain.layers.throughput", "with_throughput"),
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names directly
@@ -118,6 +119,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names directly
     from ftrain.layers.profile import with_profiling
     from ftrain.layers.rollback import with_rollback
     from ftrain.layers.swa import update_bn, with_swa
+    from ftrain.layers.throughput import with_throughput
     from ftrain.loops.predict_writer import read_predictions
     from ftrain.loops.summary import summary
     from ftrain.parallel.ddp import with_ddp
@@ -230,5 +232,6 @@ __all__ = [
     "with_profiling",
     "with_rollback",
     "with_swa",
+    "with_throughput",
     "with_validation",
 ]
