@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ftrain.core.bind import install
-from ftrain.core.state import TrainState
+from ftrain.core.state import TrainState, model_part
 from ftrain.errors import ConfigError, FTrainError
 
 # ONNX files are protobufs, which cannot exceed 2 GB; leave room for the graph itself.
@@ -46,20 +46,7 @@ def bind(state: TrainState, model: str | None = None) -> nn.Module:
     """
     if not isinstance(state, TrainState):
         raise ConfigError(f"bind expects a TrainState, got {type(state).__name__}")
-    params, buffers = state.params, state.buffers
-    if state.multi:
-        names = sorted(state.model)
-        if model is None:
-            raise ConfigError(f"this state holds several models {names}; name one: "
-                              f"ft.bind(state, {names[0]!r})")
-        if model not in state.model:
-            raise ConfigError(f"model {model!r} is not in this state; models: {names}")
-        template, params, buffers = state.model[model], params[model], buffers[model]
-    elif model is not None:
-        raise ConfigError(f"this state holds one model; bind(state) takes no name (got "
-                          f"{model!r})")
-    else:
-        template = state.model
+    template, params, buffers = model_part(state, model, "ft.bind")
     module = copy.deepcopy(template)  # a meta skeleton: nothing is copied but structure
     install(module, params, buffers, model)
     return module.eval()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ftrain.checkpointing.atomic import atomic_write
-from ftrain.core.state import TrainState
+from ftrain.core.state import TrainState, model_part
 from ftrain.errors import CheckpointError, ConfigError
 
 SINGLE = "model.safetensors"
@@ -52,19 +52,11 @@ def shard_size(value: int | str) -> int:
     return size
 
 
-def _model_of(state: TrainState, model: str | None, what: str) -> tuple[Any, dict[str, Any],
-                                                                       dict[str, Any]]:
+def _model_of(state: TrainState, model: str | None, what: str
+              ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     if not isinstance(state, TrainState):
         raise ConfigError(f"{what} expects a TrainState, got {type(state).__name__}")
-    if state.multi:
-        names = sorted(state.model)
-        if model is None or model not in state.model:
-            raise ConfigError(f"this state holds several models {names}; name one with "
-                              f"model= (got {model!r})")
-        return state.model[model], state.params[model], state.buffers[model]
-    if model is not None:
-        raise ConfigError(f"this state holds one model; model= must be None, got {model!r}")
-    return state.model, state.params, state.buffers
+    return model_part(state, model, what)
 
 
 def _named(template: Any, params: dict[str, Any], buffers: dict[str, Any]

@@ -418,6 +418,24 @@ def is_donated(state: Any) -> bool:
     return type(state) is _DonatedTrainState
 
 
+def model_part(state: TrainState, model: str | None, what: str
+               ) -> tuple[nn.Module, Tensors, Tensors]:
+    """(template, params, buffers) of the model `what` works on: the state's one model
+    (`model` None), or the one named `model` of a multi-model state."""
+    if not state.multi:
+        if model is not None:
+            raise ConfigError(f"this state holds one model; {what} takes no model= (got "
+                              f"{model!r})")
+        return state.model, state.params, state.buffers
+    names = sorted(state.model)
+    if model is None:
+        raise ConfigError(f"this state holds several models {names}; name one with "
+                          f"model=: {what}(state, model={names[0]!r})")
+    if model not in state.model:
+        raise ConfigError(f"model {model!r} is not in this state; models: {names}")
+    return state.model[model], state.params[model], state.buffers[model]
+
+
 def parts(state: TrainState) -> list[tuple[str | None, nn.Module, Any, Tensors, Tensors, Any]]:
     """(name, template, optimizer, params, buffers, opt_state) per model; name None if single."""
     if isinstance(state.model, dict):

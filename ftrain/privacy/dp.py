@@ -7,7 +7,8 @@ wrapping does not matter. With it the core makes each update's gradient this way
         user's loss_fn on one sample, as a batch of 1), each sample's whole gradient
         scaled by min(1, C / (norm + 1e-6)) (Opacus's flat clipping), summed
     once per update: + Gaussian noise of std noise_multiplier * C (one rank only under
-        with_ddp), drawn from a generator seeded from (seed, step, rank)
+        with_ddp), drawn from a generator seeded from the slot's secret noise_seed
+        and its count of noisy steps
     / the expected batch size (the batch's size, or sample_rate * dataset size for
         Poisson batches) -> `.grad`
 
@@ -30,12 +31,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ftrain.core import rng as _rng
+from ftrain.core.accumulation import split_batch
 from ftrain.core.bind import _Apply
 from ftrain.core.layer import Step, core
 from ftrain.core.outputs import split_loss
 from ftrain.core.phases import autocast, with_option
 from ftrain.core.state import STOP_SLOT, TrainState
+from ftrain.data.batches import batch_size
 from ftrain.errors import ConfigError
+from ftrain.parallel import dist as _dist
 from ftrain.privacy import accounting as _acc
 from ftrain.privacy import sampling as _sampling
 
@@ -148,7 +152,7 @@ class DP:
         """The total number of noisy steps `target_epsilon` allows, or None."""
         if self.target_epsilon is None:
             return None
-        q, _ = self.rate_and_size(_world())
+        q, _ = self.rate_and_size(_dist.rank_world()[1])
         assert q is not None  # checked when built
         done = sum(int(h[2]) for h in history)
         return done + _acc.steps_for_epsilon(
@@ -160,7 +164,7 @@ class DP:
         stop once the budget is spent."""
         slot = slots.get(self.name)
         slot = self.fresh_slot() if slot is None else slot
-        q, _ = self.rate_and_size(_world())
+        q, _ = self.rate_and_size(_dist.rank_world()[1])
         history = [list(h) for h in slot["history"]]
         setting = [self.noise_multiplier, q if q is not None else 1.0]
         if history and history[-1][:2] == setting:
@@ -237,15 +241,16 @@ class DP:
         count = 0
         acc = phases.accumulation
         with _rng.step_seeded(generator, state.seed, state.step, rank):
-            size = _size(batch)
+            size = batch_size(batch)
             parts = [batch] if acc is None or size == 0 else acc.split_batch(batch,
                                                                              state.step)
             per_chunk = max(1, CHUNK_BYTES // max(1, sum(
                 p.numel() * p.element_size() for p in primals.values())))
             for i, part in enumerate(parts):
                 where = f"step {state.step}" + (f", micro-batch {i}" if acc else "")
-                n = _size(part)
-                chunks = [part] if n <= per_chunk else _chunks(part, per_chunk)
+                n = batch_size(part)
+                chunks = [part] if n <= per_chunk else split_batch(
+                    part, math.ceil(n / per_chunk))  # near-equal parts <= per_chunk
                 for chunk in chunks if n else ():
                     grads, metrics = self._per_sample(apply, loss_fn, primals, others,
                                                       chunk, phases, state.device, where)
@@ -323,26 +328,6 @@ class DP:
                                 generator=g))
 
 
-def _chunks(batch: Any, size: int) -> list[Any]:
-    """`batch` cut along dim 0 into parts of at most `size` samples."""
-    leaves, spec = pytree.tree_flatten(batch)
-    n = _size(batch)
-    return [pytree.tree_unflatten([t[i:i + size] if isinstance(t, torch.Tensor)
-                                   and t.dim() > 0 else t for t in leaves], spec)
-            for i in range(0, n, size)]
-
-
-def _size(batch: Any) -> int:
-    for t in pytree.tree_leaves(batch):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    raise ConfigError(f"with_dp: a batch needs a tensor with a leading (sample) dimension, "
-                      f"found {type(batch).__name__}")
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_model(state: TrainState) -> None:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ftrain.core import rng as _rng
 from ftrain.errors import ConfigError
+from ftrain.parallel import dist as _dist
 
 
 def check_rate(sample_rate: Any, what: str) -> float:
@@ -75,20 +76,14 @@ class PoissonBatchSampler:
         """The mean batch size, `sample_rate * num_samples` (what gradients divide by)."""
         return self.sample_rate * self.num_samples
 
-    @staticmethod
-    def _world() -> int:
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() \
-            else 1
-
     def __len__(self) -> int:
-        return self.steps * self._world()
+        return self.steps * _dist.rank_world()[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         g = self.sampler.generator
         if g is None:
             g = torch.Generator().manual_seed(_rng.mix(self.seed, _rng.SAMPLE))
-        world = self._world()
+        world = _dist.rank_world()[1]
         for _ in range(self.steps):
             chosen = (torch.rand(self.num_samples, generator=g) < self.sample_rate)
             indices = chosen.nonzero().flatten().tolist()
