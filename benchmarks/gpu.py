@@ -60,6 +60,11 @@ compute stream, and `ftrain.data.prefetch.prefetch` (copies one batch ahead on a
 stream, pinning pageable batches); `ft.fit` over the host batches and over batches on
 the GPU. The copy time per batch (pageable, pinned) is measured alone for scale.
 
+(i) throughput and MFU: `ft.with_throughput` on the bf16 GPT of (c): the tokens/s, TFLOP/s
+(torch's flop counter, with the 6N rule for scale) and MFU (against the device table) it
+reports, its tokens/s against the time per step measured outside it, and its cost (ft
+with the layer against ft without, target >= 0.97x).
+
 (h) DDP (two or more GPUs; with `--cpu-smoke`, 2 CPU processes): the script launches
 itself under `torch.distributed.run`, one process per GPU (NCCL), and times
 `ft.with_ddp(ft.with_amp(ft.train_step(loss), torch.bfloat16))` against hand-written
@@ -159,7 +164,7 @@ SMOKE = Config(vocab=128, seq=16, d=32, heads=2, layers=1, batch=2, epoch_batche
 
 # Section weights: each gets (its weight / the weights left) of the time left.
 WEIGHTS = {"tests": 120, "convergence": 15, "sync_free": 25, "gpt_bf16": 90, "graphs": 90,
-           "fused": 35, "prefetch": 35, "gpt_fp16": 45, "ddp": 70}
+           "fused": 35, "prefetch": 35, "gpt_fp16": 45, "ddp": 70, "mfu": 60}
 MIN_SECONDS = {"tests": 20, "graphs": 30, "ddp": 30}  # below this a section is not started
 RESERVE_S = 15  # kept back for the table and the JSON
 
@@ -742,6 +747,61 @@ def section_gpt(ctx: Ctx, dtype: torch.dtype) -> dict[str, Any]:
     return res
 
 
+# -- (i) throughput and MFU of the bf16 GPT ---------------------------------------------------
+
+def section_mfu(ctx: Ctx) -> dict[str, Any]:
+    """`ft.with_throughput` on the bf16 GPT of (c): what it reports (tokens/s, TFLOP/s from
+    torch's flop counter, MFU against the device table), checked against the time per
+    step measured outside it, and what the layer costs (ft with it vs ft without)."""
+    cfg, dtype = ctx.cfg, torch.bfloat16
+    data = gpt_data(cfg, ctx.device)
+    every = max(len(data) // 2, 1)
+
+    def measured() -> Any:
+        return ft.with_throughput(ft.with_amp(ft.train_step(gpt_loss), dtype),
+                                  every_n_steps=every, tokens=lambda b: b[0].numel())
+
+    def make_state() -> ft.TrainState:
+        return ft.TrainState.create(make_gpt(cfg), ft.optim.adamw(LR, weight_decay=WEIGHT_DECAY),
+                                    seed=0)
+
+    variants = {"ft bf16": gpt_ft(cfg, data, ctx.device, dtype),
+                "ft bf16 + with_throughput": fit_variant(measured, make_state, data,
+                                                         ctx.device, len(data), keep=False)}
+    res = time_variants(variants, ctx, len(data), units=cfg.batch * cfg.seq)
+    reports: list[dict[str, float]] = []
+    state = make_state().to(ctx.device)
+    for _, metrics in ft.iterate(measured(), state, data, epochs=3):
+        found = {k.split("/", 1)[1]: float(v) for k, v in metrics.items()
+                 if k.startswith("throughput/")}
+        if found:
+            reports.append(found)
+    last = reports[-1] if reports else {}
+    res["reports"] = reports
+    step_s = per_step(res, "ft bf16 + with_throughput")
+    tokens_s = cfg.batch * cfg.seq / step_s if step_s else None
+    params = sum(p.numel() for p in make_gpt(cfg).parameters())
+    res["rows"] = [compare(res, "with_throughput's cost (ft with it vs without)",
+                           "ft bf16 + with_throughput", "ft bf16", ctx, 0.97)]
+    if last:
+        agree = tokens_s is not None and abs(last["tokens_per_s"] / tokens_s - 1) < 0.15
+        res["rows"].append(row(
+            "with_throughput tokens/s vs timed outside it",
+            f"{last['tokens_per_s']:.0f}", f"{tokens_s:.0f}" if tokens_s else "",
+            f"{last['tokens_per_s'] / tokens_s:.2f}x" if tokens_s else "", "within 15%",
+            verdict(agree, ctx.smoke)))
+        six_n = 6 * params * last["tokens_per_s"] / 1e12  # the 6N rule, for scale
+        res["rows"].append(row(
+            "with_throughput TFLOP/s (flop counter) vs 6N rule", f"{last['tflops']:.1f}",
+            f"{six_n:.1f}", "", "info", ""))
+        mfu = last.get("mfu")
+        res["rows"].append(row(
+            "with_throughput MFU (device table), peak memory",
+            f"{mfu:.1%}" if mfu is not None else "device not in table",
+            f"{last['peak_mem_mb']:.0f} MiB", "", "info", ""))
+    return res
+
+
 # -- (e) CUDA graphs on a tiny MLP ----------------------------------------------------------
 
 def tiny() -> nn.Module:
@@ -1037,6 +1097,7 @@ SECTIONS: list[tuple[str, str, Callable[[Ctx], dict[str, Any]]]] = [
     ("gpt_fp16", "(d) fp16 LM: ft loss scaler vs GradScaler",
      lambda ctx: section_gpt(ctx, torch.float16)),
     ("ddp", "(h) DDP, one GPU per process", section_ddp),
+    ("mfu", "(i) with_throughput on the bf16 LM: MFU and its cost", section_mfu),
 ]
 
 

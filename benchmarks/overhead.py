@@ -18,6 +18,9 @@ default, `--epoch-steps`); every variant is fed that same list and runs whole ep
   `checkpoint=True`: atomic, fsynced writes of the whole state plus `last.ckpt` and the
   index), `root_dir` a fresh temp dir per call; for the contract's ">= 3x Lightning"
   figure and for ">= 0.9x the hand loop without logging",
+- `ft.fit` out of the box as above, but with an MLflow logger (`ft.loggers.MLflow`, its
+  SQLite store in the run's folder) in place of TensorBoard and `ft.with_throughput` on
+  (issue 18: still >= 3x Lightning),
 - PyTorch Lightning with its defaults (TensorBoard logger, progress bar, ModelCheckpoint at
   every epoch end, model summary) except `default_root_dir` (a fresh temp dir per call),
   `max_epochs=k` over the same E batches. Its console output is discarded. Its
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import logging
@@ -136,11 +140,15 @@ def fresh_dir(parent: str | None) -> Any:
 
 
 def ft_fit(make_model: Callable[[], nn.Module], data: list[Batch], epochs: int = 1,
-           root: str | None = None, checkpoint: bool = True) -> float:
+           root: str | None = None, checkpoint: bool = True, tracked: bool = False) -> float:
     """`ft.fit` with logging, checkpointing and progress bar off, or (given `root`, a
     parent folder) out of the box in a fresh folder under it (without checkpoints if
-    `checkpoint` is False), the bar drawn to an in-memory file, as Lightning's is."""
+    `checkpoint` is False), the bar drawn to an in-memory file, as Lightning's is.
+    `tracked`: the defaults with an MLflow logger (SQLite in the run's folder) instead of
+    TensorBoard, and `ft.with_throughput` on."""
     step = ft.train_step(loss_fn)
+    if tracked:
+        step = ft.with_throughput(step)
     # Built inline: the state holds the only copy of the weights (the module is dropped).
     state = ft.TrainState.create(make_model(), ft.optim.adam(1e-3))
     if root is None:
@@ -152,8 +160,9 @@ def ft_fit(make_model: Callable[[], nn.Module], data: list[Batch], epochs: int =
         start = time.perf_counter()
         # defaults: logger=True, checkpoint=True; "always": the bar is drawn although
         # stderr is not a terminal
+        logger = ft.loggers.MLflow("bench", save_dir=run_dir) if tracked else True
         ft.fit(step, state, data, epochs=epochs, root_dir=run_dir, progress="always",
-               checkpoint=checkpoint)
+               checkpoint=checkpoint, logger=logger)
         return time.perf_counter() - start
 
 
@@ -217,6 +226,11 @@ def throughput(epoch_steps: int, n1: int, n2: int, rounds: int) -> dict[str, Any
         "ft.fit logging+bar": lambda k: ft_fit(make_tiny, data, k, tmp.name, False),
         "ft.fit defaults": lambda k: ft_fit(make_tiny, data, k, tmp.name),
     }
+    if importlib.util.find_spec("mlflow") is not None:
+        variants["ft defaults+MLflow+tp"] = lambda k: ft_fit(make_tiny, data, k, tmp.name,
+                                                             tracked=True)
+    else:
+        print("mlflow is not installed: skipping the MLflow + throughput row")
     lightning = lightning_runner(tmp.name)
     if lightning is None:
         print("lightning is not importable: skipping the Lightning row")
@@ -254,7 +268,7 @@ def throughput(epoch_steps: int, n1: int, n2: int, rounds: int) -> dict[str, Any
 
     def ratio(a: str, b: str) -> tuple[float, float, float] | None:
         """Speed of a over b: (median, min, max) over rounds."""
-        if b not in per_step:
+        if a not in per_step or b not in per_step:
             return None
         r = [y / x for x, y in zip(per_step[a], per_step[b])]
         return statistics.median(r), min(r), max(r)
@@ -270,6 +284,7 @@ def throughput(epoch_steps: int, n1: int, n2: int, rounds: int) -> dict[str, Any
         "ft logging/Lightning": ratio("ft.fit logging+bar", "Lightning defaults"),
         "ft logging/hand default": ratio("ft.fit logging+bar", "hand, Adam default"),
         "ft defaults/Lightning": ratio("ft.fit defaults", "Lightning defaults"),
+        "ft tracked/Lightning": ratio("ft defaults+MLflow+tp", "Lightning defaults"),
         "ft defaults/hand default": ratio("ft.fit defaults", "hand, Adam default"),
     }
 
@@ -358,7 +373,7 @@ def main() -> None:
     print(f"tiny MLP, {epoch_steps} steps per epoch, median of {rounds} round(s); start-up "
           "= time before the first batch, warm (repeated calls) / first call in the process:")
     for name, sps in t["steps_per_s"].items():
-        print(f"  {name:<20} {sps:6.0f} steps/s   start-up {t['startup_s'][name]:6.3f} s / "
+        print(f"  {name:<22} {sps:6.0f} steps/s   start-up {t['startup_s'][name]:6.3f} s / "
               f"{t['first_startup_s'][name]:6.3f} s")
     def show(label: str, r: tuple[float, float, float], note: str) -> None:
         print(f"{label:<32} {r[0]:5.2f}x (rounds {r[1]:.2f}-{r[2]:.2f})   {note}")
@@ -376,6 +391,10 @@ def main() -> None:
         vs = t["ft defaults/Lightning"]
         show("ft defaults / Lightning", vs,
              f"target >= {LIGHTNING_TARGET}x   {verdict(vs[0] >= LIGHTNING_TARGET)}")
+        tracked = t["ft tracked/Lightning"]
+        if tracked is not None:
+            show("ft +MLflow+throughput / Lightning", tracked,
+                 f"target >= {LIGHTNING_TARGET}x   {verdict(tracked[0] >= LIGHTNING_TARGET)}")
     show("ft logging+bar / hand (default)", t["ft logging/hand default"],
          "info: no checkpoints")
     dh = t["ft defaults/hand default"]

@@ -327,3 +327,22 @@ def test_huge_or_malformed_values_in_a_restored_slot_are_refused():
         state = state.replace(slots={**state.slots, "rollback": {**good, **bad}})
         with pytest.raises(ft.CheckpointError, match=match):
             ft.fit(core, state, run.batches(), epochs=1, **OFF)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_cuda_rollback_keeps_good_states_on_the_gpu_or_in_pinned_memory(where):
+    device = torch.device("cuda", torch.cuda.current_device())
+    data = [tuple(t.to(device) for t in b) for b in poisoned(17)]
+    step = ft.with_rollback(ft.train_step(run.loss_fn), every_n_steps=5, where=where)
+    state = run.fresh().to(device)
+    for state, _ in ft.iterate(step, state, data, epochs=1):
+        pass
+    assert state.slots["rollback"]["rollbacks"] == 1
+    expected_step, expected = ft.train_step(run.loss_fn), run.fresh().to(device)
+    for batch in data[:15] + data[20:]:
+        expected, _ = expected_step(expected, batch)
+    assert state.step == expected.step == 35
+    assert tensors_equal(state.params, expected.params)
+    kept = snapshots._storage(torch.ones(4, device=device), where)  # what a good state uses
+    assert kept.is_pinned() if where == "host" else kept.device == device

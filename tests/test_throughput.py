@@ -132,3 +132,38 @@ def test_bad_arguments_are_refused():
                           ({"tokens": 3}, "tokens must be a function")]:
         with pytest.raises(ft.ConfigError, match=match):
             ft.with_throughput(core, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_throughput_reports_mfu_and_memory_with_no_sync_between_reports():
+    """On a GPU: CUDA events time the steps, the report's one sync is the only one (sync
+    debug "error" for every other step), MFU is against the given peak, and peak memory
+    is the allocator's."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    batches = [(x.to(device), y.to(device)) for x, y in data(24, size=256)]
+    every, n = 8, 24
+    step = ft.with_throughput(ft.train_step(loss_fn), every_n_steps=every, peak_flops=1e12)
+    state = ft.TrainState.create(net(), ft.optim.adam(1e-3)).to(device)
+    seen, checked = [], 0
+    try:
+        for state, metrics in ft.iterate(step, state, batches, epochs=1):
+            found = {k[len("throughput/"):]: float(v) for k, v in metrics.items()
+                     if k.startswith("throughput/")}
+            if found:
+                seen.append(found)
+            nxt = state.step + 1  # the next step: a report (syncs once), or checked
+            check = state.step >= 2 and nxt % every != 0 and nxt <= n
+            checked += check
+            torch.cuda.set_sync_debug_mode("error" if check else "default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(seen) == n // every and checked == n - 2 - n // every
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(net().to(device), batches[0]).backward()
+    per_sample = counter.get_total_flops() / 256
+    for r in seen:
+        assert r["samples_per_s"] > 0 and r["step_s"] > 0 and r["data_s"] >= 0
+        assert r["tflops"] * 1e12 / r["samples_per_s"] == pytest.approx(per_sample, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-6)  # peak 1 TFLOP/s
+        assert 0 < r["peak_mem_mb"] < torch.cuda.get_device_properties(device).total_memory

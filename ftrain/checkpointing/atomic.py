@@ -3,6 +3,8 @@ over the target (and the folder fsynced).
 
 A kill at any moment leaves either the old file or the new one, never a partial file under
 the target name; a failed write removes its temporary and leaves the old file as it was.
+A URL (`s3://`, `memory://`, ...) is written by `ftrain.storage.put_atomic`: a temporary key
+beside the target, then a move (no fsync: the store makes the object durable).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.diagnostics import write_failure
-from ftrain.errors import CheckpointError
+from ftrain.errors import CheckpointError, FTrainError
 
 
 def atomic_write(path: str, write: Callable[[Any], None], *, prefix: str | None = None
@@ -39,6 +42,9 @@ def atomic_write(path: str, write: Callable[[Any], None], *, prefix: str | None 
     """
     if prefix is None:
         prefix = _folders.tmp_prefix()
+    if _storage.is_url(path):
+        _write_url(path, write, prefix)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -65,6 +71,15 @@ def atomic_write(path: str, write: Callable[[Any], None], *, prefix: str | None 
     fsync_dir(folder)
 
 
+def _write_url(url: str, write: Callable[[Any], None], prefix: str) -> None:
+    try:
+        _storage.put_atomic(url, write, prefix)
+    except FTrainError:  # a missing fsspec implementation, said as such
+        raise
+    except Exception as err:  # a store reports failures its own way (botocore, aiohttp)
+        raise CheckpointError(write_failure(url, err)) from err
+
+
 def _create_temporary(folder: str, prefix: str) -> tuple[int, str]:
     """A new, unique file in `folder`, opened for writing. Created with mode 0o666, so the
     kernel applies the umask exactly as for open(); the umask itself is never read (reading
@@ -88,6 +103,8 @@ def fsync_dir(folder: str) -> None:
         >>> fsync_dir(tempfile.mkdtemp())
         >>> fsync_dir("/no/such/folder")   # nothing to make durable: no error
     """
+    if _storage.is_url(folder):  # a store's objects are durable once written
+        return
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:

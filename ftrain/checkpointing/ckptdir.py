@@ -21,6 +21,8 @@ import sys
 import tempfile
 from typing import Any
 
+from ftrain import storage as _storage
+
 log = logging.getLogger("ftrain")
 META = "ftrain.pt"  # the non-tensor part of the state, written by rank 0
 DCP_META = ".metadata"  # DCP's index of the shards, written last by its coordinator
@@ -54,6 +56,8 @@ def make_way(path: str) -> None:
 
 
 def _is_dir(path: str) -> bool:
+    if _storage.is_url(path):  # sharded checkpoints are never written to a URL
+        return False
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)  # a link to a folder is not one
     except OSError:

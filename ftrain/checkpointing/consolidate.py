@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import sharded
 from ftrain.checkpointing.atomic import atomic_write
 from ftrain.checkpointing.file import read
@@ -33,7 +34,9 @@ def consolidate(checkpoint: str | os.PathLike[str], path: str | os.PathLike[str]
         >>> torch.equal(ft.load(one, like=state).params["weight"], state.params["weight"])
         True
     """
-    where, path = os.fspath(checkpoint), os.fspath(path)
+    where, path = _storage.local_path(checkpoint), _storage.local_path(path)
+    if _storage.is_url(where):
+        sharded.refuse_url(where)
     if not os.path.isdir(where):
         raise CheckpointError(f"ft.consolidate expects a sharded checkpoint folder, and "
                               f"{where!r} is " + ("a file (already one checkpoint)"

@@ -12,11 +12,12 @@ import contextlib
 import pickletools
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from ftrain import storage as _storage
 from ftrain.core.slots import clip as _clip
 from ftrain.core.slots import short as _short
 from ftrain.errors import ConfigError
@@ -62,7 +63,7 @@ def _pickle_globals(path: str) -> list[str]:
     """The globals (module.name) that a torch archive's data.pkl names, found by parsing
     its first megabyte with pickletools (which imports and calls nothing)."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with _zip(path) as z:
             name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
             with z.open(name) as f:
                 raw = f.read(1 << 20)
@@ -86,6 +87,17 @@ def _pickle_globals(path: str) -> list[str]:
             elif isinstance(arg, str):
                 strings.append(arg)
     return found
+
+
+@contextlib.contextmanager
+def _zip(path: str) -> Iterator[zipfile.ZipFile]:
+    """The zip archive at `path` (a local path or a URL), opened to word a message."""
+    if not _storage.is_url(path):
+        with zipfile.ZipFile(path) as z:
+            yield z
+        return
+    with _storage.open_read(path) as f, zipfile.ZipFile(f) as z:
+        yield z
 
 
 def _allowed_globals() -> set[str]:
@@ -134,7 +146,7 @@ def damaged(path: str, err: BaseException) -> str:
     """The message for a zip archive torch cannot read: cut short, foreign, or damaged."""
     detail = f"{type(err).__name__}: {first_line(err)}"
     try:
-        with zipfile.ZipFile(path) as z:
+        with _zip(path) as z:
             names = z.namelist()
     except Exception:  # only to word the message: the archive's directory is unreadable
         return (f"{path!r} is truncated or not a checkpoint: it starts as a zip archive but "

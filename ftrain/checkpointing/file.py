@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.atomic import atomic_write, fsync_dir
@@ -65,19 +66,28 @@ def save(path: str | os.PathLike[str], state: TrainState,
     """
     if not isinstance(state, TrainState):
         raise ConfigError(f"ft.save expects a TrainState, got {type(state).__name__}")
+    path = _storage.local_path(path)  # a URL stays one: atomic_write puts it in its store
     if _ckptdir.holds_dtensor(state):  # a folder, written by every rank (DCP)
         from ftrain.checkpointing.sharded import save_dir
 
         save_dir(path, state, hparams, async_save=save_async)
-        return os.fspath(path)
+        return path
     data = payload(state, hparams)
-    path = os.fspath(path)
     atomic_write(path, lambda f: torch.save(data, f))
     return path
 
 
 def _sharded_dir(path: str) -> bool:
     """A checkpoint folder (`ftrain.checkpointing.sharded`) rather than a file."""
+    if _storage.is_url(path):
+        if _storage.isdir(path):
+            if not _storage.exists(_storage.join(path, _ckptdir.META)):
+                raise CheckpointError(f"{path!r} is a folder, not a checkpoint file (found "
+                                      f"{sorted(_storage.listdir(path))[:8]})")
+            from ftrain.checkpointing.sharded import refuse_url
+
+            refuse_url(path)
+        return False
     return os.path.isdir(path)
 
 
@@ -103,21 +113,22 @@ def read(path: str | os.PathLike[str], map_location: Any = None, *,
         ...     print(str(err).split(" is ", 1)[1])
         not a checkpoint: text starting 'hello' (ft.save writes torch's zip format)
     """
-    path = os.fspath(path)
+    path = _storage.local_path(path)
+    remote = _storage.is_url(path)
     if _sharded_dir(path):  # tensors stay markers: read_meta checks what the folder holds
         from ftrain.checkpointing.sharded import pending_path, read_meta, wait
 
         if pending_path() == os.path.abspath(path):  # this process's save in flight: every
             wait()                                   # rank reads it, so every rank waits
         return read_meta(path, read)
-    if not os.path.isfile(path):
+    if not (_storage.isfile(path) if remote else os.path.isfile(path)):
         raise CheckpointError(f"no checkpoint file at {path!r}")
     problem = device_problem(map_location)
     if problem is not None:
         raise CheckpointError(f"{path!r} cannot be loaded with map_location={map_location!r}: "
                               f"{problem}")
     try:
-        with open(path, "rb") as f:
+        with (_storage.open_read(path) if remote else open(path, "rb")) as f:
             head = f.read(64)
     except OSError as err:
         raise CheckpointError(f"{path!r} cannot be read: {err}") from err
@@ -125,7 +136,12 @@ def read(path: str | os.PathLike[str], map_location: Any = None, *,
         raise CheckpointError(f"{path!r} is not a checkpoint: {looks_like(head)} (ft.save "
                               "writes torch's zip format)")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if remote:  # from the store's file object; mmap: tensors left unread (meta)
+            with _storage.open_read(path) as f:
+                data = torch.load(f, map_location="meta" if mmap else map_location,
+                                  weights_only=True)
+        else:
+            data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         asks = asks_for_code(path, str(err))
         if asks is not None:
@@ -156,7 +172,11 @@ def load_hparams(path: str | os.PathLike[str]) -> dict[str, Any]:
         >>> {**ft.load_hparams(path), "width": 4}   # overrides for a rebuilt model
         {'width': 4}
     """
-    return dict(read(path, map_location="cpu", mmap=True).get("hparams") or {})
+    hparams = read(path, map_location="cpu", mmap=True).get("hparams") or {}
+    if _storage.is_url(_storage.local_path(path)) and any(
+            isinstance(t, torch.Tensor) for t in pytree.tree_leaves(hparams)):
+        hparams = read(path, map_location="cpu").get("hparams") or {}  # tensors' values
+    return dict(hparams)
 
 
 def _flat(tree: Any, root: str) -> dict[str, Any]:
@@ -229,6 +249,7 @@ def load(path: str | os.PathLike[str], like: TrainState, *,
     if not isinstance(like, TrainState):
         raise ConfigError(f"ft.load needs like=<a TrainState of the same model>, got "
                           f"{type(like).__name__}")
+    path = _storage.local_path(path)
     exclude = list(exclude)
     whole = {p for p in exclude if p in ("opt_state", "slots", "step")}
     names = [p for p in exclude if p not in whole]

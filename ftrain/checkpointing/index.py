@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.file import read
@@ -62,10 +63,9 @@ def read_index(dirpath: str) -> dict[str, Any] | None:
         Traceback (most recent call last):
         ftrain.errors.CheckpointError: the index ...
     """
-    path = os.path.join(dirpath, INDEX)
+    path = _storage.join(dirpath, INDEX)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(_INDEX_LIMIT + 1)
+        raw = _storage.read_bytes(path, _INDEX_LIMIT)
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -101,7 +101,7 @@ def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
         >>> os.path.basename(index.best), os.path.basename(index.last)
         ('1.ckpt', 'last.ckpt')
     """
-    dirpath = os.fspath(dirpath)
+    dirpath = _storage.local_path(dirpath)
     data = read_index(dirpath)
     if data is None:
         for _, run in _folders.versions(dirpath):
@@ -114,7 +114,7 @@ def checkpoints(dirpath: str | os.PathLike[str]) -> CheckpointIndex:
                               "version_N run folder inside it)")
 
     def full(name: str | None) -> str | None:
-        return os.path.join(dirpath, name) if name else None
+        return _storage.join(dirpath, name) if name else None
 
     return CheckpointIndex(
         dirpath=dirpath, best=full(data["best"]), last=full(data["last"]),
@@ -160,7 +160,8 @@ def latest_valid(dirpath: str) -> str | None:
         >>> latest_valid(tempfile.mkdtemp()) is None  # no checkpoint: start fresh
         True
     """
-    if not os.path.isdir(dirpath):
+    dirpath = _storage.local_path(dirpath)
+    if not _storage.isdir(dirpath):
         return None
     problems: dict[str, str] = {}
 
@@ -169,7 +170,8 @@ def latest_valid(dirpath: str) -> str | None:
             read(path, map_location="cpu", mmap=True)
             return True
         except CheckpointError as err:
-            problems[os.path.basename(path)] = str(err)
+            problems[path.rsplit("/", 1)[-1] if _storage.is_url(path)
+                     else os.path.basename(path)] = str(err)
             return False
 
     try:
@@ -183,7 +185,8 @@ def latest_valid(dirpath: str) -> str | None:
             return last
     candidates = sorted(
         (_mtime(path), path) for path in (
-            _own(dirpath, e) for e in os.listdir(dirpath)
+            _own(dirpath, e) for e in (_storage.listdir(dirpath) if _storage.is_url(dirpath)
+                                       else os.listdir(dirpath))
             if e.endswith(SUFFIX) and not e.startswith(TMP_PREFIX))
         if path is not None)
     for _, path in reversed(candidates):
@@ -204,10 +207,8 @@ def _own(folder: str, name: str) -> str | None:
 
 
 def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except OSError:  # deleted meanwhile (a live run's top k): it sorts first, then fails
-        return 0.0
+    # 0.0 if deleted meanwhile (a live run's top k): it sorts first, then fails
+    return _storage.mtime(path)
 
 
 def check_slot(slot: Any, where: str) -> dict[str, Any]:

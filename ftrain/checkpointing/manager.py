@@ -12,7 +12,6 @@ in `naming`, the top-k choice in `ranking`; here: when to save, where, and what 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import ckptdir as _ckptdir
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing import naming, ranking
@@ -84,7 +84,9 @@ class WithCheckpointing(Combinator):
         except ValueError as err:
             raise ConfigError(f"filename {filename!r} is not a valid format string: "
                               f"{err}") from err
-        self.dirpath_arg = os.fspath(dirpath) if dirpath is not None else None
+        self.dirpath_arg = _storage.local_path(dirpath) if dirpath is not None else None
+        if _storage.is_url(self.dirpath_arg):  # a protocol without its package fails now
+            _storage.filesystem(self.dirpath_arg)
         self.dirpath = self.dirpath_arg
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
@@ -157,14 +159,14 @@ class WithCheckpointing(Combinator):
                     f"monitor={self.monitor!r}, mode={self.mode!r}. Keep them, or give the "
                     "layer another name= (and dirpath) to start a new ranking")
             self._owned = {e["file"] for e in slot["saved"]}
-            return {**slot, "dir": os.path.realpath(self.dirpath)}
+            return {**slot, "dir": _storage.normalize(self.dirpath)}
         if slot is not None and (slot["saved"] or slot["last"]):
             log.warning("the %r slot was written by another run or in another folder "
                         "(%s): its top-k bookkeeping is not used in %s, and none of the "
                         "files it names will be deleted", self.name, slot["dir"],
                         self.dirpath)
         self._owned = set()
-        return {**self._empty_slot(), "dir": os.path.realpath(self.dirpath),
+        return {**self._empty_slot(), "dir": _storage.normalize(self.dirpath),
                 "run": uuid.uuid4().hex}
 
     def _choose_dir(self, run: RunInfo | None, slot: Mapping[str, Any] | None) -> str:
@@ -285,7 +287,7 @@ class WithCheckpointing(Combinator):
             return state, None
         state, _ = request(self.inner, state, "verify")  # never save an unverified state
         state = self.save_last_now(state)
-        return state, os.path.join(self.dirpath or "", LAST)
+        return state, _storage.join(self.dirpath or "", LAST)
 
     def save_last_now(self, state: TrainState) -> TrainState:
         """Write only `last.ckpt` (outside the top k; no metric needed), e.g. on SIGTERM."""
@@ -296,14 +298,14 @@ class WithCheckpointing(Combinator):
             from ftrain.checkpointing.sharded import save_dir
 
             folder = self._ready() if _rng.rank() == 0 else self.dirpath or ""
-            save_dir(os.path.join(folder, LAST), state, self._hparams_to_save(),
+            save_dir(_storage.join(folder, LAST), state, self._hparams_to_save(),
                               then=lambda: self._write_index(slot))
             return state
         if _rng.rank() == 0:
             folder = self._ready()
             data = payload(state, self._hparams_to_save())
-            _ckptdir.make_way(os.path.join(folder, LAST))
-            atomic_write(os.path.join(folder, LAST), lambda f: torch.save(data, f))
+            _ckptdir.make_way(_storage.join(folder, LAST))
+            atomic_write(_storage.join(folder, LAST), lambda f: torch.save(data, f))
             self._write_index(slot)
         return state
 
@@ -339,6 +341,8 @@ class WithCheckpointing(Combinator):
                     "best_score": best["score"] if best else None,
                     "last": LAST if self.save_last else None, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: new_slot})
+        if run is not None:  # what loggers name as the run's checkpoint (at close)
+            run.checkpoint_path = os.path.join(self.dirpath, new_slot["best"] or name)
         if sharded:  # every rank writes its shards; rank 0 the rest, once they are in place
             self._write_sharded(state, name, entry in kept, new_slot, dropped)
         elif _rng.rank() == 0:  # files from rank 0 only; no collective in here
@@ -352,7 +356,7 @@ class WithCheckpointing(Combinator):
 
     def _write_index(self, slot: Mapping[str, Any]) -> None:
         data = index_json(slot, self.monitor, self.mode)
-        atomic_write(os.path.join(self._ready(), INDEX), lambda f: f.write(data))
+        atomic_write(_storage.join(self._ready(), INDEX), lambda f: f.write(data))
 
     def _write_sharded(self, state: TrainState, name: str, keep: bool,
                        slot: Mapping[str, Any], dropped: list[dict[str, Any]]) -> None:
@@ -361,7 +365,7 @@ class WithCheckpointing(Combinator):
         when it is waited for: at the next save or at the end)."""
         folder = self._ready() if _rng.rank() == 0 else self.dirpath
         assert folder is not None
-        target = os.path.join(folder, name if keep else LAST)
+        target = _storage.join(folder, name if keep else LAST)
         if keep:
             self._owned.add(name)
 
@@ -382,8 +386,8 @@ class WithCheckpointing(Combinator):
                dropped: list[dict[str, Any]]) -> None:
         folder = self._ready()
         data = payload(state, self._hparams_to_save())
-        target = os.path.join(folder, name)
-        last = os.path.join(folder, LAST)
+        target = _storage.join(folder, name)
+        last = _storage.join(folder, LAST)
         if self.save_last:  # a checkpoint folder there from a sharded run goes first
             _ckptdir.make_way(last)
         if keep:
@@ -406,19 +410,22 @@ class WithCheckpointing(Combinator):
         bare = _folders.bare_name(name, "a file", "top k")
         path = _folders.own_file(self._ready(), bare)
         if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _storage.remove(path)
         elif (folder := _ckptdir.own_dir(self._ready(), bare)) is not None:
             _ckptdir.remove(folder)  # only the plain files a sharded save writes
 
 
 def _runs_root(root_dir: str | None) -> str:
     """The folder that holds one `version_N` checkpoint folder per run."""
-    return os.path.join(root_dir or os.getcwd(), "checkpoints")
+    return _storage.join(_storage.local_path(root_dir or os.getcwd()), "checkpoints")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    """Make `dst` the same file as `src` atomically: a hard link, else a copy."""
+    """Make `dst` the same file as `src` atomically: a hard link, else a copy (on a
+    URL: a copy in the store, to a temporary key first)."""
+    if _storage.is_url(dst):
+        _storage.copy_atomic(src, dst, _folders.tmp_prefix())
+        return
     folder = os.path.dirname(dst)
     fd, tmp = tempfile.mkstemp(prefix=_folders.tmp_prefix(), suffix=".tmp", dir=folder)
     os.close(fd)
@@ -442,7 +449,8 @@ def with_checkpointing(step: Any, dirpath: str | os.PathLike[str] | None = None,
                        ) -> WithCheckpointing:
     """Save checkpoints every `every_n_epochs` epochs and/or `every_n_steps` steps.
 
-    `dirpath` defaults to `<root_dir>/checkpoints`. `filename` is a format string over
+    `dirpath` defaults to `<root_dir>/checkpoints`; it may be a URL (`s3://bucket/run`,
+    `memory://...`: docs "Remote storage"). `filename` is a format string over
     `epoch`, `step` and metric names (`"{epoch:02d}-{val_loss:.2f}"`; `.ckpt` is added; a
     `/` never makes folders). With `monitor`, the `save_top_k` best by `mode` are kept
     (-1: all); without, the newest. `last.ckpt` is always the most recent save. The index

@@ -11,6 +11,7 @@ import os
 import string
 from collections.abc import Collection, Mapping
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import folders as _folders
 from ftrain.checkpointing.folders import SUFFIX
 from ftrain.errors import CheckpointError, ConfigError
@@ -66,7 +67,7 @@ def unique_name(name: str, taken: Collection[str], folder: str, template: str) -
         'best-v1.ckpt'
     """
     candidate, n = name + SUFFIX, 0
-    while candidate in taken or os.path.lexists(os.path.join(folder, candidate)):
+    while candidate in taken or _storage.exists(_storage.join(folder, candidate)):
         n += 1
         candidate = f"{name}-v{n}{SUFFIX}"
     try:

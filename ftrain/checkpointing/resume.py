@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ftrain import storage as _storage
 from ftrain.checkpointing.file import load, read
 from ftrain.checkpointing.index import latest_valid
 from ftrain.core.layer import core, layers
@@ -28,7 +29,7 @@ def resume_from(step: Any, state: TrainState, resume: Any, root_dir: str | None,
         if path is None:
             return state, None
     else:
-        path = os.fspath(resume)
+        path = _storage.local_path(resume)  # a URL stays one (fsspec)
     _join_for_shards(step, state)
     loaded = load(path, like=state)
     log.warning("resuming from %s at step %d", path, loaded.step)
@@ -76,7 +77,7 @@ def _find_own(step: Any, state: TrainState, root_dir: str | None, hparams: Any,
                               "continue it anyway, or give this run its own folder")
         log.warning("resume='auto': skipping %s, another run's (%s)", path, why)
         skipped.append(folder)
-    where = layer.dirpath_arg or os.path.join(root_dir or os.getcwd(), "checkpoints")
+    where = layer.dirpath_arg or _storage.join(root_dir or os.getcwd(), "checkpoints")
     log.warning("resume='auto': no checkpoint of this run in %s%s; starting fresh", where,
                 f" ({len(skipped)} other run(s) skipped)" if skipped else "")
     return None, None

@@ -32,13 +32,14 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
+from ftrain import storage as _storage
 from ftrain.checkpointing import ckptdir
 from ftrain.checkpointing.atomic import atomic_write, fsync_dir
 from ftrain.checkpointing.payload import payload
 from ftrain.core.state import TrainState
-from ftrain.errors import CheckpointError
+from ftrain.errors import CheckpointError, ConfigError
 
-__all__ = ["MARK", "fill", "is_sharded", "read_meta", "save_dir", "wait"]
+__all__ = ["MARK", "fill", "is_sharded", "read_meta", "refuse_url", "save_dir", "wait"]
 
 MARK = "__dcp__"
 _TENSOR_FIELDS = ("params", "buffers", "opt_state", "slots", "hparams")
@@ -54,6 +55,23 @@ def is_sharded(state: TrainState) -> bool:
         False
     """
     return ckptdir.holds_dtensor(state)
+
+
+def refuse_url(path: str) -> None:
+    """A ConfigError: sharded checkpoints are folders put in place by a rename, which an
+    object store lacks, so they are not written to (or read from) a URL.
+
+    Examples:
+        >>> refuse_url("s3://bucket/run/last.ckpt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ftrain.errors.ConfigError: a sharded (DCP) checkpoint cannot be saved to or loaded ...
+    """
+    raise ConfigError(
+        f"a sharded (DCP) checkpoint cannot be saved to or loaded from a URL ({path!r}): "
+        "ftrain writes it as a folder that a rename puts in place whole, which object "
+        "stores lack. Use a local or shared-filesystem folder for a sharded state "
+        "(with_fsdp), or ft.consolidate it into one file and copy that to the URL")
 
 
 def _world() -> tuple[int, int]:
@@ -115,7 +133,9 @@ def save_dir(path: str | os.PathLike[str], state: TrainState,
         >>> sorted(os.listdir(path))
         ['.metadata', '__0_0.distcp', 'ftrain.pt']
     """
-    path = os.path.abspath(os.fspath(path))
+    if _storage.is_url(os.fspath(path)):
+        refuse_url(os.fspath(path))
+    path = os.path.abspath(_storage.local_path(path))
     wait()  # one save in flight: the previous one finishes first
     data = payload(state, hparams)
     skeleton, tensors = _split(data)

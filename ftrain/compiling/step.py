@@ -374,6 +374,9 @@ class CompiledStep(TrainStep):
         """The compiled iteration for this state's model and the step's current options."""
         amp = self.phases.amp
         acc = self.phases.accumulation
+        if acc is not None and acc.over_batches:  # an update spans several calls
+            raise ConfigError("ft.compile does not support with_accumulation(over="
+                              "'batches'); accumulate micro-batches of each batch instead")
         want_grad_norm = _phases.GRAD_NORM.get()
         fast = (state.model, state.optimizer, device, graphs, mode, want_grad_norm, amp,
                 acc)

@@ -85,7 +85,6 @@ class Binding:
         self.modules: dict[str | None, nn.Module] = {}
         self.trainable: dict[str | None, dict[str, nn.Parameter]] = {}
         self.buffers: dict[str | None, dict[str, torch.Tensor]] = {}
-        self.buffer_slots: list[tuple[dict[str, Any], str, str, dict[str, Any]]] = []
         self._persistent: list[tuple[dict[str, Any], str]] = []
         for name, template, _, params, buffers, _ in parts(state):
             module = copy.deepcopy(template)  # meta skeleton: no weights copied
@@ -94,11 +93,10 @@ class Binding:
             self.buffers[name] = buffers
             for bname, _ in module.named_buffers():
                 owner, leaf = _owner(module, bname)
-                self.buffer_slots.append((owner._buffers, leaf, bname, buffers))
                 if leaf not in owner._non_persistent_buffers_set:  # state, not constants
                     self._persistent.append((buffers, bname))
-        self.model_arg: Any = (self.modules[None] if None in self.modules
-                               else {n: m for n, m in self.modules.items()})
+        self.buffer_slots = self._buffer_slots()
+        self.model_arg: Any = self._model_arg()
         # every trainable parameter, flat: what gradient sync, unscaling and norms walk
         self.leaves = [p for ps in self.trainable.values() for p in ps.values()]
         self.training: bool | None = None
@@ -126,12 +124,49 @@ class Binding:
         self.buffer_copy: list[torch.Tensor] | None = None
         self.profiler: Any = None  # a with_profiling("simple") recorder, while profiling
         self.ddp: Any = None  # the modules under DistributedDataParallel (with_ddp)
+        self.sync_batchnorm = False  # BatchNorm converted (with_ddp(sync_batchnorm=True))
         self.fsdp: Any = None  # the root module under FSDP2's fully_shard (with_fsdp)
         self.compiled_inputs: Any = None  # ft.compile's per-run lookup of input tensors
         # each model part's optimizer update prepared for these tensors (phases.apply_update)
         self.prepared: dict[str | None, Any] = {}
         # what a layer keeps for this run only, by slot name (with_rollback's good states)
         self.layer_runs: dict[str, Any] = {}
+
+    def _model_arg(self) -> Any:
+        return (self.modules[None] if None in self.modules
+                else {n: m for n, m in self.modules.items()})
+
+    def _buffer_slots(self) -> list[tuple[dict[str, Any], str, str, dict[str, Any]]]:
+        """(owner module's buffer dict, leaf, name, the state's dict) of every buffer."""
+        slots = []
+        for name, module in self.modules.items():
+            for bname, _ in module.named_buffers():
+                owner, leaf = _owner(module, bname)
+                slots.append((owner._buffers, leaf, bname, self.buffers[name]))
+        return slots
+
+    def convert_modules(self, convert: Any) -> None:
+        """Run `convert(module)` on each model's module and use what it returns from now on
+        (`with_ddp(sync_batchnorm=True)`: BatchNorm -> SyncBatchNorm). The new modules must
+        hold the very same parameter and buffer tensors under the same names, so the
+        state's dicts, the trainable parameters and the optimizer's view stay valid; a
+        conversion that does not is a ConfigError. Call it before anything wraps the
+        modules (DDP)."""
+        for name, module in list(self.modules.items()):
+            def tensors(m: nn.Module) -> list[dict[str, torch.Tensor]]:
+                return [dict(m.named_parameters()), dict(m.named_buffers())]
+            before = tensors(module)  # taken first: conversion may work in place
+            new = convert(module)
+            for kind, old_ts, new_ts in zip(("parameters", "buffers"), before, tensors(new)):
+                if old_ts.keys() != new_ts.keys() or any(
+                        new_ts[k] is not t for k, t in old_ts.items()):
+                    where = f"model {name!r}" if name is not None else "the model"
+                    raise ConfigError(
+                        f"converting {where}'s modules must keep its {kind}' tensors under "
+                        f"the same names: expected {sorted(old_ts)}, found {sorted(new_ts)}")
+            self.modules[name] = new
+        self.model_arg = self._model_arg()
+        self.buffer_slots = self._buffer_slots()
 
     def take_over(self, old: Binding) -> None:
         """Continue `old`'s run with this binding's tensors (a state whose params dict
@@ -250,14 +285,16 @@ class _Apply(nn.Module):
 
 
 def pure_call(state: TrainState, fn: Any, batch: Any, params: Any, buffers: Any,
-              training: bool, update_buffers: bool = False) -> Any:
+              training: bool, update_buffers: bool = False, model: Any = None) -> Any:
     """Run `fn(model, batch)` on the template with the given tensors (functional_call).
 
     With `update_buffers`, buffers the forward reassigned (rather than updated in place)
-    are written back into `buffers`, as a loop's bound module keeps them.
+    are written back into `buffers`, as a loop's bound module keeps them. `model`: a
+    template to run instead of the state's, with the same tensor names (with_ddp's
+    synced BatchNorm copy).
     """
     check_real(state, "a direct (pure) call of a step")
-    apply = _Apply(state.model)
+    apply = _Apply(state.model if model is None else model)
     apply.train(training)
     tensors: dict[str, torch.Tensor] = {}
     if state.multi:

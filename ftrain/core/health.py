@@ -120,6 +120,18 @@ def clear(state: Any) -> None:
                              "loss": torch.zeros_like(old["loss"])}
 
 
+def epoch_end_check(state: Any, on_nonfinite: str) -> tuple[Any, dict[str, Any]]:
+    """A core step's epoch end: report a non-finite loss (host sync: once per epoch)."""
+    if on_nonfinite == "raise":
+        check_finite(state)
+    elif on_nonfinite == "skip":
+        bad = check_finite(state, raise_error=False)
+        if bad is not None:
+            log.warning("skipped updates with a non-finite loss, the first at step %d", bad)
+            clear(state)
+    return state, {}
+
+
 def check_gradients(trainable: list[tuple[Any, Any, dict[str, Any]]], where: str) -> None:
     """check_finite_every_step: refuse non-finite gradients before the update (one fused
     norm and one host read; under float16 scaling an overflow is the scaler's to skip,

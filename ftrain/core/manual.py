@@ -184,6 +184,8 @@ class ManualStep(_Value):
              ) -> tuple[TrainState, Metrics]:
         binding.set_mode(True)
         binding.nonfinite_policy = self.on_nonfinite
+        if self.phases.ddp is not None:  # with_ddp(sync_batchnorm): converted once
+            self.phases.ddp.prepare(binding)
         m = Manual(self, state, binding)
         with _rng.step_seeded(binding.generator, state.seed, state.step, binding.rank), \
                 _phases.autocast(self.phases, state.device):

@@ -61,6 +61,16 @@ class Phases:
                 self.amp is not None and self.amp.scaling)):
             raise ConfigError("with_dp works with with_ddp and with_amp(torch.bfloat16), "
                               "not with with_fsdp or float16 loss scaling")
+        if self.batches and (self.fsdp is not None or self.dp is not None):
+            raise ConfigError("with_accumulation(over='batches') is not supported with "
+                              f"{'with_fsdp' if self.fsdp is not None else 'with_dp'} (its "
+                              "partial gradients are sharded or per-sample); accumulate "
+                              "micro-batches of each batch (over='micro_batches') instead")
+
+    @property
+    def batches(self) -> bool:
+        """Whether the update is made from several consecutive batches (a slot)."""
+        return self.accumulation is not None and self.accumulation.over_batches
 
     @property
     def parallel(self) -> Any:
@@ -88,7 +98,9 @@ class Phases:
 
     @property
     def slot_names(self) -> tuple[str, ...]:
-        names = (self.amp.name,) if self.amp is not None and self.amp.scaling else ()
+        names: tuple[str, ...] = (self.amp.name,) if self.amp is not None and \
+            self.amp.scaling else ()
+        names += ("accumulation",) if self.batches else ()
         return names + ((self.dp.name,) if self.dp is not None else ())
 
     @property
@@ -113,6 +125,12 @@ def with_option(step: Any, kind: str, value: Any, what: str, unsupported: str = 
                               f"{what} sets it once per stack")
         return core.with_phases(attrs.evolve(phases, **{kind: value}))
     return map_core(step, change)
+
+
+def template(phases: Phases, state: Any) -> Any:
+    """The template a direct (pure) call runs: the state's, or with_ddp's copy of it with
+    SyncBatchNorm (sync_batchnorm=True on several processes)."""
+    return state.model if phases.ddp is None else phases.ddp.template_for(state)
 
 
 def autocast(phases: Phases, device: torch.device) -> Any:

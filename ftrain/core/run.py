@@ -38,6 +38,9 @@ class RunInfo:
         self.epoch: int | None = None
         # Where the loop writes repro bundles of failing steps: (folder, size limit), or None.
         self.capture: tuple[str, int | None] | None = None
+        # The run's final checkpoint so far (best, else last), set by a checkpointing layer
+        # as it writes one; logging hands it to trackers at close (an artifact).
+        self.checkpoint_path: str | None = None
 
     @property
     def epoch_length(self) -> int | None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from ftrain.core import accumulate_batches as _ab
 from ftrain.core import bind as _bind
 from ftrain.core import context, health
 from ftrain.core import epoch_metrics as _em
@@ -107,14 +108,16 @@ class TrainStep(_Value):
         return self.phases.slot_names + ((_tm.SLOT,) if self.metrics else ())
 
     def init(self, state: TrainState) -> TrainState:
-        state = self.phases.init(state)
+        state = _ab.init(self.phases.init(state), self.phases)  # over="batches": its slot
         return _tm.init(self, state) if self.metrics else state
 
     def epoch_end(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        state, metrics = _nonfinite_epoch_end(state, self.on_nonfinite)
+        state, metrics = _nonfinite_epoch_end(_ab.flush(self, state), self.on_nonfinite)
         if self.phases.dp is not None:  # dp_epsilon (ftrain.privacy)
             metrics = {**metrics, **self.phases.dp.epoch_metrics(state)}
         return _tm.epoch_end(self, state) if self.metrics else (state, metrics)
+
+    on_request = _ab.on_request  # "verify" before a save: see ftrain.core.accumulate_batches
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
@@ -172,7 +175,7 @@ class TrainStep(_Value):
         if not loss.requires_grad:
             raise LossError(f"{where}: the loss does not require grad; no trainable "
                             "parameter of the state was used to compute it")
-        scaled = loss if weight == 1.0 else loss * weight
+        scaled = loss if type(weight) is float and weight == 1.0 else loss * weight
         if scale is not None:
             scaled = scaled * scale["scale"]
         scaled.backward(inputs=inputs)  # pure: gradients go to the copies only
@@ -183,11 +186,13 @@ class TrainStep(_Value):
     def _update(self, state: TrainState, metrics: Metrics, trainable: list[Any],
                 leaves: list[torch.Tensor], opt_state: Any,
                 scale: dict[str, torch.Tensor] | None, explicit_sync: bool,
-                prepared: dict[Any, Any] | None = None) -> None:
+                prepared: dict[Any, Any] | None = None, group: Any = None) -> None:
         """Gradient sync, unscale and finite check, grad norm, optimizer update, scale."""
         loss_bad = None
         if self.on_nonfinite == "skip":  # decided on the device, applied by the kernels
             loss_bad = (~torch.isfinite(metrics["loss"])).to(torch.float32)
+        if group is not None:  # over="batches": divided by the group's weight
+            loss_bad = group.finish(leaves, loss_bad)
         found_inf = _phases.prepare(self.phases, leaves, loss_bad, scale, explicit_sync)
         if _phases.GRAD_NORM.get():
             metrics["grad_norm"] = _grad_norm(leaves)
@@ -228,17 +233,19 @@ class TrainStep(_Value):
             no_sync = module.no_sync
         if self.metrics:
             call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
+        group = _ab.begin(self, state, binding)  # over="batches": this batch's group
         if dp is None:
-            metrics = self._gradients(state, batch, call, binding.generator, binding.rank,
-                                      None, no_sync, scale, prof)
+            metrics = (group or self)._gradients(state, batch, call, binding.generator,
+                                                 binding.rank, None, no_sync, scale, prof)
         entry = _tm.updated(self, state, feed) if self.metrics else None
         trainable = [(part, state.optimizer if part is None else state.optimizer[part], ps)
                      for part, ps in binding.trainable.items()]
         if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
             health.check_gradients(trainable, f"step {state.step}")
         binding.changed = True  # from here on a failure cannot be rolled back
-        self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
-                     explicit_sync=module is None, prepared=binding.prepared)
+        if not _ab.held(group, trainable, metrics):  # over="batches": no update yet
+            self._update(state, metrics, trainable, binding.leaves, state.opt_state, scale,
+                         explicit_sync=module is None, prepared=binding.prepared, group=group)
         if prof is not None:
             prof.lap("optimizer")
         new = advance(state, binding, [metrics["loss"]], self.on_nonfinite)
@@ -273,23 +280,27 @@ class TrainStep(_Value):
         slots = dict(state.slots)
         scale = _phases.scaler(self.phases, state, slots)
         leaves = [t for _, _, chosen in trainable for t in chosen.values()]
+        group = _ab.begin(self, state, None, slots, trainable)
+        model = _phases.template(self.phases, state)  # with_ddp(sync_batchnorm): a copy
 
         def call(mb: Any) -> Any:
             return _bind.pure_call(state, self.loss_fn, mb, params, buffers, True,
-                                   update_buffers=True)
+                                   update_buffers=True, model=model)
         if self.metrics:
             call, feed = _tm.feeding(self.metrics, call, f"step {state.step}")
         if self.phases.dp is not None:  # per-sample gradients, counted (ftrain.privacy)
             metrics = self.phases.dp.pure_gradients(state, batch, self.loss_fn, params,
                                                     buffers, trainable, self.phases, slots)
         else:
-            metrics = self._gradients(state, batch, call, _rng.generator_for(state.device),
-                                      _rng.rank(), leaves, None, scale)
+            metrics = (group or self)._gradients(state, batch, call, _rng.generator_for(
+                state.device), _rng.rank(), leaves, None, scale)
         if self.metrics:
             slots[_tm.SLOT] = _tm.updated(self, state, feed)
         if self.check_finite_every_step and scale is None:  # fp16: the scaler skips
             health.check_gradients(trainable, f"step {state.step}")
-        self._update(state, metrics, trainable, leaves, opt_state, scale, explicit_sync=True)
+        if not _ab.held(group, trainable, metrics):  # over="batches": no update yet
+            self._update(state, metrics, trainable, leaves, opt_state, scale,
+                         explicit_sync=True, group=group)
         for t in leaves:
             t.requires_grad_(False)
         return pure_result(state, metrics, params, buffers, opt_state, slots,
@@ -341,18 +352,7 @@ def require_optimizer(state: TrainState) -> None:
                           "TrainState.create(model, optimizer)")
 
 
-def _nonfinite_epoch_end(state: TrainState, on_nonfinite: str
-                         ) -> tuple[TrainState, Metrics]:
-    """A core step's epoch end: report a non-finite loss (host sync: once per epoch)."""
-    if on_nonfinite == "raise":
-        health.check_finite(state)
-    elif on_nonfinite == "skip":
-        bad = health.check_finite(state, raise_error=False)
-        if bad is not None:
-            health.log.warning("skipped updates with a non-finite loss, the first at "
-                               "step %d", bad)
-            health.clear(state)
-    return state, {}
+_nonfinite_epoch_end = health.epoch_end_check  # a core step's epoch end (host sync)
 
 
 def train_step(loss_fn: LossFn, *, on_nonfinite: NonFinite = "raise",

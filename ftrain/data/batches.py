@@ -5,6 +5,10 @@ object whose `__iter__` starts over). A `DataLoader`'s random sampler (also the 
 `shuffle=True` makes) is given a generator seeded from `(seed, epoch)` at the start of each
 epoch, and the loader one for its worker seeds, so the order is a function of the state
 and a resumed run sees the same batches. A `DistributedSampler` gets `set_epoch(epoch)`.
+A loader that keeps its own position (`state_dict`/`load_state_dict`, e.g. torchdata's
+`StatefulDataLoader`) is used as it is: never re-seeded, rebuilt or skipped by index (its
+samplers still get `set_epoch`); its order and position are its own state
+(`ftrain.data.stateful`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from ftrain.core import rng as _rng
+from ftrain.data.stateful import has_state
 from ftrain.errors import DataError
 
 log = logging.getLogger("ftrain")
@@ -158,7 +163,8 @@ def _plain_batching(loader: DataLoader) -> Any:
     """The loader's sampler when it batches a map-style dataset with torch's BatchSampler
     over a sequential or random sampler (what `batch_size=`/`shuffle=` build), else None."""
     from torch.utils.data import RandomSampler, SequentialSampler
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None or \
+            has_state(loader):  # a loader with its own position is never rebuilt
         return None
     if type(loader.batch_sampler) is not BatchSampler:
         return None
@@ -344,6 +350,12 @@ def epoch_batches(data: Any, *, seed: int, epoch: int, skip: int = 0) -> Iterabl
         return data.batches(epoch_batches(data.data, seed=seed, epoch=epoch,
                                           skip=skip * data.world))
     if isinstance(data, DataLoader):
+        if has_state(data):  # its own order: only its samplers learn the epoch
+            samplers: list[Any] = [data.sampler, getattr(data.batch_sampler, "sampler", None)]
+            for sampler in samplers:
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+            return itertools.islice(data, skip, None) if skip else data
         seed_epoch(data, seed, epoch)
         return skipped(data, skip)
     if isinstance(data, Iterator):

@@ -26,6 +26,7 @@ from ftrain.core.layer import Combinator
 from ftrain.core.run import run_info
 from ftrain.core.state import TrainState
 from ftrain.errors import ConfigError
+from ftrain.storage import is_url
 
 PHASES = ("data", "forward", "backward", "optimizer", "logging", "checkpointing")
 Kind = Literal["simple", "advanced", "torch"]
@@ -115,6 +116,10 @@ class WithProfiling(Combinator):
             run = run_info(state)
             root = (run.root_dir if run is not None else None) or os.getcwd()
             path = self.dirpath or os.path.join(root, "ftrain_logs", "profiler")
+            if is_url(path):  # torch's trace handler writes with os
+                raise ConfigError(f"with_profiling('torch') writes its traces to a local "
+                                  f"folder, got the URL {path!r} (a URL root_dir?): pass "
+                                  "dirpath=<a local folder>")
             activities = [torch.profiler.ProfilerActivity.CPU]
             if state.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)

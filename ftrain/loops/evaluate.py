@@ -297,10 +297,19 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
     `write_to=folder` writes the outputs (moved to the CPU; plain data) as they come, a
     file per `batches_per_file` batches, instead of keeping them in memory, and returns
     the folder; `ft.read_predictions(folder)` gives them back in order (Lightning's
-    `BasePredictionWriter`). Under several processes (`distributed=True` on every rank
-    under torchrun, or inside a `with_ddp` loop) each rank predicts every world-th batch
-    and writes its own files into the same folder; every batch is written once (a
-    process group is joined if torchrun launched this process and none exists yet).
+    `BasePredictionWriter`).
+
+    Under several processes (`distributed=True` on every rank under torchrun, or inside
+    a `with_ddp` / `with_fsdp` loop) the batches are dealt out whole, batch i to rank
+    i % world, so each rank predicts its share with rank 0's buffers (one broadcast:
+    under with_ddp each rank's BatchNorm statistics follow its own last batch, and rank
+    0's are the ones its checkpoints hold); every rank must call it. In memory, the
+    outputs are then gathered so that *every* rank returns the list one process would
+    (the same batches, in the data's order, nothing repeated: dealing whole batches needs
+    no padding), at the cost of every rank holding all of them (two collectives, one a
+    host sync). With `write_to`, each rank writes its own batches, tagged with their
+    index, into the same folder and nothing is gathered; every batch is written once. A
+    process group is joined if torchrun launched this process and none exists yet.
 
     Examples:
         >>> import torch, ftrain as ft
@@ -328,6 +337,12 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         if total is not None:  # else: this prediction on full weights
             total = total if limit_batches is None else min(total, limit_batches)
             pad = [len(range(r, total, world)) for r in range(world)]  # dealt i % world
+    if world > 1 and (loop is None or loop.fsdp is None):
+        from ftrain.parallel.fsdp import is_sharded
+        from ftrain.parallel.gather import rank0_buffers
+        check_real(state, "evaluation")  # a deferred (meta) state: its own error first
+        if not is_sharded(state):  # one model on every rank: rank 0's buffers (collective)
+            state = rank0_buffers(state)
     state, own = _eval_state(state, gather=pad is None)
     binding = _bind.binding_of(state)
     binding.set_mode(False)
@@ -350,11 +365,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         def call(_target: Any, batch: Any) -> Any:
             return binding.fsdp(lambda m, b: given(m[chosen] if chosen else m, b), batch)
     device = state.device
-    outputs: list[Any] = []
-    if world > 1 and write_to is None:
-        raise ConfigError("ft.predict on several processes writes its share: give "
-                          "write_to=<folder shared by the ranks>, then "
-                          "ft.read_predictions(folder)")
+    outputs: list[tuple[int, Any]] = []  # (batch index in the whole data, output)
     writer = None if write_to is None else _pw.PredictionWriter(write_to, rank, world,
                                                                  batches_per_file)
     if not isinstance(data, Iterable):
@@ -373,7 +384,7 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
                     raise StepError(f"prediction batch {index} failed: {type(err).__name__}: "
                                     f"{err}") from err
                 if writer is None:
-                    outputs.append(out)
+                    outputs.append((index, out))
                 else:
                     writer.add(index, out)  # written, not kept
             if writer is not None:
@@ -382,7 +393,10 @@ def predict(state: TrainState, data: Any, fn: Callable[[Any, Any], Any] | None =
         if own is not None:
             own.end()
     if writer is None:
-        return outputs
+        if world == 1:
+            return [out for _, out in outputs]
+        from ftrain.parallel.gather import gather_outputs
+        return gather_outputs(outputs, device)  # collectives: every rank is here
     if world > 1:  # every rank's files are complete when any rank reads them
         from ftrain.parallel.dist import barrier
         barrier()

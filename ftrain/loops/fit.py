@@ -19,6 +19,7 @@ from ftrain.layers.logging import with_logging
 from ftrain.layers.logging.loggers import check_logger
 from ftrain.loops.evaluate import _check_state, _stderr_is_terminal
 from ftrain.loops.train import _run
+from ftrain.storage import is_url, local_path
 
 log = logging.getLogger("ftrain")
 Metrics = dict[str, torch.Tensor]
@@ -30,6 +31,12 @@ def _capture(setting: Any, root: str | None, writes: bool) -> tuple[str, int | N
     anyway; a folder: there, any size; True: `<root_dir>/repro`, any size; False: never."""
     if setting is False or setting is None:
         return None
+    if setting == "auto" and is_url(root):  # bundles are local files: none for a URL run
+        return None
+    if (setting is True and is_url(root)) or is_url(setting):
+        raise ConfigError(f"capture_failures writes repro bundles to a local folder, got "
+                          f"the URL {setting if is_url(setting) else root!r}: pass "
+                          "capture_failures=<a local folder> (or False)")
     if setting == "auto":
         from ftrain.repro import AUTO_LIMIT
         return (os.path.join(root or os.getcwd(), "repro"), AUTO_LIMIT) if writes else None
@@ -61,7 +68,9 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     (`progress`: True, False or "always"), and a checkpoint per epoch in
     `<root_dir>/checkpoints` (`checkpoint`: True, a folder, or False); a step that has its
     own logging or checkpointing layer keeps it. `root_dir` defaults to the working
-    directory; `hparams` (JSON-compatible) go into checkpoints and TensorBoard's HPARAMS.
+    directory; it, a checkpoint folder and `resume` may be URLs (`s3://bucket/run`,
+    `memory://...`: docs "Remote storage"); `hparams` (JSON-compatible) go into
+    checkpoints and TensorBoard's HPARAMS.
     `resume`: a checkpoint path, or "auto" for the newest valid checkpoint of the newest
     run in the checkpoint folder (starting fresh, and saying so, when there is none;
     refusing, when checkpoint files are there but none can be read); the run then
@@ -113,7 +122,7 @@ def fit(step: Any, state: TrainState, data: Any, *, epochs: int | None = None,
     if resume_hparams not in ("match", "ignore"):
         raise ConfigError(f"resume_hparams must be 'match' or 'ignore', got "
                           f"{resume_hparams!r}")
-    root = os.fspath(root_dir) if root_dir is not None else None
+    root = local_path(root_dir) if root_dir is not None else None  # or a URL (fsspec)
     # capture_failures="auto" writes where fit itself writes: a root_dir given, or the
     # TensorBoard logs / checkpoints it adds under the working directory
     writes = root is not None or (logger is True and not provides(step, "logging")) or (

@@ -5,8 +5,10 @@ current epoch by each process, "world": the number of processes}`, plus `batch_s
 `samples` for a DataLoader that ftrain deals out by sample (so that a resume on another
 number of processes can count what was trained, and refuse other data). After such a
 resume it also has `start` (units of the epoch's order trained before, see
-`ftrain.data.batches.remainder`) and `origin` (the world size that order was dealt out for). The
-loop mutates one such dict in place for the whole run.
+`ftrain.data.batches.remainder`) and `origin` (the world size that order was dealt out for).
+For data that keeps its own position (`ftrain.data.stateful`) it may hold `data`: every
+process's `state_dict()` of that data, a list indexed by rank, valid for this (epoch, batch)
+only. The loop mutates one such dict in place for the whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ftrain.core import slots as _slots
 from ftrain.core.run import RunInfo
 from ftrain.core.state import LOOP_SLOT
 from ftrain.data import batches as _data
+from ftrain.data.stateful import DATA
 from ftrain.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger("ftrain")
@@ -26,10 +29,13 @@ log = logging.getLogger("ftrain")
 
 _COUNT = (_slots.count, "an int >= 0")
 _POSITIVE = (_slots.optional(_slots.positive), "an int >= 1")
-_OPTIONAL = ("world", "start", "origin", "batch_size", "samples")
+_OPTIONAL = ("world", "start", "origin", "batch_size", "samples", DATA)
 _FIELDS = {"epoch": _COUNT, "batch": _COUNT, "world": _POSITIVE,
            "start": (_slots.optional(_slots.count), "an int >= 0"), "origin": _POSITIVE,
-           "batch_size": _POSITIVE, "samples": (_slots.optional(_slots.count), "an int >= 0")}
+           "batch_size": _POSITIVE, "samples": (_slots.optional(_slots.count), "an int >= 0"),
+           DATA: (lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(
+               isinstance(s, Mapping) for s in v)),
+               "a non-empty list of per-process data states (dicts), indexed by rank")}
 
 
 def position(saved: Any) -> dict[str, Any]:
@@ -110,6 +116,7 @@ def next_epoch(pos: dict[str, Any], epoch: int) -> None:
     pos["epoch"], pos["batch"] = epoch + 1, 0
     pos.pop("start", None)
     pos.pop("origin", None)
+    pos.pop(DATA, None)  # it described the position just left
 
 
 def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int) -> bool:

@@ -13,7 +13,11 @@ where a rank is missing, unfinished, or a batch is missing or repeated.
 Under several processes (`distributed=True` under torchrun, or a loop under `with_ddp`)
 the data is dealt out by whole batches, batch `i` to rank `i % world`: a map-style
 DataLoader gets a loader of only its batches (in the dataset's order), other data is read
-by every rank and each keeps its own batches. Every batch is predicted once.
+by every rank and each keeps its own batches. Every batch is predicted once, with rank 0's
+buffers (`ftrain.parallel.gather.rank0_buffers`), and written by the rank that predicted
+it, tagged with its index; nothing is gathered. Without a folder, `ft.predict` gathers the
+same shares in memory instead (`ftrain.parallel.gather.gather_outputs`): both give the
+one-process outputs in the data's order.
 """
 
 from __future__ import annotations

@@ -41,9 +41,10 @@ from ftrain.data import batches as _data
 from ftrain.data.module import Data
 from ftrain.data.prefetch import DevicePrefetcher
 from ftrain.errors import ConfigError, DataError, FTrainError, StepError, check_int
+from ftrain.loops import data_start as _start
 from ftrain.loops import position as _pos
 from ftrain.loops.evaluate import _check_state
-from ftrain.parallel.lockstep import Lockstep
+from ftrain.parallel.lockstep import Lockstep, agree
 
 log = logging.getLogger("ftrain")
 _END = object()
@@ -71,14 +72,16 @@ def _check_not_tensor(data: Any, what: str) -> None:
 
 
 def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object,
-           prev: _bind.Binding | None = None) -> tuple[TrainState, _bind.Binding]:
+           prev: _bind.Binding | None = None, track: _start.Track | None = None
+           ) -> tuple[TrainState, _bind.Binding]:
     """Make `state` one this loop runs: bound, owned by this loop, holding its position;
     return it with its binding (one run-context lookup). A state with a new params dict
     (a hook froze or unfroze parameters) gets a new binding, which takes over `prev`'s
     run context (pending losses, deferred actions; DDP is wrapped again).
 
     Then run what layers asked to do once the whole stack has returned (checkpoint
-    saves), so a checkpoint holds every layer's slot as it is after this step. A binding
+    saves), so a checkpoint holds every layer's slot as it is after this step (and the
+    state of data that keeps its own position, read before the next fetch). A binding
     another loop owned passes to this one (that loop then neither closes the step nor
     releases the binding when it ends).
     """
@@ -94,6 +97,8 @@ def _adopt(state: TrainState, pos: dict[str, Any], run: RunInfo, owner: object,
             state = state.replace(slots={**state.slots, LOOP_SLOT: pos})
         if not binding.deferred:
             return state, binding
+        if track is not None:  # a save is due: the data's state goes with it (collective)
+            track.publish(pos)
         state = binding.deferred.pop(0)(state)
 
 
@@ -134,6 +139,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
     run.capture = capture
     owner = object()
     lock: Lockstep | None = None
+    track: _start.Track | None = None  # data that cannot skip by index
     resumable = True
     source = state
     state = state.copy() if not donate_input else state
@@ -153,6 +159,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         unsharded = data
         if run.world > 1:  # with_ddp: this rank's share of every epoch
             data = _data.shard(data, run.rank, run.world, state.seed)
+        track = _start.Track(unsharded, pos, run)
         _pos.relayout(pos, run, unsharded, limit_train_batches)
         if bundle is not None or run.world > 1:
             per_epoch = run.batches_per_epoch = _data.num_batches(data)
@@ -161,8 +168,10 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
         if run.world > 1:
             lock = Lockstep(run.rank, run.world)
             lock.check_epoch_length(per_epoch, pos["epoch"])
+            track.ddp(lock.group, unsized=per_epoch is None)
         finished = False
         got: str | None = None
+        first = True  # the loop's first epoch: where a resume begins
         while not finished:
             epoch = pos["epoch"]
             if (epochs is not None and epoch >= epochs) or (
@@ -177,8 +186,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     origin=pos["origin"], rank=run.rank, world=run.world)
                 batches = iter(_data.skipped(rest, skip))
             else:
-                batches = iter(_data.epoch_batches(data, seed=state.seed, epoch=epoch,
-                                                   skip=skip))
+                batches = _start.epoch_start(data, unsharded, track.kept, pos,
+                                             seed=state.seed, step=state.step, first=first)
+            first = False
             nxt = next(batches, _END) if limit is None or skip < limit else _END
             if nxt is _END:
                 if skip == 0 and not pos.get("start"):
@@ -188,11 +198,14 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if dev_run:
                     break
                 # stopped right after the epoch's last batch (its end already ran): move on
+                if limit is None or skip < limit:  # it was read: the data's state is its end
+                    track.fetched(nxt, _END)
                 _pos.next_epoch(pos, epoch)
                 continue
             device = state.device
             mover = DevicePrefetcher(device)  # CUDA: next batch copied during the step
-            nxt = mover.put(nxt)
+            track.batches, track.mover = batches, mover
+            nxt = track.fetched(mover.put(nxt), _END)
             index = skip
             metrics: Metrics = {}
             while nxt is not _END:
@@ -210,6 +223,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     # The batch counts as consumed inside the step already, so a
                     # checkpoint written during this step resumes at the next batch.
                     pos["batch"] = index + 1
+                    track.taken(pos)
                     binding.in_step = True  # steps run bound only when the loop calls them
                     if binding.buffer_slots:
                         binding.save_buffers()  # a failing step puts them back
@@ -218,6 +232,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 except BaseException as err:
                     # Any failure, Ctrl-C included: err.state must continue exactly.
                     resumable = _pos.roll_back(binding, pos, index, step_no)
+                    track.untaken(pos, index, batch)
                     repro = _bundle(capture, binding, before, batch, err, epoch, index,
                                     run, step_no) \
                         if resumable and isinstance(err, Exception) else None
@@ -239,18 +254,22 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                     donate(before, caller)
                 if binding.deferred or not binding.live or state.params is not binding.params \
                         or state.slots.get(LOOP_SLOT) is not pos:
-                    state, binding = _adopt(state, pos, run, owner, binding)
+                    state, binding = _adopt(state, pos, run, owner, binding, track)
                 else:  # the usual step: same binding, position in place, nothing deferred
                     binding.run, binding.owner = run, owner
                 index += 1
                 stopping = STOP_SLOT in state.slots or (
                     max_steps is not None and state.step >= max_steps)
                 at_limit = limit is not None and index >= limit
+                early = False  # the signal was agreed before the fetch
                 if stopping or at_limit:
                     nxt = _END
                     complete = (at_limit or (
                         epoch_length is not None and index >= epoch_length)) and not dev_run
+                    track.ended(complete and not at_limit, _END)
                 else:
+                    early, got = track.before_fetch(pos, run.signals, lock,
+                                                    per_epoch is not None, epoch, index)
                     prof = binding.profiler
                     if prof is None:
                         nxt = mover.put(next(batches, _END))  # _END passes through
@@ -258,7 +277,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         t0 = time.perf_counter()
                         nxt = mover.put(next(batches, _END))
                         prof.add("data", time.perf_counter() - t0)
-                    complete = nxt is _END
+                    complete = track.fetched(nxt, _END) is _END
                     if lock is not None and epoch_length is not None and limit is None and \
                             complete != (index >= epoch_length):
                         # ranks count on len(data): data that ends elsewhere would leave
@@ -266,12 +285,9 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         raise DataError(f"the training data said {epoch_length} batches for "
                                         f"this rank in epoch {epoch}, but produced "
                                         f"{index if complete else 'more than ' + str(index)}")
-                got = run.signals[0] if run.signals else None  # one list read
-                if lock is not None:  # with_ddp: every rank acts on the same step
-                    got = lock.exchange(run.signals, nxt is not _END, per_epoch is not None,
-                                        epoch, index)
-                    if got is not None:  # first, so fit exits as that signal asks
-                        run.signals[:] = [got, *(s for s in run.signals if s != got)]
+                if not early:
+                    got = agree(run.signals, lock, nxt is not _END, per_epoch is not None,
+                                epoch, index)
                 if got is not None and not complete:
                     nxt = None  # mid-epoch signal: no epoch-end work, save and stop
                 if nxt is _END:  # the epoch's last batch: epoch-end work before yielding
@@ -279,12 +295,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                         _pos.next_epoch(pos, epoch)
                         run.epoch = pos["epoch"]  # reads from here on see the next epoch
                     state, end_metrics = _layer.epoch_end(step, state)
-                    state, binding = _adopt(state, pos, run, owner, binding)
+                    state, binding = _adopt(state, pos, run, owner, binding, track)
                     if end_metrics:
                         metrics = {**metrics, **end_metrics}
                     finished = bool(dev_run) or STOP_SLOT in state.slots or (
                         max_steps is not None and state.step >= max_steps)
                 if got is not None:  # e.g. SIGTERM: save at this step boundary, then stop
+                    track.publish(pos)  # read before the fetch (collective)
                     if got == "SIGINT":  # Ctrl-C, held until this boundary
                         interrupt = KeyboardInterrupt(
                             f"interrupted (Ctrl-C) after step {state.step}; err.state "
@@ -300,7 +317,7 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 if sent is not None:  # the caller handed back a changed state
                     _check_state(sent, caller)
                     old = binding
-                    state, binding = _adopt(sent, pos, run, owner, binding)
+                    state, binding = _adopt(sent, pos, run, owner, binding, track)
                     if binding is not old:  # losses still pending belong to this run
                         old.hand_over(state)
                     finished = finished or STOP_SLOT in state.slots
@@ -308,10 +325,13 @@ def _run(step: Any, state: TrainState, data: Any, *, epochs: int | None,
                 break
             if STOP_SLOT in state.slots:
                 log.warning("stopping at step %d: %s", state.step, state.slots[STOP_SLOT])
+        track.finish(pos, state.step, failed=False)  # where the loop ends (collective)
     except BaseException as err:
         failed = True
         # an update cut off half-way leaves no exact state (roll_back logged it)
         latest = _latest_state(state) if resumable else None
+        if track is not None and latest is not None:  # the next loop goes on here
+            track.finish(pos, latest.step, failed=True)
         if latest is not None and not isinstance(err, GeneratorExit):
             with contextlib.suppress(Exception):
                 err.state = latest  # type: ignore[attr-defined]  # the work done so far

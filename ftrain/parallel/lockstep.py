@@ -154,6 +154,18 @@ class Lockstep:
                 dist.destroy_process_group(self.group)
 
 
+def agree(signals: list[str], lock: Lockstep | None, has_next: bool, sized: bool,
+          epoch: int, batches: int) -> str | None:
+    """The signal every rank acts on after this step (None: go on); one list read on a
+    single process. The agreed one goes first in `signals`, so fit exits as it asks."""
+    got = signals[0] if signals else None
+    if lock is not None:  # with_ddp: every rank acts on the same step
+        got = lock.exchange(signals, has_next, sized, epoch, batches)
+        if got is not None:
+            signals[:] = [got, *(s for s in signals if s != got)]
+    return got
+
+
 def _first(flags: list[int]) -> str | None:
     for kind, flag in zip(_KINDS, flags):
         if flag:

@@ -6,7 +6,8 @@ MODE max_time: with_ddp training whose ranks are given different max_time budget
   OUT/rank<r>.json: {"step", "reason"}.
 MODE predict: ft.predict(write_to=OUT/preds..., distributed=True) of a map-style loader
   (7 batches) and of a list of batches (5); rank 0 reads them back and compares them with
-  a one-process prediction. Writes OUT/rank<r>.json: {"batches": this rank's count, ...}.
+  a one-process prediction; then in memory (gathered on every rank). Writes
+  OUT/rank<r>.json: {"batches": this rank's count, ...}.
 """
 
 import json
@@ -55,10 +56,9 @@ def main() -> None:
                 want = ft.predict(state, data)  # one process, all batches
                 result[name + "_equal"] = len(got) == len(want) and all(
                     torch.equal(a, b) for a, b in zip(got, want))
-        try:
-            ft.predict(state, batches, distributed=True)
-        except ft.ConfigError as err:
-            result["no_folder"] = str(err)
+        gathered = ft.predict(state, batches, distributed=True)  # in memory: gathered
+        result["gathered_equal"] = len(gathered) == 5 and all(
+            torch.equal(a, b) for a, b in zip(gathered, ft.predict(state, batches)))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 

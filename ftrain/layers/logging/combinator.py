@@ -32,11 +32,18 @@ from ftrain.errors import ConfigError, LossError, described
 from ftrain.layers.logging import accumulate
 from ftrain.layers.logging.loggers import TensorBoard, check_logger
 from ftrain.layers.logging.progress import ProgressBar
+from ftrain.layers.logging.tracked import check_saved, tracker_keys
 from ftrain.optim.rates import lr_values
 from ftrain.parallel.dist import across_ranks
 
 Metrics = dict[str, torch.Tensor]
 VAL_PREFIX = "val_"
+# The slot's record of each tracker's run (ftrain.layers.logging.tracked), beside the
+# epoch accumulators: what a resume re-attaches to.
+TRACKERS = "trackers"
+SLOT_FIELDS = {**accumulate.SLOT_FIELDS,
+               TRACKERS: (_slots.dict_of(lambda v: isinstance(v, dict)),
+                          "a dict of tracker run records")}
 
 
 def _names(value: bool | Sequence[str], what: str) -> Any:
@@ -142,9 +149,24 @@ class WithLogging(Combinator):
         if self.name not in state.slots:
             state = state.replace(slots={**state.slots, self.name: accumulate.empty()})
         else:
-            _slots.check(state.slots[self.name], self.name, accumulate.SLOT_FIELDS,
-                         may_lack=("seen",))
-        return state
+            _slots.check(state.slots[self.name], self.name, SLOT_FIELDS,
+                         may_lack=("seen", TRACKERS))
+        return self._attach_trackers(state)
+
+    def _attach_trackers(self, state: TrainState) -> TrainState:
+        """Rank 0: each tracker continues the run its record in the slot names (a resume)
+        or opens one, and the slot keeps the records, so a checkpoint names the runs."""
+        trackers = tracker_keys(self.loggers)
+        if not trackers:
+            return state
+        slot = state.slots[self.name]
+        saved = slot.get(TRACKERS, {})
+        records = dict(saved)
+        for key, logger in trackers:
+            records[key] = logger.attach(check_saved(saved.get(key), key), state.step)
+            if self.run_hparams is not None:  # now, so a killed run has them too
+                logger.log_hparams(self.run_hparams, {})
+        return state.replace(slots={**state.slots, self.name: {**slot, TRACKERS: records}})
 
     def _slot(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """This layer's slot, writable: in place for a loop's state, a copy for a pure call."""
@@ -156,7 +178,8 @@ class WithLogging(Combinator):
         slot = accumulate.empty() if slot is None else {
             "pending": {k: list(v) for k, v in slot["pending"].items()},
             "sizes": list(slot["sizes"]), "partial": dict(slot["partial"]),
-            "steps": slot["steps"], "seen": list(slot.get("seen", []))}
+            "steps": slot["steps"], "seen": list(slot.get("seen", [])),
+            TRACKERS: dict(slot.get(TRACKERS, {}))}
         return state.replace(slots={**state.slots, self.name: slot}), slot
 
     # -- per step ----------------------------------------------------------------------
@@ -252,8 +275,11 @@ class WithLogging(Combinator):
         complete = pos is None or pos["batch"] == 0
         reduced = accumulate.results(slot, self.reduce, reset=complete) if self.on_epoch else {}
         if complete:  # an epoch cut short (max_steps, a stop) keeps accumulating on resume
+            records = slot.get(TRACKERS)
             slot.clear()
             slot.update(accumulate.empty())
+            if records is not None:
+                slot[TRACKERS] = records
         epoch_values = {f"{k}_epoch": v for k, v in reduced.items()}
         for k, v in metrics.items():
             if not isinstance(v, torch.Tensor):
@@ -284,7 +310,11 @@ class WithLogging(Combinator):
     def at_close(self, state: TrainState) -> None:
         if self.bar is not None:
             self.bar.close()
+        run = run_info(state)
+        final = getattr(run, "checkpoint_path", None)  # set by a checkpointing layer
         for logger in self.loggers:
+            if final is not None and callable(getattr(logger, "log_checkpoint", None)):
+                logger.log_checkpoint(final)
             hparams = getattr(self, "run_hparams", self.hparams)
             if hparams is not None:
                 logger.log_hparams(hparams, self.final)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from ftrain import storage as _storage
 from ftrain.errors import ConfigError
 
 
@@ -38,9 +39,13 @@ def check_logger(obj: Any) -> None:
 
 
 def next_version(root: str) -> int:
-    """The next free N among `root/version_N` folders (0 when there are none)."""
+    """The next free N among `root/version_N` folders (0 when there are none); `root`
+    may be a URL (`ftrain.storage`)."""
     taken = []
-    if os.path.isdir(root):
+    if _storage.is_url(root):
+        taken = [int(m.group(1)) for e in _storage.subdirs(root)
+                 if (m := re.fullmatch(r"version_(\d+)", e))]
+    elif os.path.isdir(root):
         for entry in os.listdir(root):
             m = re.fullmatch(r"version_(\d+)", entry)
             if m and os.path.isdir(os.path.join(root, entry)):
@@ -51,8 +56,17 @@ def next_version(root: str) -> int:
 def _claim_version(root: str, version: int | None) -> tuple[int, str]:
     """Create and return `root/version_N`; with version=None take the next free N.
 
-    Creating the folder claims the number, so two runs starting together differ.
+    Creating the folder claims the number, so two runs starting together differ (on a
+    URL, creating a marker object in it exclusively: `ftrain.storage.claim`).
     """
+    if _storage.is_url(root):
+        if version is not None:
+            _storage.claim(_storage.join(root, f"version_{version}"))  # or reuse it
+            return version, _storage.join(root, f"version_{version}")
+        while True:
+            n = next_version(root)
+            if _storage.claim(_storage.join(root, f"version_{n}")):
+                return n, _storage.join(root, f"version_{n}")
     os.makedirs(root, exist_ok=True)
     if version is not None:
         path = os.path.join(root, f"version_{version}")
@@ -94,7 +108,7 @@ class _Versioned:
     def _ensure(self) -> None:
         if self._log_dir is None:
             self._version, self._log_dir = _claim_version(
-                os.path.join(self.save_dir, self.name), self._requested_version)
+                _storage.join(self.save_dir, self.name), self._requested_version)
 
     @property
     def version(self) -> int:
@@ -113,7 +127,8 @@ class TensorBoard(_Versioned):
     """TensorBoard event files under `<save_dir>/<name>/version_N` (the default logger).
 
     `.experiment` is the `torch.utils.tensorboard.SummaryWriter`, for images, histograms,
-    figures and anything else TensorBoard shows.
+    figures and anything else TensorBoard shows. `save_dir` may be a URL (`s3://...`,
+    `gs://...`, `memory://...`): TensorBoard writes it through fsspec.
 
     Examples:
         >>> import tempfile, ftrain as ft
@@ -126,7 +141,7 @@ class TensorBoard(_Versioned):
 
     def __init__(self, save_dir: str = ".", name: str = "ftrain_logs",
                  version: int | None = None, *, flush_secs: int = 30) -> None:
-        self.save_dir = str(save_dir)
+        self.save_dir = _storage.local_path(str(save_dir))
         self.name = name
         self._requested_version = version
         self.flush_secs = flush_secs
@@ -171,7 +186,7 @@ class TensorBoard(_Versioned):
             self._writer = None
 
     def __repr__(self) -> str:
-        return f"TensorBoard({os.path.join(self.save_dir, self.name)!r})"
+        return f"TensorBoard({_storage.join(self.save_dir, self.name)!r})"
 
 
 class CSV(_Versioned):
@@ -179,7 +194,9 @@ class CSV(_Versioned):
 
     Rows are buffered and appended every `flush_every` rows and at `finalize` (only the
     unwritten rows are held); a new metric name rewrites the file once with the wider
-    header. Hyperparameters go to `hparams.json` beside it.
+    header. Hyperparameters go to `hparams.json` beside it. `save_dir` may be a URL
+    (`s3://...`, `memory://...`, through fsspec): object stores cannot append, so each
+    flush there puts the whole file again, atomically.
 
     Examples:
         >>> import tempfile, ftrain as ft
@@ -191,7 +208,7 @@ class CSV(_Versioned):
 
     def __init__(self, save_dir: str = ".", name: str = "ftrain_logs",
                  version: int | None = None, *, flush_every: int = 100) -> None:
-        self.save_dir = str(save_dir)
+        self.save_dir = _storage.local_path(str(save_dir))
         self.name = name
         self._requested_version = version
         self.flush_every = flush_every
@@ -202,7 +219,7 @@ class CSV(_Versioned):
 
     @property
     def path(self) -> str:
-        return os.path.join(self.log_dir, "metrics.csv")
+        return _storage.join(self.log_dir, "metrics.csv")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.rows.append({"step": step, **metrics})
@@ -210,7 +227,7 @@ class CSV(_Versioned):
             self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        with open(os.path.join(self.log_dir, "hparams.json"), "w") as f:
+        with _storage.open_text(_storage.join(self.log_dir, "hparams.json"), "w") as f:
             json.dump({"hparams": dict(hparams), "metrics": dict(metrics)}, f, indent=2,
                       default=str)
 
@@ -220,14 +237,14 @@ class CSV(_Versioned):
         new_columns = [c for row in self.rows for c in row if c not in self._known]
         rows = self.rows
         if new_columns and self._in_file:  # a wider header: rewrite the file once
-            with open(self.path, newline="") as f:
+            with _storage.open_text(self.path, "r") as f:
                 rows = list(csv.DictReader(f)) + rows
             self._in_file = False
         for c in dict.fromkeys(new_columns):
             self._columns.append(c)
             self._known.add(c)
         mode = "a" if self._in_file else "w"
-        with open(self.path, mode, newline="") as f:
+        with _storage.open_text(self.path, mode) as f:
             writer = csv.DictWriter(f, fieldnames=self._columns)
             if mode == "w":
                 writer.writeheader()
@@ -239,4 +256,17 @@ class CSV(_Versioned):
         self.flush()
 
     def __repr__(self) -> str:
-        return f"CSV({os.path.join(self.save_dir, self.name)!r})"
+        return f"CSV({_storage.join(self.save_dir, self.name)!r})"
+
+
+# Experiment trackers: each in its own module, imported on first use (ft.loggers.MLflow).
+_TRACKERS = {"MLflow": "mlflow_logger", "WandB": "wandb_logger", "DVCLive": "dvclive_logger"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRACKERS:
+        import importlib
+
+        module = importlib.import_module(f"ftrain.layers.logging.{_TRACKERS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'ftrain.loggers' has no attribute {name!r}")
