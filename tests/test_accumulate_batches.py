@@ -277,3 +277,47 @@ def test_two_ranks_make_one_update_per_group_equal_to_one_process(tmp_path):
         assert got["local_grads_differ"]  # no all-reduce before the group's last batch
         assert got["max_diff_to_one_process"] < 1e-6, got
         assert got["resumed_bitwise"] and got["counts"] == [3, 3]
+
+
+class NanGradOnce(torch.autograd.Function):
+    """Identity forward; a NaN gradient the first time `armed` is set."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if NanGradOnce.armed:
+            NanGradOnce.armed = False
+            return torch.full_like(g, float("nan"))
+        return g
+
+
+def poisoned_mse(m, b):
+    out = m(b[0])
+    if b[0].shape[0] == 5:  # the poisoned batch
+        out = NanGradOnce.apply(out)
+    return torch.nn.functional.mse_loss(out, b[1])
+
+
+def test_a_step_failing_after_its_backward_never_leaves_its_gradient_behind():
+    """A gradient check failing after the backward: outside a group the gradient is
+    dropped and the run continues exactly; inside a group the partial gradient cannot be
+    told apart from it, so no state is attached (never a silently doubled gradient)."""
+    data = batches([4, 5, 4, 4])
+    core = ft.train_step(poisoned_mse, check_finite_every_step=True)
+    NanGradOnce.armed = True
+    with pytest.raises(ft.errors.NonFiniteLossError) as err:
+        ft.fit(core, fresh(), data, epochs=1, **OFF)
+    assert err.value.state is not None and err.value.state.step == 1
+    done = ft.fit(core, err.value.state, data, epochs=1, **OFF)  # batch 1 again, clean
+    expected = ft.fit(core, fresh(), data, epochs=1, **OFF)
+    assert tensors_equal(done.params, expected.params)
+    grouped = ft.with_accumulation(core, 4, over="batches")
+    NanGradOnce.armed = True
+    with pytest.raises(ft.errors.NonFiniteLossError) as err:
+        ft.fit(grouped, fresh(), data, epochs=1, **OFF)
+    assert getattr(err.value, "state", None) is None  # mid-group: refused, not guessed

@@ -342,7 +342,7 @@ class WithCheckpointing(Combinator):
                     "last": LAST if self.save_last else None, "last_step": state.step}
         state = state.replace(slots={**state.slots, self.name: new_slot})
         if run is not None:  # what loggers name as the run's checkpoint (at close)
-            run.checkpoint_path = os.path.join(self.dirpath, new_slot["best"] or name)
+            run.checkpoint_path = _storage.join(self.dirpath, new_slot["best"] or name)
         if sharded:  # every rank writes its shards; rank 0 the rest, once they are in place
             self._write_sharded(state, name, entry in kept, new_slot, dropped)
         elif _rng.rank() == 0:  # files from rank 0 only; no collective in here

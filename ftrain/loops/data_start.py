@@ -207,7 +207,9 @@ class Track:
         """The loop stops at an epoch's last batch without fetching (max_steps): read the
         data's end, so its state is the end's (not a batch before it)."""
         if self.kept is not None and complete_by_count and self.batches is not None:
-            self.kept.exhausted = next(self.batches, end) is end
+            nxt = next(self.batches, end)
+            # data longer than its len(): the extra batch is read ahead, not dropped
+            self.fetched(nxt if nxt is end else self.mover.put(nxt), end)
 
     def before_fetch(self, pos: dict[str, Any], signals: list[str], lock: Lockstep | None,
                      sized: bool, epoch: int, index: int) -> tuple[bool, str | None]:

@@ -137,5 +137,17 @@ def roll_back(binding: Any, pos: dict[str, Any], index: int, step_no: int) -> bo
                   "updated, so no state is attached to the error: resume from the last "
                   "checkpoint", step_no)
         return False
+    held = latest.slots.get("accumulation") if latest is not None else None
+    if held is not None and held.get("batches"):
+        # with_accumulation(over="batches") mid-group: the group's partial gradient is the
+        # parameters' own .grad, which this step's backward may have added to
+        log.error("step %d failed inside an accumulation group (%d batches in); its "
+                  "partial gradient may include the failed batch, so no state is attached "
+                  "to the error: resume from the last checkpoint", step_no,
+                  held["batches"])
+        return False
     binding.restore_buffers()
+    for params in binding.trainable.values():  # a backward that ran adds nothing later
+        for p in params.values():
+            p.grad = None
     return True

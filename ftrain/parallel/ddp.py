@@ -21,6 +21,8 @@ ways.
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import itertools
 from typing import Any
 
@@ -106,12 +108,23 @@ class DDP:
             self.prepare(binding)  # before DDP registers the modules
             apply = _Apply(binding.model_arg)
             device = binding.leaves[0].device
+            options = {k: v for k, v in self.options.items() if v is not None}
+            if "forward_sync_buffers" in options and not _has_forward_sync_buffers():
+                # torch before forward_sync_buffers named it broadcast_buffers
+                options["broadcast_buffers"] = options.pop("forward_sync_buffers")
             ddp = DistributedDataParallel(
                 apply, device_ids=[device] if device.type == "cuda" else None,
                 init_sync=False,  # init already broadcast rank 0's state
-                **{k: v for k, v in self.options.items() if v is not None})
+                **options)
             binding.ddp = ddp
         return ddp
+
+
+@functools.cache
+def _has_forward_sync_buffers() -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
 
 def _device(binding: Any) -> torch.device:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ftrain.errors import ConfigError
 from ftrain.layers.logging.tracked import Resumed, check_saved, log
+from ftrain.storage import is_url
 
 
 def _live_class() -> Any:
@@ -101,7 +102,7 @@ class DVCLive(Resumed):
         """Record the final checkpoint's path; log it as an artifact with log_checkpoint."""
         live = self.experiment
         live.log_param("ftrain.checkpoint", path)
-        if self.log_checkpoint_files:
+        if self.log_checkpoint_files and not is_url(path):  # a local file or folder
             live.log_artifact(path, type="model", cache=False)
 
     def finalize(self) -> None:

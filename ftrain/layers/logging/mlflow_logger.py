@@ -17,6 +17,7 @@ from typing import Any
 from ftrain.errors import ConfigError
 from ftrain.layers.logging.loggers import flatten_hparams
 from ftrain.layers.logging.tracked import Resumed, check_saved, log, safe_name
+from ftrain.storage import is_url
 
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
 
@@ -173,7 +174,10 @@ class MLflow(Resumed):
     def log_checkpoint(self, path: str) -> None:
         """Tag the run with the final checkpoint's path; copy it in with log_checkpoint."""
         self.client.set_tag(self.run_id, "ftrain.checkpoint", path)
-        if self.log_checkpoint_files:
+        if self.log_checkpoint_files and is_url(path):
+            log.warning("MLflow: the checkpoint %s is not a local file; its path is "
+                        "tagged, not copied into the artifacts", path)
+        elif self.log_checkpoint_files:
             if os.path.isdir(path):
                 self.client.log_artifacts(self.run_id, path, f"checkpoints/"
                                           f"{os.path.basename(path)}")

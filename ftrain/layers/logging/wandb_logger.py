@@ -18,6 +18,7 @@ from typing import Any
 
 from ftrain.errors import ConfigError
 from ftrain.layers.logging.tracked import Resumed, check_saved
+from ftrain.storage import is_url
 
 IN_USE_WAIT = 60.0  # seconds a resumed run waits for a killed process's W&B service
 
@@ -133,7 +134,7 @@ class WandB(Resumed):
         """Record the final checkpoint's path; add it as an artifact with log_checkpoint."""
         run = self.experiment
         run.summary["ftrain.checkpoint"] = path
-        if self.log_checkpoint_files:
+        if self.log_checkpoint_files and not is_url(path):  # a local file or folder
             artifact = _wandb().Artifact(f"model-{self.id}", type="model")
             if os.path.isdir(path):
                 artifact.add_dir(path)
