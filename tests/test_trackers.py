@@ -188,7 +188,9 @@ def test_mlflow_resume_after_sigkill_continues_the_run_without_duplicates(tmp_pa
     assert _run(ref, "mlflow") == 0
     assert _run(killed, "mlflow", kill_at=11) == -9  # really killed, after step 10's log
     runs, partial = mlflow_history(killed)
-    assert len(runs) == 1 and max(partial) == 10  # the checkpoint is at step 8
+    # the checkpoint is at step 8: every step up to it is stored (flushed before the save);
+    # steps 9 and 10 were written by MLflow's background thread, and may die with it
+    assert len(runs) == 1 and 8 <= max(partial) <= 10
     assert _run(killed, "mlflow") == 0
     runs_after, history = mlflow_history(killed)
     _, expected = mlflow_history(ref)

@@ -266,6 +266,17 @@ class WithLogging(Combinator):
                 logger.log_metrics({**floats, "epoch": float(epoch)}, step)
         return floats
 
+    def on_request(self, state: TrainState, what: str) -> tuple[TrainState, str | None]:
+        """"verify" (a checkpoint is about to be written): flush the loggers, so what was
+        logged up to this step is stored before the checkpoint names it (a tracker
+        resumed from that checkpoint then holds at least its steps)."""
+        if what == "verify":
+            for logger in self.loggers:
+                flush = getattr(logger, "flush", None)
+                if callable(flush):
+                    flush()
+        return state, None
+
     # -- epoch end and close -----------------------------------------------------------
 
     def at_epoch_end(self, state: TrainState, metrics: Metrics
