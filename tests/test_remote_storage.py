@@ -247,6 +247,24 @@ def test_stale_locks_are_taken_over_and_release_spares_another_holder(bucket, mo
     assert names(folder) == []
 
 
+def test_two_runs_taking_over_one_stale_lock_leave_one_holder(bucket, monkeypatch):
+    """The other run removed our new lock and put its own while we settled: we do not
+    hold the folder (its lock is fresh), so we refuse instead of both writing."""
+    folder = f"{bucket}/run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    put(f"{folder}/.ftrain.lock", _lock_of(socket.gethostname(), int(dead.stdout)))
+
+    def the_other_run_takes_it(seconds):  # during our pause after the takeover
+        storage.remove(f"{folder}/.ftrain.lock")
+        put(f"{folder}/.ftrain.lock", _lock_of("elsewhere", 7))
+
+    monkeypatch.setattr(folders.time, "sleep", the_other_run_takes_it)
+    with pytest.raises(ft.CheckpointError, match="pid 7 on elsewhere"):
+        folders.FolderLock.acquire(folder)
+    assert json.loads(storage.read_bytes(f"{folder}/.ftrain.lock", 4096))["pid"] == 7
+
+
 def test_a_held_lock_is_refreshed_until_released(bucket, monkeypatch):
     monkeypatch.setattr(folders, "BEAT_EVERY", 0.02)
     path = f"{bucket}/run/.ftrain.lock"

@@ -253,6 +253,7 @@ if hasattr(os, "register_at_fork"):
 
 BEAT_EVERY = 30.0  # seconds between refreshes of a held lock on a URL
 STALE_AFTER = 300.0  # a lock on a URL not refreshed for this long is a dead run's
+TAKEOVER_SETTLE = 1.0  # seconds a run that took over a stale lock waits, then checks it
 
 
 class RemoteLock(FolderLock):
@@ -287,8 +288,11 @@ class RemoteLock(FolderLock):
     def acquire(cls, folder: str) -> RemoteLock:
         path, token = _storage.join(folder, LOCK), secrets.token_hex(16)
         try:
+            took_over = False
             for _ in range(3):  # a stale lock removed, or one that vanished: try again
                 if _storage.create_exclusive(path, _lock_info(token)):
+                    if took_over and not _still_ours(path, token):
+                        continue  # a run taking over the same stale lock removed ours
                     lock = cls(folder, token)
                     lock._beat.start()
                     return lock
@@ -306,6 +310,7 @@ class RemoteLock(FolderLock):
                     log.warning("taking over the lock of %s from a run that is gone (%s)",
                                 folder, _describe(holder))
                     _storage.remove(path)
+                    took_over = True
         except OSError as err:
             raise CheckpointError(f"cannot lock the checkpoint folder {folder!r}: "
                                   f"{err}") from err
@@ -341,6 +346,15 @@ def _keep_fresh(path: str, token: str, folder: str, stop: threading.Event) -> No
             _storage.put_bytes(path, _lock_info(token))
         except Exception as err:  # a network hiccup: the next beat tries again
             log.warning("cannot refresh the lock of %s: %s", folder, err)
+
+
+def _still_ours(path: str, token: str) -> bool:
+    """After taking over a stale lock: two runs that found it stale together may each
+    remove the other's new lock (read, then delete, is not atomic on a store); after a
+    pause, only the run whose token is there keeps it."""
+    time.sleep(TAKEOVER_SETTLE)
+    holder, _ = _remote_holder(path)
+    return holder is not None and holder.get("token") == token
 
 
 def _lock_info(token: str) -> bytes:
